@@ -1,0 +1,150 @@
+// ouro kernels: C ABI shared by the TensorRT plugins and the Python (ctypes) binding.
+//
+// Shape notation (defined once):
+//   B batch, L tokens, M = B*L rows (row m is token t = m % L of image b = m / L)
+//   K input channels (GEMM reduction), N output channels, D = d_inner, S = d_state (16)
+//
+// Numerics are defined by the PyTorch references in ouro.calib.quantizers
+// (`outlier_quant_ref`, `outlier_linear_ref`) and ouro.calib.scan (`selective_scan_ref`).
+// Integer codes and integer accumulators must match those references bit-exactly.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define OURO_API __declspec(dllexport)
+#else
+#define OURO_API __attribute__((visibility("default")))
+#endif
+
+typedef enum
+{
+    OURO_OK = 0,
+    OURO_ERR_INVALID_ARGUMENT = 1,  // null pointer, bad bit width, bad enum value
+    OURO_ERR_MISALIGNED = 2,        // a pointer is not aligned as the kernel requires (16 B)
+    OURO_ERR_UNSUPPORTED_SHAPE = 3, // e.g. K not a multiple of the required granularity
+    OURO_ERR_OUTLIER_CAPACITY = 4,  // more outlier channels in a window than max_outliers
+    OURO_ERR_WORKSPACE = 5,         // workspace smaller than ouro*WorkspaceSize()
+    OURO_ERR_CUDA = 6,              // a CUDA launch/runtime error (see cudaGetLastError)
+    OURO_ERR_UNSUPPORTED_ARCH = 7
+} ouroStatus_t;
+
+typedef enum
+{
+    OURO_POLICY_DYNAMIC = 0,    // theta = mean|I| + k_sigma * std|I| per token
+    OURO_POLICY_CALIBRATED = 1  // theta = theta[t], a static per-token table
+} ouroThresholdPolicy_t;
+
+typedef enum
+{
+    OURO_PATH_NONE = 0,
+    OURO_PATH_SM80_S4_TENSORCORE = 1, // native INT4 MMA (sm_80 / sm_86)
+    OURO_PATH_S8_TENSORCORE = 2,      // 4-bit values held in int8, INT8 MMA (sm_89 / sm_90, and all INT8)
+    OURO_PATH_SIMT_FALLBACK = 3       // plain CUDA cores (any arch; used for tiny or odd shapes)
+} ouroGemmPath_t;
+
+// Static + dynamic activation quantizer of one operand (OuroMamba Algorithm 2).
+typedef struct
+{
+    int bits;                 // inlier bits (2..8); 0 = operand not quantized
+    int bits_outlier;         // outlier bits (2..8), or 16 = outliers kept in fp16
+    int n_refresh;            // outlier-list refresh window, >= 1
+    int policy;               // ouroThresholdPolicy_t
+    float k_sigma;            // dynamic policy: threshold = mean + k_sigma * std
+    const float* scale;       // [L] static inlier scale S_I(t), > 0  (device)
+    const float* theta;       // [L] calibrated thresholds (device), only for OURO_POLICY_CALIBRATED
+} ouroActQuant_t;
+
+// ---------------------------------------------------------------------------------------------
+// Outlier-split linear:  Y[M, N] = X[M, K] * W[N, K]^T (+ bias)
+// ---------------------------------------------------------------------------------------------
+typedef struct
+{
+    int M, L, K, N;
+    const void* x;            // [M, K], fp16 (x_is_fp32 = 0) or fp32 (x_is_fp32 = 1), row-major
+    int x_is_fp32;
+    const int8_t* w;          // w_bits = 8: int8 [N, K]; w_bits = 4: [N, K/2] packed (low nibble = even k)
+    int w_bits;               // 4 or 8
+    const float* w_scale;     // [N] per-output-channel weight scale
+    const float* bias;        // [N] or NULL
+    ouroActQuant_t act;       // act.bits in {4, 8}; act.bits_outlier in {4, 8, 16}
+    int max_outliers;         // capacity of outlier channels per (image, window); <= K
+    void* y;                  // [M, N], same dtype as x
+    void* workspace;
+    size_t workspace_size;
+    // Optional debug outputs (device, may be NULL): exact integer results for tests.
+    int32_t* acc_inlier;      // [M, N]
+    int32_t* acc_outlier;     // [M, N] (int8/int4 outliers only)
+    int8_t* inlier_codes;     // [M, K]
+    uint8_t* outlier_mask;    // [M, K]
+} ouroOutlierLinearParams_t;
+
+OURO_API size_t ouroOutlierLinearWorkspaceSize(int M, int L, int K, int N, int w_bits, int act_bits,
+                                               int bits_outlier, int n_refresh, int max_outliers);
+
+// Picks the GEMM path from the device's compute capability; writes it to *path_out if non-NULL.
+OURO_API ouroStatus_t ouroOutlierLinear(const ouroOutlierLinearParams_t* p, cudaStream_t stream,
+                                        ouroGemmPath_t* path_out);
+
+// Per-step timings (ms) of the five pipeline steps of the last ouroOutlierLinearProfiled call:
+// [0] detect+extract outliers, [1] inlier quantize/pack, [2] inlier GEMM, [3] outlier GEMM,
+// [4] outlier dequant + combine. Synchronises the stream; for benchmarks only.
+OURO_API ouroStatus_t ouroOutlierLinearProfiled(const ouroOutlierLinearParams_t* p, cudaStream_t stream,
+                                                ouroGemmPath_t* path_out, float step_ms[5]);
+
+// ---------------------------------------------------------------------------------------------
+// Standalone OuroMamba fake quantization of x [B, L, C] (used on Delta/B/C before the scan).
+// ---------------------------------------------------------------------------------------------
+OURO_API ouroStatus_t ouroOutlierFakeQuant(const void* x, void* y, int x_is_fp32, int B, int L, int C,
+                                           const ouroActQuant_t* q, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Selective scan (Mamba-1), token-major layout, fp32 state.
+//   h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t ;  y_t = C_t . h_t + Dskip * u_t
+//   delta_t = softplus(delta_in_t) if delta_softplus else delta_in_t
+//   out_t = y_t * silu(z_t)   (if z != NULL)
+// reverse = 1 runs t = L-1 .. 0 (the backward direction of Vim, without flipped copies).
+// ---------------------------------------------------------------------------------------------
+typedef struct
+{
+    int B, L, D, S;
+    int io_is_fp32;           // 1: fp32 u/delta/B/C/z/out, 0: fp16
+    int reverse;
+    int delta_softplus;
+    const void* u;            // [B, L, D]
+    const void* delta;        // [B, L, D]  (dt_proj output, bias included, before softplus)
+    const float* A;           // [D, S]  (A = -exp(A_log), possibly already fake-quantized)
+    const void* Bm;           // [B, L, S]
+    const void* Cm;           // [B, L, S]
+    const float* Dskip;       // [D] or NULL
+    const void* z;            // [B, L, D] or NULL
+    void* out;                // [B, L, D]
+    // SSM-operand fake quantization applied before the recurrence (bits = 0: off)
+    ouroActQuant_t delta_q;   // over D channels per token
+    ouroActQuant_t b_q;       // over S channels per token
+    ouroActQuant_t c_q;       // over S channels per token
+    // Hidden-state quantization inside the recurrence (TGQ): step i (0-based, in scan order)
+    // uses group g = i / h_group:  h = h_scale[g] * (clamp(round(h / h_scale[g]) + h_zero[g], 0, 2^h_bits - 1) - h_zero[g])
+    int h_bits;               // 0 = off
+    int h_group;
+    const float* h_scale;     // [ceil(L / h_group)]
+    const float* h_zero;      // [ceil(L / h_group)], integer-valued
+    void* workspace;
+    size_t workspace_size;
+} ouroSelectiveScanParams_t;
+
+OURO_API size_t ouroSelectiveScanWorkspaceSize(int B, int L, int D, int S, int io_is_fp32);
+OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams_t* p, cudaStream_t stream);
+
+// Human-readable message for a status code (static string).
+OURO_API const char* ouroStatusString(ouroStatus_t s);
+
+#ifdef __cplusplus
+}
+#endif
