@@ -1,0 +1,12 @@
+"""ouro.calib: models, checkpoint loading, selective scan, quantizers, calibration, synthetic data."""
+from .quantizers import ThresholdPolicy, outlier_fake_quant, outlier_quant_ref
+from .scan import selective_scan, selective_scan_chunked, selective_scan_ref
+
+__all__ = [
+    "ThresholdPolicy",
+    "outlier_fake_quant",
+    "outlier_quant_ref",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
+]
