@@ -1,0 +1,12 @@
+"""ouro.exporter: torch -> ONNX (FP, QDQ, plugin), graph passes, onnxruntime reference ops,
+Polygraphy checks, TensorRT engine build, and the `ouro-export` CLI."""
+from __future__ import annotations
+
+__all__ = ["onnxruntime_session"]
+
+
+def onnxruntime_session(path, providers=None):
+    """An onnxruntime.InferenceSession for `path` with ouro's custom ops registered."""
+    from .ort_ops import onnxruntime_session as _session
+
+    return _session(path, providers=providers)

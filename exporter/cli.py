@@ -1,0 +1,218 @@
+"""`ouro-export`: a thin shell that wires the pipeline stages and writes files.
+
+    ouro-export CKPT|--demo [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
+                [--calib real:N|synthetic:N] [--calib-dir DIR] -o OUT{.onnx,.qdq.onnx,.safetensors,.plan}
+    ouro-export gen CKPT|--demo -n 128 -o synth/
+    ouro-export compare CKPT|--demo [--calib-dir DIR --eval-dir DIR]
+
+Stages live in their owner modules (DESIGN.md §1); this file only parses, orders and reports.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESET_FLAGS = ("w4a4", "w4a8", "w6a6", "w8a8", "w6a4")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+@dataclass
+class RunContext:
+    """What the stages of one invocation share."""
+
+    args: argparse.Namespace
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    model: object = None  # FP model (torch)
+    qmodel: object = None  # calibrated fake-quant model
+    recipe: object = None
+
+    def stage(self, name: str):
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
+        return False
+
+
+# ------------------------------------------------------------------------------------ parsers
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="Vim checkpoint (.pth): {'model': sd}, {'state_dict': sd} or a bare state_dict")
+    p.add_argument("--demo", action="store_true", help="use the embedded demo model (Vim on scikit-learn digits)")
+    p.add_argument("--arch", help="override the architecture inferred from the checkpoint (vim_tiny, vim_small, vim_base)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration, generation and sampling (default 0)")
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ouro-export",
+        description="Vision Mamba checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
+        epilog="Subcommands: `ouro-export gen ...` (synthetic calibration images), `ouro-export compare ...` (methods x bits table).",
+    )
+    _add_model_args(p)
+    p.add_argument("-o", "--output", help="output file; the format follows the extension: .onnx, .qdq.onnx, .safetensors (QuantState), .plan")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--eval", action="store_true", help="print FP (and quantized) top-1 on the demo test split or --eval-dir")
+    p.add_argument("--eval-dir", help="ImageNet-style folder (class subfolders) to evaluate on")
+    p.add_argument("--fp16", action="store_true", help="FP export in float16 (default float32)")
+    q = p.add_argument_group("quantization")
+    g = q.add_mutually_exclusive_group()
+    for name in PRESET_FLAGS:
+        g.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=f"preset {name.upper()}")
+    g.add_argument("--recipe", help="custom recipe (.toml)")
+    q.add_argument("--method", default=None, help="ouromamba (default), ptq4vm, qmamba, minmax, percentile")
+    q.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    q.add_argument("--calib", default=None, help="calibration data: real:N (demo calibration split) or synthetic:N")
+    q.add_argument("--calib-dir", help="folder of calibration images (ImageNet eval transform), or of synthetic images")
+    q.add_argument("--save-calib", help="also write the QuantState (.safetensors)")
+    q.add_argument("--load-calib", help="skip calibration: load a QuantState (.safetensors)")
+    q.add_argument("--report", help="write a JSON report (accuracy, SQNR per block, outlier rates, compression, timings)")
+    e = p.add_argument_group("export")
+    e.add_argument("--stage", choices=["fp", "qdq", "plugin", "engine"], help="force the output stage instead of inferring it from -o")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for FP, 21 for quantized)")
+    e.add_argument("--passes", help="comma-separated graph passes to apply (default: all, in order)")
+    e.add_argument("--print-passes", action="store_true", help="list the registered graph passes and exit")
+    e.add_argument("--check", action="store_true", help="Polygraphy comparison of the exported graph vs PyTorch (and vs FP)")
+    t = p.add_argument_group("TensorRT engine")
+    t.add_argument("--batch", default="1,32,128", help="optimisation profile min,opt,max batch (default 1,32,128)")
+    t.add_argument("--workspace", type=int, default=4096, help="builder workspace in MiB (default 4096)")
+    t.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    t.add_argument("--plugin-lib", help="path to libouro_trt_plugins.so (default: the in-tree build)")
+    return p
+
+
+# ----------------------------------------------------------------------------------- stages
+def load_model(ctx: RunContext):
+    a = ctx.args
+    with ctx.stage("load"):
+        if a.demo:
+            if a.checkpoint:
+                raise UserError("give either a checkpoint or --demo, not both")
+            from ouro.calib.data import load_demo_model
+
+            ctx.model = load_demo_model()
+        elif a.checkpoint:
+            from ouro.calib.checkpoint import load_checkpoint
+
+            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch)
+        else:
+            raise UserError("no model: give a checkpoint path, or --demo for the embedded demo model")
+        ctx.model.eval()
+    return ctx.model
+
+
+def run_export(ctx: RunContext) -> int:
+    """The main job. Each step is owned by a module; see DESIGN.md §1."""
+    a = ctx.args
+    if a.print_passes:
+        from ouro.exporter.passes import describe_passes
+
+        print(describe_passes())
+        return 0
+    quantized = bool(a.preset or a.recipe or a.load_calib)
+    if quantized or a.print_recipe:
+        from ouro.recipes import resolve_recipe
+
+        ctx.recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method)
+        if a.print_recipe:
+            print(ctx.recipe.to_toml())
+            return 0
+    from ouro.exporter.outputs import plan_outputs
+
+    outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force)
+    load_model(ctx)
+    if a.eval:
+        from ouro.exporter.pipeline import evaluate_fp
+
+        evaluate_fp(ctx)
+    if quantized:
+        from ouro.exporter.pipeline import quantize
+
+        quantize(ctx)
+    for out in outputs:
+        out.write(ctx)
+    if a.check:
+        from ouro.exporter.check import run_check
+
+        run_check(ctx, outputs)
+    if a.report:
+        from ouro.exporter.pipeline import write_report
+
+        write_report(ctx, a.report)
+    return 0
+
+
+def run_gen(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="ouro-export gen", description="OuroMamba-Gen: synthetic calibration images from noise.")
+    _add_model_args(p)
+    p.add_argument("-n", "--num-images", type=int, default=128)
+    p.add_argument("-o", "--output", required=True, help="output folder (PNGs + images.npz)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--config", help="generation config (.toml) overriding the defaults")
+    a = p.parse_args(argv)
+    from ouro.calib.gen.cli import gen_main
+
+    ctx = RunContext(args=a)
+    load_model(ctx)
+    return gen_main(ctx.model, a)
+
+
+def run_compare(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="ouro-export compare", description="Every method x every preset on one model: top-1 table.")
+    _add_model_args(p)
+    p.add_argument("--calib-dir")
+    p.add_argument("--eval-dir")
+    p.add_argument("--calib", default=None)
+    p.add_argument("-o", "--output", default="compare", help="output prefix for .json, .md and .png")
+    a = p.parse_args(argv)
+    from ouro.calib.compare import compare_main
+
+    ctx = RunContext(args=a)
+    load_model(ctx)
+    return compare_main(ctx.model, a)
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compare": run_compare}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        ctx = RunContext(args=build_export_parser().parse_args(argv))
+        return run_export(ctx)
+    except KeyboardInterrupt:
+        print("ouro-export: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+    except UserError as e:
+        print(f"ouro-export: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"ouro-export: not implemented: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # errors of our own types carry actionable messages
+        if type(e).__module__.startswith("ouro.") and getattr(e, "user_facing", True):
+            print(f"ouro-export: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

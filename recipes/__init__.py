@@ -1,0 +1,1 @@
+"""ouro.recipes: typed, versioned quantization recipes and the named presets (data under presets/)."""
