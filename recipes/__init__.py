@@ -1,1 +1,38 @@
 """ouro.recipes: typed, versioned quantization recipes and the named presets (data under presets/)."""
+from .config import (
+    EXCLUDED_MODULES,
+    LINEAR_LAYERS,
+    RECIPE_VERSION,
+    SSM_OPERANDS,
+    CalibConfig,
+    LossKind,
+    Method,
+    NoParams,
+    OuroMambaParams,
+    Recipe,
+    RecipeError,
+    get_preset,
+    list_presets,
+    method_params_type,
+    register_method_params,
+    resolve_recipe,
+)
+
+__all__ = [
+    "EXCLUDED_MODULES",
+    "LINEAR_LAYERS",
+    "RECIPE_VERSION",
+    "SSM_OPERANDS",
+    "CalibConfig",
+    "LossKind",
+    "Method",
+    "NoParams",
+    "OuroMambaParams",
+    "Recipe",
+    "RecipeError",
+    "get_preset",
+    "list_presets",
+    "method_params_type",
+    "register_method_params",
+    "resolve_recipe",
+]
