@@ -1,0 +1,202 @@
+"""torch -> ONNX: the FP graph, and the hook that turns each selective scan into one custom node.
+
+The Vim model calls its scan through `MambaMixer.ops.scan(direction, **tensors)`. During export
+that hook is wrapped in `SelectiveScanFn`, an autograd.Function whose forward runs the model's own
+scan (FP, or the quantized model's fake-quant scan) and whose ONNX `symbolic` emits
+
+    ouro::SelectiveScan(u, delta, A, Bm, Cm, Dskip, z) -> y
+        attributes: reverse, delta_softplus, plugin_version="1", plugin_namespace="ouro"
+
+one node per direction and layer, named `layers.{i}.mixer.scan_{fwd|bwd}` (DESIGN.md §3; the
+TensorRT plugin of the same name replaces it). Graph inputs/outputs: `images` (B, C, H, W) and
+`logits` (B, classes), batch axis dynamic. The ONNX graph contains no flips (the backward scan
+runs with reverse=1 on the original token order).
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from ouro.calib.scan import selective_scan
+
+__all__ = [
+    "DOMAIN",
+    "SCAN_OP",
+    "PLUGIN_ATTRS",
+    "FP_OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportError",
+    "SelectiveScanFn",
+    "scan_export_hooks",
+    "export_onnx",
+    "export_fp",
+]
+
+DOMAIN = "ouro"
+SCAN_OP = "SelectiveScan"
+PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "ouro"}
+FP_OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+_NAME_ATTR = "ouro_node_name"  # temporary attribute carrying the node name through torch's exporter
+
+
+class ExportError(Exception):
+    """The model cannot be exported as asked (message says why and what to change)."""
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Runs `inner` (the model's scan) in PyTorch; exports as one `ouro::SelectiveScan` node."""
+
+    @staticmethod
+    def forward(ctx, inner: Callable, name: str, reverse: bool, u: Tensor, delta: Tensor, A: Tensor,
+                Bm: Tensor, Cm: Tensor, Dskip: Tensor, z: Tensor) -> Tensor:  # noqa: N803
+        direction = "bwd" if reverse else "fwd"
+        y = inner(direction, u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, Dskip=Dskip, z=z)
+        return y.to(u.dtype)
+
+    @staticmethod
+    def symbolic(g, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z):  # noqa: N803
+        attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
+        y = g.op(
+            f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z,
+            reverse_i=int(reverse), delta_softplus_i=1, **attrs, **{f"{_NAME_ATTR}_s": name},
+        )
+        y.setType(u.type())
+        return y
+
+
+def _default_scan(direction: str, **kw: Tensor) -> Tensor:
+    """The model's default scan (MambaMixer._scan without hooks)."""
+    return selective_scan(kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
+                          delta_softplus=True, reverse=direction == "bwd")
+
+
+@contextmanager
+def scan_export_hooks(model: nn.Module) -> Iterator[None]:
+    """Route every mixer's scan through `SelectiveScanFn` (numerics unchanged); restore on exit."""
+    saved = []
+    for i, blk in enumerate(model.layers):
+        mixer = blk.mixer
+        inner = mixer.ops.scan or _default_scan
+        prefix = f"layers.{i}.mixer"
+
+        def hook(direction, *, _inner=inner, _prefix=prefix, **kw):
+            return SelectiveScanFn.apply(
+                _inner, f"{_prefix}.scan_{direction}", direction == "bwd",
+                kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
+            )
+
+        saved.append((mixer, mixer.ops))
+        mixer.ops = replace(mixer.ops, scan=hook)
+    try:
+        yield
+    finally:
+        for mixer, ops in saved:
+            mixer.ops = ops
+
+
+class _Fp16Head(nn.Module):
+    """fp16 export wrapper: the model keeps its residual stream and norms in fp32 (by design), so the
+    fp32 activations are cast to the fp16 weights' dtype in front of every linear layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.model.forward_features(x)
+        return self.model.head(feats.to(self.model.head.weight.dtype))
+
+
+@contextmanager
+def _fp16_linears(model: nn.Module) -> Iterator[None]:
+    saved = []
+    for blk in model.layers:
+        mixer = blk.mixer
+        inner = mixer.ops.linear
+
+        def linear(name, module, x, _inner=inner):
+            x = x.to(module.weight.dtype)
+            if _inner is not None:
+                return _inner(name, module, x)
+            return nn.functional.linear(x, module.weight, module.bias)
+
+        saved.append((mixer, mixer.ops))
+        mixer.ops = replace(mixer.ops, linear=linear)
+    try:
+        yield
+    finally:
+        for mixer, ops in saved:
+            mixer.ops = ops
+
+
+def _finish_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move the temporary name attribute onto NodeProto.name; declare the custom domain once."""
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        keep = [a for a in node.attribute if a.name != _NAME_ATTR]
+        name = [a.s.decode() for a in node.attribute if a.name == _NAME_ATTR]
+        if name:
+            node.name = name[0]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return model
+
+
+@dataclass
+class ExportResult:
+    model: onnx.ModelProto
+    seconds: float
+
+
+def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vim: nn.Module | None = None) -> ExportResult:
+    """Trace `module` (whose scans are hooked through `vim`, default `module`) into an ONNX model in
+    memory, with a dynamic batch axis. Returns the checked ModelProto and the export time."""
+    vim = module if vim is None else vim
+    if not hasattr(vim, "layers"):
+        raise ExportError(f"expected a Vim model with .layers, got {type(vim).__name__}")
+    t0 = time.perf_counter()
+    buf = io.BytesIO()
+    with scan_export_hooks(vim), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
+        torch.onnx.export(
+            module, (example,), buf, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            custom_opsets={DOMAIN: 1}, do_constant_folding=True,
+        )
+    model = _finish_custom_nodes(onnx.load_from_string(buf.getvalue()))
+    onnx.checker.check_model(model)
+    return ExportResult(model=model, seconds=time.perf_counter() - t0)
+
+
+def example_input(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(dtype)
+
+
+def export_fp(model: nn.Module, *, fp16: bool = False, opset: int = FP_OPSET, batch: int = 1) -> ExportResult:
+    """The FP graph: fp32 by default; fp16 keeps the residual stream and RMSNorms in fp32 (as the
+    model does) and casts to fp16 in front of each linear layer. The model is not modified."""
+    model = model.eval()
+    if not fp16:
+        return export_onnx(model, example_input(model, batch), opset=opset)
+    import copy
+
+    half = copy.deepcopy(model).half()
+    with _fp16_linears(half):
+        return export_onnx(_Fp16Head(half), example_input(model, batch, torch.float16), opset=opset, vim=half)
