@@ -1,0 +1,220 @@
+"""OuroMamba-Quant quantizer modules and the method registration (ALGORITHMS.md §1.2, seed Alg. 2).
+
+Decisions (each is what the kernels must implement too):
+* Linear inputs (in_proj, x_proj(_b), dt_proj(_b), out_proj): `OutlierActQuantizer`, i.e.
+  `outlier_fake_quant` with a learnable static per-time-step inlier scale S_I(t) of shape (1, L, 1)
+  (STE on round, so the gradient reaches S_I through x/S_I as in LSQ), outliers dynamic per token.
+  The outlier list is kept per batch element and per refresh window (quantizers.py docstring).
+* Weights of those linears: symmetric, per output channel, restricted range, L_p (p = 2.4)
+  initialised, learnable scale (`ChannelWeightQuantizer`); bias stays FP.
+* SSM operands: Delta (pre-softplus, dt_proj output incl. bias) with the outlier quantizer and
+  k = k_sigma_delta (4); B and C with the outlier quantizer (k = k_sigma) over their d_state
+  channels. Symmetric for Delta too (the official Q_Act_d is asymmetric): one quantizer contract
+  (`outlier_quant_ref`) serves every activation and TensorRT has no zero points.
+* A (= -exp(A_log), (d_inner, d_state)) and D ((d_inner,)) are constants: quantized offline at
+  a_bits, A per row (per inner channel), D per tensor, L_p initialised, scales learnable, no
+  outlier split (there are no tokens). The official code treats them as Q_Act activations.
+* h is not quantized inside the recurrence (the official Vim code quantizes it only after the scan,
+  which does not change outputs); asking for "h" is an error for this method.
+* Each direction has its own SSM quantizers (the official code shares them, so the backward
+  calibration overwrote the forward one; we do not replicate that quirk).
+* theta: policy "dynamic" (mu + k sigma of the current token's |inliers|) or "calibrated"
+  (theta(t) = calibration mean over images of mu + k sigma at token t). See recipes/README for the
+  measured choice of default.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ouro.recipes import CalibConfig, Method, Recipe
+
+from ..quantizers import (
+    FP_PASSTHROUGH_BITS,
+    ThresholdPolicy,
+    _fp16_roundtrip,
+    fake_quant_sym,
+    outlier_quant_ref,
+    quant_sym_ref,
+)
+from .base import MethodSpec, Quantizer, Site, register_method
+from .observers import SCALE_EPS, lp_scale_search
+
+__all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "OUROMAMBA"]
+
+
+def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
+    """Outlier mask used for the static init (official `extracter_refresh`): |x| > mu + k sigma per
+    token, accumulated inside each n_refresh window (a channel once an outlier stays one). (N, L, C) bool."""
+    N, L, C = x.shape
+    a = x.abs()
+    th = a.mean(-1, keepdim=True) + k_sigma * a.std(-1, correction=0, keepdim=True)
+    m = a > th
+    W = -(-L // n_refresh)
+    pad = W * n_refresh - L
+    mw = torch.nn.functional.pad(m, (0, 0, 0, pad)).reshape(N, W, n_refresh, C)
+    mw = mw.to(torch.int32).cummax(2).values.bool()
+    return mw.reshape(N, W * n_refresh, C)[:, :L]
+
+
+class OutlierActQuantizer(Quantizer):
+    """OuroMamba activation quantizer: static S_I(t) inliers + dynamic outliers (`outlier_fake_quant`).
+
+    static_scale: (1, L, 1) learnable (granularity "token") or (1, 1, 1) ("tensor").
+    theta: (L,) buffer, the calibrated threshold (used by policy "calibrated" only)."""
+
+    group = "act"
+
+    def __init__(
+        self,
+        seq_len: int,
+        bits_inlier: int,
+        bits_outlier: int,
+        n_refresh: int,
+        policy: ThresholdPolicy | str,
+        k_sigma: float,
+        granularity: str = "token",
+    ) -> None:
+        super().__init__()
+        self.bits_inlier, self.bits_outlier = bits_inlier, bits_outlier
+        self.n_refresh, self.k_sigma = n_refresh, float(k_sigma)
+        self.policy = ThresholdPolicy(policy)
+        self.granularity = granularity
+        self.seq_len = seq_len
+        self.static_scale = nn.Parameter(torch.ones(1, seq_len if granularity == "token" else 1, 1))
+        self.register_buffer("theta", torch.zeros(seq_len))
+
+    def extra_repr(self) -> str:
+        return f"A{self.bits_inlier}/O{self.bits_outlier}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}, S_I per {self.granularity}"
+
+    def init_from_stats(self, calib: CalibConfig) -> None:
+        x = self.observed()
+        if x.shape[1] != self.seq_len:
+            raise ValueError(f"activation has {x.shape[1]} tokens, the quantizer was built for L={self.seq_len}")
+        a = x.abs()
+        th = a.mean(-1) + self.k_sigma * a.std(-1, correction=0)  # (N, L)
+        self.theta.copy_(th.mean(0))
+        if self.bits_inlier >= FP_PASSTHROUGH_BITS:
+            return
+        inl = torch.where(dynamic_outlier_mask(x, self.k_sigma, self.n_refresh), torch.zeros_like(x), x)
+        xg = inl.transpose(0, 1).reshape(self.seq_len, -1) if self.granularity == "token" else inl.reshape(1, -1)
+        s = lp_scale_search(xg, self.bits_inlier, calib.lp_norm, calib.grid_points)
+        with torch.no_grad():
+            self.static_scale.copy_(s.reshape(self.static_scale.shape))
+
+    def project_(self) -> None:
+        with torch.no_grad():
+            self.static_scale.clamp_(min=SCALE_EPS)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if self.bits_inlier >= FP_PASSTHROUGH_BITS:
+            return _fp16_roundtrip(x.float())
+        r = outlier_quant_ref(
+            x, self.static_scale, self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
+            k_sigma=self.k_sigma, theta=self.theta,
+        )
+        if self.track_stats:
+            self._stat_num += float(r.outlier_mask.sum())
+            self._stat_den += float(r.outlier_mask.numel())
+        return r.x_hat
+
+    def stats(self) -> dict[str, float]:
+        return {"outlier_rate": self._stat_num / self._stat_den} if self._stat_den else {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {} if self.bits_inlier >= FP_PASSTHROUGH_BITS else {self.group: [self.static_scale]}
+
+
+class ChannelWeightQuantizer(Quantizer):
+    """Symmetric restricted-range quantizer of a constant tensor (a weight, or SSM A / D).
+
+    per_channel: one scale per row (dim 0), shape (N, 1, ...); else one scale, shape (1, ...).
+    After `freeze()` the integer codes are a buffer and forward returns codes * scale exactly."""
+
+    group = "weight"
+
+    def __init__(self, shape: tuple[int, ...], bits: int, per_channel: bool = True) -> None:
+        super().__init__()
+        self.bits, self.per_channel = bits, per_channel
+        sshape = (shape[0] if per_channel else 1,) + (1,) * (len(shape) - 1)
+        self.scale = nn.Parameter(torch.ones(sshape))
+        self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"W{self.bits}, {'per channel' if self.per_channel else 'per tensor'}"
+
+    def observe(self, x: Tensor) -> None:
+        self._observed = [x.detach().float().cpu()]  # a constant: keep the latest
+
+    def init_from_stats(self, calib: CalibConfig) -> None:
+        w = self.observed()
+        rows = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+        s = lp_scale_search(rows, self.bits, calib.lp_norm, calib.grid_points)
+        with torch.no_grad():
+            self.scale.copy_(s.reshape(self.scale.shape))
+        self._weight = w
+
+    def project_(self) -> None:
+        with torch.no_grad():
+            self.scale.clamp_(min=SCALE_EPS)
+
+    def freeze(self) -> None:
+        w = getattr(self, "_weight", None)
+        if w is None:
+            raise RuntimeError("ChannelWeightQuantizer.freeze before init_from_stats")
+        with torch.no_grad():
+            self.codes.copy_(quant_sym_ref(w, self.scale, self.bits).to(torch.int8))
+            self.frozen.fill_(True)
+        self.scale.requires_grad_(False)
+        del self._weight
+
+    def quantize(self, w: Tensor) -> Tensor:
+        if bool(self.frozen):
+            return self.codes.float() * self.scale
+        self._weight = w.detach().float()
+        return fake_quant_sym(w.float(), self.scale, self.bits)
+
+
+# ------------------------------------------------------------------------------- registration
+def _granularity(recipe: Recipe) -> str:
+    return getattr(recipe.method_params, "inlier_granularity", "token")
+
+
+def _act(site: Site, recipe: Recipe, k: float) -> OutlierActQuantizer | None:
+    if recipe.a_bits >= FP_PASSTHROUGH_BITS:
+        return None
+    return OutlierActQuantizer(
+        site.shape[0], recipe.a_bits, recipe.a_bits_outlier, recipe.n_refresh, recipe.threshold_policy, k, _granularity(recipe)
+    )
+
+
+def make_act(site: Site, recipe: Recipe) -> Quantizer | None:
+    return _act(site, recipe, recipe.k_sigma)
+
+
+def make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
+    return None if recipe.w_bits >= FP_PASSTHROUGH_BITS else ChannelWeightQuantizer(site.shape, recipe.w_bits)
+
+
+def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
+    if site.name == "delta":
+        return _act(site, recipe, recipe.k_sigma_delta)
+    if site.name in ("B", "C"):
+        return _act(site, recipe, recipe.k_sigma)
+    if recipe.a_bits >= FP_PASSTHROUGH_BITS:
+        return None
+    if site.name == "A":
+        return ChannelWeightQuantizer(site.shape, recipe.a_bits, per_channel=True)
+    if site.name == "D":
+        return ChannelWeightQuantizer(site.shape, recipe.a_bits, per_channel=False)
+    raise NotImplementedError(
+        f"OuroMamba does not quantize SSM operand {site.name!r} (h stays FP in the recurrence, like the official code); "
+        "remove it from the recipe's ssm_operands"
+    )
+
+
+OUROMAMBA = register_method(
+    Method.OUROMAMBA,
+    MethodSpec(make_act=make_act, make_weight=make_weight, make_ssm=make_ssm, description="OuroMamba-Quant (dynamic outliers)"),
+)

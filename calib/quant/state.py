@@ -1,0 +1,152 @@
+"""QuantState: one .safetensors file with integer weights and every scale/threshold (DESIGN.md §3).
+
+Tensors: the state_dict of every quantizer, keyed `layers.<i>.<act|weight|ssm>.<site>.<tensor>`.
+Weight codes of <= 4 bits with an even last dimension are stored packed (`pack_int4`, key suffix
+`.int4`, uint8); other codes as int8. Scales and thresholds are fp32, exactly as used.
+Header (safetensors metadata key "ouro", JSON):
+    format, format_version, recipe (TOML), recipe_version, method, arch (VimConfig dict),
+    package_version, method_info (free-form dict a method may attach as `qmodel.ouro_method_info`)
+Loading rebuilds the quantizers from the recipe on the FP model and loads the tensors, so the
+reloaded model reproduces the calibrated model's outputs bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ouro.recipes import RECIPE_VERSION, Recipe
+
+from ..models.vim import VisionMamba
+from ..quantizers import pack_int4, unpack_int4
+from .base import QuantMode, iter_quant_ops, model_recipe, quantize_model, set_quant_mode
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "QuantStateError", "save_quant_state", "load_quant_state", "read_header", "quant_state_tensors"]
+
+FORMAT = "ouro-quant-state"
+FORMAT_VERSION = 1
+INT4_SUFFIX = ".int4"
+_ARCH_LABEL_KEYS = ("name",)  # labels, not architecture
+
+
+class QuantStateError(ValueError):
+    """A QuantState file that cannot be used with this model / this ouro version."""
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("ouro-export")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def quant_state_tensors(qmodel: VisionMamba) -> dict[str, Tensor]:
+    """The tensors a QuantState stores (int4 codes packed), keyed as in the file."""
+    out: dict[str, Tensor] = {}
+    for i, ops in iter_quant_ops(qmodel):
+        for qname, q in ops.quantizers():
+            for k, t in q.state_dict().items():
+                key = f"layers.{i}.{qname}.{k}"
+                t = t.detach().cpu().contiguous()
+                if k == "codes" and getattr(q, "bits", 8) <= 4 and t.shape[-1] % 2 == 0:
+                    out[key + INT4_SUFFIX] = pack_int4(t)
+                else:
+                    out[key] = t
+    return out
+
+
+def save_quant_state(qmodel: VisionMamba, path: str | Path) -> Path:
+    """Write the QuantState of a calibrated model (from `calibrate`)."""
+    from safetensors.torch import save_file
+
+    recipe = model_recipe(qmodel)
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "recipe": recipe.to_toml(),
+        "recipe_version": recipe.version,
+        "method": recipe.method.value,
+        "arch": qmodel.cfg.to_dict(),
+        "package_version": _package_version(),
+        "method_info": getattr(qmodel, "ouro_method_info", {}),
+    }
+    path = Path(path)
+    save_file(quant_state_tensors(qmodel), str(path), metadata={"ouro": json.dumps(header)})
+    return path
+
+
+def read_header(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise QuantStateError(f"QuantState file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # not a safetensors file
+        raise QuantStateError(f"{path}: not a safetensors file ({e})") from None
+    if "ouro" not in meta:
+        raise QuantStateError(f"{path}: not an ouro QuantState (no 'ouro' header)")
+    h = json.loads(meta["ouro"])
+    if h.get("format") != FORMAT:
+        raise QuantStateError(f"{path}: format {h.get('format')!r}, expected {FORMAT!r}")
+    if h.get("format_version") != FORMAT_VERSION:
+        raise QuantStateError(f"{path}: QuantState format version {h.get('format_version')} is not supported (this ouro reads {FORMAT_VERSION})")
+    return h
+
+
+def _arch_mismatch(saved: dict, cfg: dict) -> list[str]:
+    keys = sorted((set(saved) | set(cfg)) - set(_ARCH_LABEL_KEYS))
+    return [f"{k}: file {saved.get(k)!r} vs model {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+
+
+def load_quant_state(model: VisionMamba, path: str | Path) -> VisionMamba:
+    """A quantized copy of the FP `model` with the calibration of `path` (no data needed)."""
+    from safetensors.torch import load_file
+
+    h = read_header(path)
+    if h.get("recipe_version") != RECIPE_VERSION:
+        raise QuantStateError(
+            f"{path}: recipe version {h.get('recipe_version')} (written by ouro {h.get('package_version')}) "
+            f"does not match this ouro's recipe version {RECIPE_VERSION}; recalibrate"
+        )
+    diff = _arch_mismatch(h.get("arch", {}), model.cfg.to_dict())
+    if diff:
+        raise QuantStateError(
+            f"{path}: QuantState is for architecture {h.get('arch', {}).get('name')!r}, the model is "
+            f"{model.cfg.name!r}; differences: {'; '.join(diff)}"
+        )
+    recipe = Recipe.from_toml(h["recipe"], source=f"{path} header")
+    qmodel = quantize_model(model, recipe)
+    tensors = load_file(str(path))
+    seen: set[str] = set()
+    for i, ops in iter_quant_ops(qmodel):
+        for qname, q in ops.quantizers():
+            sd = {}
+            for k, ref in q.state_dict().items():
+                key = f"layers.{i}.{qname}.{k}"
+                if key + INT4_SUFFIX in tensors:
+                    t = unpack_int4(tensors[key + INT4_SUFFIX])
+                    seen.add(key + INT4_SUFFIX)
+                elif key in tensors:
+                    t = tensors[key]
+                    seen.add(key)
+                else:
+                    raise QuantStateError(f"{path}: missing tensor {key!r} for recipe {recipe.name!r}")
+                if t.shape != ref.shape:
+                    raise QuantStateError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}")
+                sd[k] = t
+            q.load_state_dict(sd)
+            for p in q.parameters(recurse=False):
+                p.requires_grad_(False)
+    extra = sorted(set(tensors) - seen)
+    if extra:
+        raise QuantStateError(f"{path}: {len(extra)} tensor(s) the recipe does not use, e.g. {extra[:3]}")
+    set_quant_mode(qmodel, QuantMode.QUANT)
+    qmodel.ouro_method_info = h.get("method_info", {})
+    qmodel.eval()
+    return qmodel
