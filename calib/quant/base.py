@@ -188,7 +188,13 @@ def get_method(method: Method | str) -> MethodSpec:
     if m not in METHODS:
         from . import _register_all  # noqa: F401  (imports every method module)
     if m not in METHODS:
-        raise NotImplementedError(f"quantization method {m.value!r} is not implemented yet; available: {', '.join(x.value for x in METHODS)}")
+        from ._register_all import IMPORT_ERRORS
+
+        why = "; ".join(f"{k}: {v}" for k, v in IMPORT_ERRORS.items())
+        raise NotImplementedError(
+            f"quantization method {m.value!r} is not available; available: {', '.join(x.value for x in METHODS)}"
+            + (f" (method modules that failed to import: {why})" if why else "")
+        )
     return METHODS[m]
 
 
