@@ -65,8 +65,9 @@ class LossKind(str, Enum):
 LINEAR_LAYERS: tuple[str, ...] = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
 """Linear layers of a mixer that a recipe may quantize (input activation and weight)."""
 
-SSM_OPERANDS: tuple[str, ...] = ("delta", "B", "C", "A", "D", "h")
-"""Selective-scan operands a recipe may quantize (ALGORITHMS.md §1.2). `h` = hidden state in the recurrence."""
+SSM_OPERANDS: tuple[str, ...] = ("delta", "B", "C", "A", "D", "h", "u", "abar")
+"""Selective-scan operands a recipe may quantize (ALGORITHMS.md §1.2). `h` = hidden state in the recurrence;
+`u` = the scan input x' and `abar` = exp(dt*A) inside the scan (QMamba, ALGORITHMS.md §2)."""
 
 EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm", "norm_f", "head")
 """The one shared never-quantize list: patch embed, depthwise convs, RMSNorms, classifier head."""

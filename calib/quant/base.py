@@ -143,14 +143,15 @@ def _default_linear(ops: "QuantizedMixerOps", name: str, module: nn.Linear, x: T
 
 def _default_scan(ops: "QuantizedMixerOps", direction: str, kw: dict[str, Tensor]) -> Tensor:
     """Quantize the scan operands present in `ops.ssm` (delta pre-softplus, B, C, A, D), FP scan."""
-    names = {"delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip"}
+    names = {"delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip", "u": "u"}
     kw = dict(kw)
     for op, arg in names.items():
         k = f"{op}_{direction}"
         if k in ops.ssm:
             kw[arg] = ops.ssm[k](kw[arg])
-    if f"h_{direction}" in ops.ssm:
-        raise NotImplementedError("quantizing h inside the recurrence needs a method-specific scan (MethodSpec.scan)")
+    for inner in ("h", "abar"):
+        if f"{inner}_{direction}" in ops.ssm:
+            raise NotImplementedError(f"quantizing {inner} inside the recurrence needs a method-specific scan (MethodSpec.scan)")
     return selective_scan(
         kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"], delta_softplus=True, reverse=direction == "bwd"
     )
@@ -245,6 +246,7 @@ class QuantizedMixerOps(nn.Module):
         shapes = {
             "delta": (L, cfg.d_inner), "B": (L, cfg.d_state), "C": (L, cfg.d_state),
             "A": (cfg.d_inner, cfg.d_state), "D": (cfg.d_inner,), "h": (L, cfg.d_inner, cfg.d_state),
+            "u": (L, cfg.d_inner), "abar": (L, cfg.d_inner, cfg.d_state),
         }
         for op in recipe.ssm_operands:
             for direction in ("fwd", "bwd"):
