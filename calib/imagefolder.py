@@ -1,0 +1,181 @@
+"""Image folders (ImageNet eval transform) and the `--calib` / `--calib-dir` data sources.
+
+Eval transform (the standard ImageNet one, crop ratio 0.875):
+    resize the shorter side to round(img_size / 0.875) (256 for 224), bicubic
+    centre crop img_size x img_size, RGB, [0, 1], normalise with the ImageNet mean / std.
+Folder layouts:
+    flat        DIR/*.jpg ...                      (calibration; labels unused)
+    classes     DIR/<class>/*.jpg ...              (evaluation; label = index of the sorted class name)
+Files that are not readable images are skipped with one warning that counts them; a folder with no
+readable image is an error.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CROP_RATIO",
+    "ImageFolderError",
+    "eval_transform",
+    "load_image_folder",
+    "CalibSpec",
+    "parse_calib_spec",
+    "calibration_images",
+    "make_forward_loop",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = 0.875
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class ImageFolderError(ValueError):
+    """A data folder or a --calib spec that cannot be used; the message says what to change."""
+
+
+def eval_transform(img, img_size: int = 224) -> Tensor:
+    """PIL image -> normalised (3, img_size, img_size) fp32 tensor (module docstring)."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    short = round(img_size / CROP_RATIO)
+    w, h = img.size
+    if w <= h:
+        nw, nh = short, max(short, round(h * short / w))
+    else:
+        nw, nh = max(short, round(w * short / h)), short
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - img_size) // 2, (nh - img_size) // 2
+    img = img.crop((left, top, left + img_size, top + img_size))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img_size, img_size, 3)
+    x = x.permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _list_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if subdirs:
+        files, labels = [], []
+        for ci, d in enumerate(subdirs):
+            for f in sorted(p for p in d.rglob("*") if p.is_file()):
+                files.append(f)
+                labels.append(ci)
+        return files, labels, [d.name for d in subdirs]
+    return sorted(p for p in root.iterdir() if p.is_file()), None, []
+
+
+def load_image_folder(
+    path: str | Path, *, n: int | None = None, img_size: int = 224, seed: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """Images of a folder through `eval_transform`: (N, 3, S, S) and labels (N,) or None (flat folder).
+
+    n: take n files drawn with a seeded permutation (all when None)."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ImageFolderError(f"image folder {str(root)!r} does not exist or is not a directory")
+    files, labels, _ = _list_files(root)
+    order = list(range(len(files)))
+    if n is not None:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(files), generator=g).tolist()
+    imgs, labs, skipped = [], [], []
+    for i in order:
+        f = files[i]
+        try:
+            with Image.open(f) as im:
+                imgs.append(eval_transform(im, img_size))
+            if labels is not None:
+                labs.append(labels[i])
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            skipped.append(f.name)
+        if n is not None and len(imgs) == n:
+            break
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} file(s) that are not readable images (e.g. {skipped[:3]})", stacklevel=2)
+    if not imgs:
+        raise ImageFolderError(f"image folder {str(root)!r} contains no readable image ({len(files)} file(s) found)")
+    if n is not None and len(imgs) < n:
+        raise ImageFolderError(f"image folder {str(root)!r} has {len(imgs)} readable image(s), {n} were asked for")
+    x = torch.stack(imgs)
+    return x, (torch.tensor(labs) if labels is not None else None)
+
+
+# ----------------------------------------------------------------------------- --calib specs
+@dataclass(frozen=True)
+class CalibSpec:
+    kind: str  # "real" | "synthetic" | "dir"
+    n: int | None
+
+
+_SPEC = re.compile(r"^(real|synthetic)(?::(\d+))?$")
+DEFAULT_CALIB_IMAGES = 128
+
+
+def parse_calib_spec(spec: str | None, calib_dir: str | None = None) -> CalibSpec:
+    """`real:N` | `synthetic:N` (N defaults to 128), or a folder given by --calib-dir."""
+    if spec is None:
+        return CalibSpec("dir", None) if calib_dir else CalibSpec("real", DEFAULT_CALIB_IMAGES)
+    m = _SPEC.match(spec.strip().lower())
+    if not m:
+        raise ImageFolderError(f"--calib {spec!r} is not understood; use real:N or synthetic:N (e.g. real:128)")
+    n = int(m.group(2)) if m.group(2) else DEFAULT_CALIB_IMAGES
+    if n < 1:
+        raise ImageFolderError(f"--calib {spec!r}: the number of images must be >= 1")
+    kind = m.group(1)
+    if calib_dir and kind == "real":
+        return CalibSpec("dir", n)
+    return CalibSpec(kind, n)
+
+
+def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, demo: bool = False, seed: int = 0) -> Tensor:
+    """The calibration images a spec names, (N, C, H, W) normalised model input."""
+    size = model.cfg.img_size
+    if spec.kind == "dir":
+        d = Path(calib_dir)
+        if (d / "images.npz").is_file():  # a folder written by `ouro-export gen`
+            from ouro.calib.gen import load_synthetic_dir
+
+            x = load_synthetic_dir(d)
+            return x if spec.n is None else x[: spec.n]
+        return load_image_folder(d, n=spec.n, img_size=size, seed=seed)[0]
+    if spec.kind == "real":
+        if not demo:
+            raise ImageFolderError("--calib real:N draws from the demo model's calibration split; for a checkpoint give --calib-dir DIR (or --calib synthetic:N)")
+        from ouro.calib.data import load_digits_split
+
+        x, _ = load_digits_split("calib")
+        if spec.n > x.shape[0]:
+            raise ImageFolderError(f"--calib real:{spec.n}: the demo calibration split has only {x.shape[0]} images")
+        g = torch.Generator().manual_seed(seed)
+        return x[torch.randperm(x.shape[0], generator=g)[: spec.n]]
+    if spec.kind == "synthetic":
+        try:
+            from ouro.calib.gen import generate_calibration
+        except ImportError:
+            raise NotImplementedError("--calib synthetic:N is not available yet (OuroMamba-Gen is not installed in this build)") from None
+        return generate_calibration(model, spec.n, seed)
+    raise ImageFolderError(f"unknown calibration source {spec.kind!r}")
+
+
+def make_forward_loop(images: Tensor, batch_size: int = 64):
+    """forward_loop(model) that runs `images` through the model in batches (for `calibrate`)."""
+
+    def forward_loop(model) -> None:
+        with torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i : i + batch_size])
+
+    return forward_loop
