@@ -126,7 +126,7 @@ def run_export(ctx: RunContext) -> int:
         print(describe_passes())
         return 0
     quantized = bool(a.preset or a.recipe or a.load_calib)
-    if quantized or a.print_recipe:
+    if a.preset or a.recipe or a.print_recipe or (quantized and not a.load_calib):
         from ouro.recipes import resolve_recipe
 
         ctx.recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method)

@@ -1,0 +1,286 @@
+"""Pipeline stages of the quantized path: FP evaluation, calibration (or QuantState load), report.
+
+    evaluate_fp(ctx)        FP top-1 on the evaluation set (demo test split or --eval-dir)
+    quantize(ctx)           calibrate (or --load-calib), --save-calib, quantized metrics, summary table
+    write_report(ctx, path) JSON report (+ PNG plots beside it when matplotlib is available)
+
+Report keys: recipe, method, calibration (source, images), fp_top1, quant_top1, top1_delta,
+top1_agreement, sqnr_db (per block), outlier_rate (per quantizer), compression (vs FP16), timings.
+Metrics are measured here; the numerics live in ouro.calib.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "EVAL_BATCH",
+    "SQNR_MAX_IMAGES",
+    "evaluation_set",
+    "predict",
+    "top1",
+    "sqnr_db",
+    "block_sqnr",
+    "outlier_rates",
+    "memory_compression",
+    "evaluate_fp",
+    "quantize",
+    "quantized_metrics",
+    "format_table",
+    "write_report",
+]
+
+EVAL_BATCH = 64
+SQNR_MAX_IMAGES = 256  # images used for the per-block SQNR and the outlier rates
+FP16_BYTES = 2
+SCALE_BYTES = 4  # scales and thresholds are stored as fp32
+
+
+# ------------------------------------------------------------------------------------ metrics
+def predict(model: nn.Module, images: Tensor, batch: int = EVAL_BATCH) -> Tensor:
+    outs = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            outs.append(model(images[i : i + batch]).argmax(-1))
+    return torch.cat(outs)
+
+
+def top1(pred: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((pred == labels).float().mean())
+
+
+def sqnr_db(ref: Tensor, x: Tensor) -> float:
+    """20 log10(||ref|| / ||ref - x||) in dB (inf when identical)."""
+    num = ref.double().norm()
+    den = (ref.double() - x.double()).norm()
+    if den == 0:
+        return math.inf
+    return float(20 * torch.log10(num / den))
+
+
+def _block_streams(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """Residual stream after each block (residual + mixer output), (N, L, d) per block."""
+    outs: list[list[Tensor]] = [[] for _ in model.layers]
+    hooks = []
+    for i, blk in enumerate(model.layers):
+        def hook(_m, _a, out, i=i):
+            o, res = out
+            outs[i].append((res + o.float()).detach())
+        hooks.append(blk.register_forward_hook(hook))
+    try:
+        predict(model, images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(o) for o in outs]
+
+
+def block_sqnr(model: nn.Module, qmodel: nn.Module, images: Tensor) -> list[float]:
+    """SQNR (dB) of the quantized model's residual stream after each block vs the FP model's."""
+    fp = _block_streams(model, images)
+    q = _block_streams(qmodel, images)
+    return [round(sqnr_db(a, b), 3) for a, b in zip(fp, q)]
+
+
+def outlier_rates(qmodel: nn.Module, images: Tensor) -> dict[str, float]:
+    """Fraction of activation elements quantized as outliers, per quantizer (runs `images`)."""
+    from ouro.calib.quant import QuantMode, iter_quant_ops, set_quant_mode
+
+    set_quant_mode(qmodel, QuantMode.QUANT, track_stats=True)
+    qs = [(f"layers.{i}.{n}", q) for i, ops in iter_quant_ops(qmodel) for n, q in ops.quantizers()]
+    for _, q in qs:
+        q.reset_stats()
+    try:
+        predict(qmodel, images)
+    finally:
+        set_quant_mode(qmodel, QuantMode.QUANT, track_stats=False)
+    return {n: round(q.stats()["outlier_rate"], 6) for n, q in qs if "outlier_rate" in q.stats()}
+
+
+def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
+    """Memory vs FP16: packed integer weights plus every scale and threshold (fp32).
+
+    quantized_layers: only the tensors that are quantized (their FP16 size / their quantized size);
+    model: the whole model, unquantized parameters counted as FP16 on both sides."""
+    from ouro.calib.quant import iter_quant_ops
+
+    fp16_q = q_bytes = 0.0
+    for i, ops in iter_quant_ops(qmodel):
+        for _, q in ops.quantizers():
+            for k, t in q.state_dict().items():
+                if k == "codes":
+                    fp16_q += t.numel() * FP16_BYTES
+                    q_bytes += t.numel() * q.bits / 8
+                elif t.is_floating_point():
+                    q_bytes += t.numel() * SCALE_BYTES
+    total_fp16 = sum(p.numel() for p in model.parameters()) * FP16_BYTES
+    model_q = total_fp16 - fp16_q + q_bytes
+    return {
+        "fp16_bytes": int(total_fp16),
+        "quantized_bytes": int(round(model_q)),
+        "model": round(total_fp16 / model_q, 3) if model_q else None,
+        "quantized_layers": round(fp16_q / q_bytes, 3) if q_bytes else None,
+    }
+
+
+# --------------------------------------------------------------------------------------- data
+def evaluation_set(ctx) -> tuple[Tensor, Tensor] | None:
+    """(images, labels) of the demo test split or --eval-dir; None when there is none. Cached on ctx."""
+    if getattr(ctx, "_eval_set", None) is not None:
+        return ctx._eval_set
+    a = ctx.args
+    data = None
+    if getattr(a, "eval_dir", None):
+        from ouro.calib.imagefolder import load_image_folder
+
+        x, y = load_image_folder(a.eval_dir, img_size=ctx.model.cfg.img_size)
+        if y is None:
+            from ouro.exporter.cli import UserError
+
+            raise UserError(f"--eval-dir {a.eval_dir}: needs one subfolder per class to know the labels")
+        data = (x, y)
+    elif getattr(a, "demo", False):
+        from ouro.calib.data import load_digits_split
+
+        data = load_digits_split("test")
+    ctx._eval_set = data
+    return data
+
+
+# ------------------------------------------------------------------------------------- stages
+def evaluate_fp(ctx) -> float | None:
+    data = evaluation_set(ctx)
+    if data is None:
+        print("ouro-export: no evaluation data (use --demo or --eval-dir); skipping FP top-1")
+        return None
+    with ctx.stage("eval_fp"):
+        ctx._fp_pred = predict(ctx.model, data[0])
+        acc = top1(ctx._fp_pred, data[1])
+    ctx.report["fp_top1"] = round(acc, 3)
+    ctx.report["eval_images"] = int(data[0].shape[0])
+    print(f"FP top-1: {acc:.2f} % on {data[0].shape[0]} images")
+    return acc
+
+
+def quantize(ctx) -> nn.Module:
+    """Calibrate (or load the QuantState), optionally save it, then measure and print the summary."""
+    from ouro.calib.imagefolder import calibration_images, make_forward_loop, parse_calib_spec
+    from ouro.calib.quant import calibrate, load_quant_state, save_quant_state
+
+    a = ctx.args
+    if a.load_calib:
+        with ctx.stage("load_calib"):
+            ctx.qmodel = load_quant_state(ctx.model, a.load_calib)
+            ctx.recipe = ctx.qmodel.ouro_recipe
+        ctx.report["calibration"] = {"quant_state": str(a.load_calib)}
+    else:
+        spec = parse_calib_spec(a.calib, a.calib_dir)
+        with ctx.stage("calib_data"):
+            images = calibration_images(ctx.model, spec, calib_dir=a.calib_dir, demo=a.demo, seed=a.seed)
+        ctx.report["calibration"] = {"source": spec.kind, "images": int(images.shape[0]), "seed": a.seed}
+        with ctx.stage("calibrate"):
+            ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed)
+        ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.ouro_calib_losses]
+    if a.save_calib:
+        with ctx.stage("save_calib"):
+            save_quant_state(ctx.qmodel, a.save_calib)
+    ctx.report["recipe"] = ctx.recipe.to_dict()
+    ctx.report["method"] = ctx.recipe.method.value
+    ctx.report["method_info"] = getattr(ctx.qmodel, "ouro_method_info", {})
+    quantized_metrics(ctx)
+    print(format_table(ctx.report))
+    return ctx.qmodel
+
+
+def quantized_metrics(ctx) -> None:
+    """Quantized top-1, agreement with FP, per-block SQNR, outlier rates, compression."""
+    ctx.report["compression"] = memory_compression(ctx.model, ctx.qmodel)
+    data = evaluation_set(ctx)
+    if data is None:
+        return
+    x, y = data
+    with ctx.stage("eval_quant"):
+        qpred = predict(ctx.qmodel, x)
+    ctx.report["quant_top1"] = round(top1(qpred, y), 3)
+    if getattr(ctx, "_fp_pred", None) is None:
+        with ctx.stage("eval_fp"):
+            ctx._fp_pred = predict(ctx.model, x)
+        ctx.report["fp_top1"] = round(top1(ctx._fp_pred, y), 3)
+    ctx.report["top1_delta"] = round(ctx.report["quant_top1"] - ctx.report["fp_top1"], 3)
+    ctx.report["top1_agreement"] = round(100.0 * float((qpred == ctx._fp_pred).float().mean()), 3)
+    sub = x[:SQNR_MAX_IMAGES]
+    with ctx.stage("sqnr"):
+        ctx.report["sqnr_db"] = block_sqnr(ctx.model, ctx.qmodel, sub)
+        ctx.report["outlier_rate"] = outlier_rates(ctx.qmodel, sub)
+
+
+def format_table(report: dict) -> str:
+    """Human-readable summary of a report."""
+    rows = [("recipe", f"{report.get('recipe', {}).get('name')} ({report.get('method')})")]
+    cal = report.get("calibration", {})
+    if "images" in cal:
+        rows.append(("calibration", f"{cal['source']}, {cal['images']} images, seed {cal['seed']}"))
+    elif "quant_state" in cal:
+        rows.append(("calibration", f"loaded from {cal['quant_state']}"))
+    for k, label in (("fp_top1", "FP top-1 %"), ("quant_top1", "quantized top-1 %"), ("top1_delta", "delta (points)"), ("top1_agreement", "top-1 agreement with FP %")):
+        if k in report:
+            rows.append((label, f"{report[k]:.2f}"))
+    s = report.get("sqnr_db")
+    if s:
+        rows.append(("SQNR per block (dB)", f"min {min(s):.1f} / mean {sum(s) / len(s):.1f} / last {s[-1]:.1f}"))
+    o = report.get("outlier_rate")
+    if o:
+        v = list(o.values())
+        rows.append(("outlier rate", f"mean {100 * sum(v) / len(v):.2f} % / max {100 * max(v):.2f} % over {len(v)} quantizers"))
+    c = report.get("compression")
+    if c:
+        rows.append(("memory vs FP16", f"{c['model']}x model, {c['quantized_layers']}x quantized layers"))
+    t = report.get("timings")
+    if t:
+        rows.append(("timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in t.items())))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def write_report(ctx, path: str | Path) -> Path:
+    """Write ctx.report (+ timings) as JSON; plots (SQNR per block, outlier rates) beside it."""
+    path = Path(path)
+    rep = dict(ctx.report)
+    rep["timings"] = dict(ctx.timings)
+    path.write_text(json.dumps(rep, indent=2, default=str))
+    try:
+        _plots(rep, path)
+    except ImportError:
+        pass
+    return path
+
+
+def _plots(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if rep.get("sqnr_db"):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(rep["sqnr_db"], marker="o")
+        ax.set_xlabel("block")
+        ax.set_ylabel("SQNR (dB)")
+        ax.set_title(f"SQNR per block, {rep.get('recipe', {}).get('name')}")
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".sqnr.png"))
+        plt.close(fig)
+    if rep.get("outlier_rate"):
+        fig, ax = plt.subplots(figsize=(8, 3))
+        names = list(rep["outlier_rate"])
+        ax.bar(range(len(names)), [100 * rep["outlier_rate"][n] for n in names])
+        ax.set_ylabel("outlier rate (%)")
+        ax.set_xlabel("quantizer (layer order)")
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".outliers.png"))
+        plt.close(fig)
