@@ -145,6 +145,31 @@ OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams_t* p, cuda
 // Human-readable message for a status code (static string).
 OURO_API const char* ouroStatusString(ouroStatus_t s);
 
+// ---------------------------------------------------------------------------------------------
+// Additions (v1.1, additive: nothing above changed)
+// ---------------------------------------------------------------------------------------------
+// Outlier capacity: the kernels detect "more outlier channels in a window than max_outliers" on the
+// device, so ouroOutlierLinear (asynchronous) cannot return OURO_ERR_OUTLIER_CAPACITY itself. Instead the
+// rows of every overflowing window are written as NaN (never a silently wrong result) and a flag is set
+// in the workspace; ouroOutlierLinearCheck synchronises the stream and returns OURO_ERR_OUTLIER_CAPACITY
+// if the last call on this workspace overflowed. ouroOutlierLinearProfiled returns it directly.
+OURO_API ouroStatus_t ouroOutlierLinearCheck(const ouroOutlierLinearParams_t* p, cudaStream_t stream);
+
+// As ouroOutlierLinear / ouroOutlierLinearProfiled, forcing a GEMM path (OURO_PATH_NONE = automatic).
+// A path the device or shape cannot run returns OURO_ERR_UNSUPPORTED_ARCH / OURO_ERR_UNSUPPORTED_SHAPE.
+OURO_API ouroStatus_t ouroOutlierLinearWithPath(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested,
+                                                cudaStream_t stream, ouroGemmPath_t* path_out);
+OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested,
+                                                        cudaStream_t stream, ouroGemmPath_t* path_out,
+                                                        float step_ms[5]);
+
+// Name of a GEMM path (static string), e.g. "s8_tensorcore".
+OURO_API const char* ouroGemmPathString(ouroGemmPath_t p);
+
+// sizeof of the ABI structs as compiled into the library, for binding self-checks:
+// 0 ouroActQuant_t, 1 ouroOutlierLinearParams_t, 2 ouroSelectiveScanParams_t (0 for other values).
+OURO_API size_t ouroAbiStructSize(int which);
+
 #ifdef __cplusplus
 }
 #endif

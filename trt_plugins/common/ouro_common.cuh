@@ -1,0 +1,127 @@
+// Shared device/host helpers of the ouro kernels (internal; the public ABI is ouro_kernels.h).
+//
+// Numerics conventions (same as ouro.calib.quantizers): fp32 arithmetic, IEEE division
+// (__fdiv_rn), round-half-to-even (rintf), no FMA contraction where the reference has two
+// roundings (explicit __fmul_rn / __fadd_rn).
+#pragma once
+
+#include "ouro_kernels.h"
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace ouro
+{
+
+constexpr int kMaxK = 16384;        // channels of one token handled by one block (shared-memory bound)
+constexpr int kMaxTokens = 65534;   // L limit: window positions are stored as uint16
+constexpr uint16_t kNever = 0xFFFF; // "channel never became an outlier in this window"
+constexpr int kMaxState = 16;       // selective scan: d_state held in registers
+constexpr size_t kWsAlign = 256;
+
+inline bool is_aligned(const void* p, size_t a)
+{
+    return (reinterpret_cast<uintptr_t>(p) % a) == 0;
+}
+
+inline size_t align_up(size_t x, size_t a = kWsAlign)
+{
+    return (x + a - 1) / a * a;
+}
+
+inline int ceil_div(int a, int b)
+{
+    return (a + b - 1) / b;
+}
+
+// Bump allocator over a caller-provided workspace (sizes rounded to 256 B).
+struct WsCarver
+{
+    char* base;
+    size_t off = 0;
+    explicit WsCarver(void* b) : base(static_cast<char*>(b)) {}
+    void* take(size_t bytes)
+    {
+        void* p = base ? base + off : nullptr;
+        off += align_up(bytes);
+        return p;
+    }
+};
+
+__host__ __device__ inline int qmax_of(int bits)
+{
+    return (1 << (bits - 1)) - 1;
+}
+
+__device__ __forceinline__ float load_f(const void* p, int is_fp32, size_t i)
+{
+    return is_fp32 ? static_cast<const float*>(p)[i] : __half2float(static_cast<const __half*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_f(void* p, int is_fp32, size_t i, float v)
+{
+    if (is_fp32)
+        static_cast<float*>(p)[i] = v;
+    else
+        static_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+
+// clamp(round_half_even(x / s), -q, q) with IEEE division.
+__device__ __forceinline__ float quant_code(float x, float s, float q)
+{
+    return fminf(fmaxf(rintf(__fdiv_rn(x, s)), -q), q);
+}
+
+// Weight code w[n, k]: int8 [N, K], or int4 packed two per byte along K (low nibble = even k).
+__device__ __forceinline__ int w_code(const int8_t* w, int w_bits, int K, int n, int k)
+{
+    if (w_bits == 8)
+        return w[static_cast<size_t>(n) * K + k];
+    const uint8_t byte = reinterpret_cast<const uint8_t*>(w)[static_cast<size_t>(n) * (K / 2) + k / 2];
+    const int nib = (k & 1) ? (byte >> 4) : (byte & 0xF);
+    return nib >= 8 ? nib - 16 : nib;
+}
+
+struct MaxOp
+{
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp
+{
+    __device__ double operator()(double a, double b) const { return a + b; }
+};
+
+// Block-wide reduction (blockDim.x a multiple of 32, at most 1024). Every thread gets the result;
+// the order of operations is fixed, so the result is deterministic. `red` holds 32 entries.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* red, Op op, T identity)
+{
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads(); // `red` may still be read by a previous call
+    if (lane == 0)
+        red[warp] = v;
+    __syncthreads();
+    T r = identity;
+    for (int i = 0; i < nw; ++i)
+        r = op(r, red[i]);
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side helpers (ouro_status.cu)
+// ---------------------------------------------------------------------------------------------
+// Validates an activation quantizer; `required` = the operand must be quantized (bits != 0).
+ouroStatus_t validate_act_quant(const ouroActQuant_t& q, bool required);
+// Compute capability of the current device as 10*major+minor.
+ouroStatus_t device_cc(int* cc);
+
+// Fake quantization with an explicit output dtype (the public API uses y dtype = x dtype).
+ouroStatus_t launch_outlier_fake_quant(const void* x, int x_is_fp32, void* y, int y_is_fp32, int B, int L, int C,
+                                       const ouroActQuant_t& q, cudaStream_t stream);
+
+} // namespace ouro
