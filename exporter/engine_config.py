@@ -28,6 +28,7 @@ __all__ = [
     "EngineConfigError",
     "TensorRTUnavailableError",
     "input_spec_from_onnx",
+    "custom_ops_in_onnx",
     "find_plugin_library",
     "onnx_path_for_plan",
     "trtexec_build_command",
@@ -142,6 +143,32 @@ class EngineConfig:
     def resolved_input(self) -> InputSpec:
         return self.input if self.input is not None else input_spec_from_onnx(self.onnx_path)
 
+    @classmethod
+    def for_plan(cls, plan_path: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None,
+                 batch: str | BatchProfile = "1,32,128", workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+                 timing_cache: str | os.PathLike | None = None,
+                 plugin_library: str | os.PathLike | None = None) -> EngineConfig:
+        """The config of a `-o X.plan` request: ONNX beside the plan (X.onnx) unless given, plugin
+        library from `plugin_library` / $OURO_TRT_PLUGINS / the in-tree build (find_plugin_library)."""
+        return cls(
+            onnx_path=Path(onnx_path) if onnx_path is not None else onnx_path_for_plan(plan_path),
+            plan_path=Path(plan_path),
+            batch=BatchProfile.parse(batch) if isinstance(batch, str) else batch,
+            workspace_mib=workspace_mib,
+            timing_cache=Path(timing_cache) if timing_cache is not None else None,
+            plugin_library=find_plugin_library(plugin_library),
+        )
+
+    def check_plugins_available(self) -> None:
+        """A graph with ouro custom nodes needs the plugin library: fail early, naming the nodes."""
+        ops = custom_ops_in_onnx(self.onnx_path)
+        if ops and self.plugin_library is None:
+            found = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+            raise EngineConfigError(
+                f"{self.onnx_path} has ouro plugin nodes ({found}) but no {PLUGIN_LIBRARY_NAME} was found: build it "
+                "(cmake -S trt_plugins -B build/trt -DTensorRT_ROOT=<TensorRT> && cmake --build build/trt), "
+                f"or pass --plugin-lib / set ${PLUGIN_LIBRARY_ENV}")
+
 
 def input_spec_from_onnx(path: str | os.PathLike) -> InputSpec:
     """The single graph input of an exported model: its name and its non-batch dimensions.
@@ -167,6 +194,18 @@ def input_spec_from_onnx(path: str | os.PathLike) -> InputSpec:
                                     "only the batch dimension may be dynamic")
         sample.append(int(d.dim_value))
     return InputSpec(inp.name, tuple(sample))
+
+
+def custom_ops_in_onnx(path: str | os.PathLike, domain: str = "ouro") -> dict[str, int]:
+    """Counts of the custom-domain node types in an ONNX file (e.g. {'OutlierLinear': 96, 'SelectiveScan': 48})."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == domain:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def repo_root() -> Path:

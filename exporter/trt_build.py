@@ -52,6 +52,7 @@ def _major(trt) -> int:
 def build_engine(cfg: EngineConfig, *, log: Callable[[str], None] = print) -> Path:
     """Build cfg.plan_path from cfg.onnx_path. Returns the plan path."""
     trt = import_tensorrt(cfg)
+    cfg.check_plugins_available()
     spec = cfg.resolved_input()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -163,3 +163,37 @@ def test_build_engine_without_tensorrt_names_install_and_trtexec(tmp_path):
     assert "--dynamicPlugins=" in msg and "--setPluginsToSerialize=" in msg
     assert not (tmp_path / "vim_s.plan").exists()
     assert getattr(info.value, "user_facing", False)
+
+
+def _write_plugin_model(path):
+    """A graph with one ouro::SelectiveScan node (attributes as the exporter writes them)."""
+    names = ["u", "delta", "A", "Bm", "Cm", "Dskip", "z"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    node = helper.make_node("SelectiveScan", names, ["y"], domain="ouro", reverse=1, delta_softplus=1,
+                            plugin_version="1", plugin_namespace="ouro")
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ouro", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_custom_ops_and_missing_plugin_library(tmp_path, monkeypatch):
+    plugin_onnx = _write_plugin_model(tmp_path / "p.onnx")
+    assert ec.custom_ops_in_onnx(plugin_onnx) == {"SelectiveScan": 1}
+    assert ec.custom_ops_in_onnx(_write_model(tmp_path / "fp.onnx")) == {}
+    monkeypatch.delenv(ec.PLUGIN_LIBRARY_ENV, raising=False)
+    monkeypatch.setattr(ec, "repo_root", lambda: tmp_path)  # no in-tree build
+    cfg = EngineConfig.for_plan(tmp_path / "p.plan")
+    assert cfg.onnx_path == tmp_path / "p.onnx" and cfg.plugin_library is None
+    with pytest.raises(EngineConfigError, match=r"SelectiveScan x1.*--plugin-lib"):
+        cfg.check_plugins_available()
+    EngineConfig.for_plan(tmp_path / "fp.plan").check_plugins_available()  # plugin-free graph: fine
+
+
+def test_for_plan_uses_cli_values(tmp_path):
+    lib = tmp_path / ec.PLUGIN_LIBRARY_NAME
+    lib.write_bytes(b"\x7fELF")
+    cfg = EngineConfig.for_plan(tmp_path / "v.plan", batch="1,8,16", workspace_mib=1024,
+                                timing_cache=tmp_path / "t.cache", plugin_library=lib)
+    assert (cfg.batch, cfg.workspace_mib, cfg.timing_cache, cfg.plugin_library) == (
+        BatchProfile(1, 8, 16), 1024, tmp_path / "t.cache", lib)
