@@ -4,8 +4,6 @@ Covers the fake-quant references of ouro.calib.quantizers (the kernel contract) 
 OuroMamba quantizer modules / L_p init of ouro.calib.quant built on them."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -238,4 +236,6 @@ def test_weight_quantizer_freeze_is_exact():
     assert torch.equal(before, after)
     assert int(q.codes.abs().max()) <= 7 and q.codes.dtype == torch.int8
     assert q.scale.shape == (6, 1)
-    assert math.isclose(float((before - w).abs().max() / q.scale.max()), 0.5, abs_tol=0.5)  # within half a step (or clipped)
+    s = q.scale.detach()
+    inside = w.abs() <= 7 * s  # not clipped: within half a step
+    assert ((before - w).abs() <= s / 2 * OUTLIER_ERR_SLACK)[inside].all()
