@@ -1,0 +1,104 @@
+"""Shared shapes, synthetic cases and exact references for the GPU kernel tests and tools/bench_gemm.py.
+
+Shapes from Vim-T/S/B (d_model 192/384/768, d_inner 384/768/1536, L = 197 tokens, batch 1 and 32).
+The linear reference follows `ouro.calib.quantizers.outlier_linear_ref` exactly (codes and masks come
+from `outlier_quant_ref` itself); only its int64 einsum, which CUDA lacks, is replaced by a float64
+matmul, which is exact for these integer sums (< 2**53)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ouro.calib.quantizers import ThresholdPolicy, outlier_quant_ref, pack_int4, qmax
+
+L_VIM = 197
+BATCHES = (1, 32)
+VIM_KN = (  # (K, N) of the Vim linear layers
+    (192, 768),  # Vim-T in_proj (N = 2 d_inner)
+    (384, 192),  # Vim-T out_proj
+    (384, 1536),  # Vim-S in_proj
+    (768, 384),  # Vim-S out_proj
+    (768, 3072),  # Vim-B in_proj
+    (1536, 768),  # Vim-B out_proj
+)
+
+
+@dataclass
+class LinearCase:
+    x: Tensor  # (B, L, K) fp16/fp32
+    w_codes: Tensor  # int8 (N, K)
+    w: Tensor  # what the kernel gets: int8 (N, K) or packed uint8 (N, K/2)
+    w_bits: int
+    w_scale: Tensor  # (N,)
+    bias: Tensor | None
+    scale: Tensor  # (L,) static inlier scale
+    act_bits: int
+    bits_outlier: int
+    n_refresh: int
+    policy: ThresholdPolicy = ThresholdPolicy.DYNAMIC
+    k_sigma: float = 3.0
+    theta: Tensor | None = None
+
+    def to(self, device) -> "LinearCase":
+        f = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LinearCase(f(self.x), f(self.w_codes), f(self.w), self.w_bits, f(self.w_scale), f(self.bias),
+                          f(self.scale), self.act_bits, self.bits_outlier, self.n_refresh, self.policy, self.k_sigma,
+                          f(self.theta))
+
+    def act(self):
+        from ouro.exporter.cuda_kernels import ActQuant
+
+        return ActQuant(self.act_bits, self.bits_outlier, self.n_refresh, self.scale, self.policy, self.k_sigma,
+                        self.theta)
+
+
+def make_linear_case(B: int, L: int, K: int, N: int, *, w_bits: int = 4, act_bits: int = 4, bits_outlier: int = 8,
+                     n_refresh: int = 10, outlier_frac: float = 0.02, seed: int = 0, dtype=torch.float16,
+                     bias: bool = True, scale_mult: float = 1.0) -> LinearCase:
+    """Gaussian activations with a few spiky channels (outlier_frac of K, x12), static scale
+    S_I(t) = scale_mult * 3 sigma_t / qmax (tokens whose spikes exceed it trigger detection)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, K, generator=g)
+    n_out = round(outlier_frac * K)
+    if n_out:
+        ch = torch.randperm(K, generator=g)[:n_out]
+        x[..., ch] *= 12.0
+    x = x.to(dtype)
+    qi = qmax(act_bits)
+    scale = (scale_mult * 3.0 * x.float().std(dim=(0, 2)) / qi).contiguous()
+    qw = qmax(w_bits)
+    w_codes = torch.randint(-qw, qw + 1, (N, K), generator=g, dtype=torch.int8)
+    w = pack_int4(w_codes) if w_bits == 4 else w_codes
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-3
+    b = torch.randn(N, generator=g) * 0.1 if bias else None
+    return LinearCase(x, w_codes, w, w_bits, w_scale, b, scale, act_bits, bits_outlier, n_refresh)
+
+
+@dataclass
+class LinearRef:
+    y: Tensor  # fp32 (B, L, N)
+    acc_in: Tensor  # int64
+    acc_out: Tensor  # int64, or fp32 for fp16 outliers
+    inlier_codes: Tensor  # int8 (B, L, K)
+    outlier_mask: Tensor  # bool (B, L, K)
+    outlier_rate: float  # fraction of (token, channel) entries that are outliers
+
+
+def linear_ref(c: LinearCase) -> LinearRef:
+    """outlier_linear_ref, on c's device (float64 matmuls instead of the int64 einsum)."""
+    r = outlier_quant_ref(c.x, c.scale, c.act_bits, c.bits_outlier, c.n_refresh, c.policy, k_sigma=c.k_sigma,
+                          theta=c.theta)
+    B, L, K = c.x.shape
+    w64 = c.w_codes.double()
+    acc_in = torch.matmul(r.inlier_codes.double(), w64.T).round().to(torch.int64)
+    acc_out = torch.matmul(r.outlier_codes.double(), w64.T)
+    acc_out = acc_out.float() if c.bits_outlier >= 16 else acc_out.round().to(torch.int64)
+    s_in = c.scale.float().reshape(1, L, 1)
+    sw = c.w_scale.float().reshape(1, 1, -1)
+    y = acc_in.float() * (s_in * sw) + acc_out.float() * (r.outlier_scale.unsqueeze(-1) * sw)
+    if c.bias is not None:
+        y = y + c.bias.float()
+    return LinearRef(y, acc_in, acc_out, r.inlier_codes.to(torch.int8), r.outlier_mask,
+                     float(r.outlier_mask.float().mean()))
