@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "workspace_size",
     "outlier_linear",
     "outlier_linear_profiled",
+    "outlier_linear_launcher",
     "outlier_fake_quant",
     "selective_scan",
     "STEP_NAMES",
@@ -365,9 +367,19 @@ def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath) -> 
     return ""
 
 
-def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled) -> OutlierLinearResult:
-    global _LAST_PATH
-    lib = _require_gpu()
+@dataclass
+class _PreparedLinear:
+    params: _LinearParamsC
+    result: OutlierLinearResult
+    keep: list  # tensors the params point into (workspace, debug mask)
+    sizes: str
+    path: GemmPath
+    K: int
+    N: int
+    w_bits: int
+
+
+def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug) -> _PreparedLinear:
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, K), got shape {tuple(x.shape)}")
     B, L, K = x.shape
@@ -394,40 +406,76 @@ def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug,
     c_act = act.to_c(L, "act")
     dev = x.device
     y = torch.empty(B, L, N, dtype=x.dtype, device=dev)
-    ws_bytes = workspace_size(M, L, K, N, w_bits, act, max_outliers)
-    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=dev)
+    ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers), 1), dtype=torch.uint8, device=dev)
     res = OutlierLinearResult(y=y, path="none")
+    keep = [ws]
+    mask_u8 = None
     if debug:
         res.acc_inlier = torch.zeros(B, L, N, dtype=torch.int32, device=dev)
         res.acc_outlier = torch.zeros(B, L, N, dtype=torch.int32, device=dev) if act.bits_outlier < 16 else None
         res.inlier_codes = torch.zeros(B, L, K, dtype=torch.int8, device=dev)
         mask_u8 = torch.zeros(B, L, K, dtype=torch.uint8, device=dev)
+        keep.append(mask_u8)
     p = _LinearParamsC(
         M=M, L=L, K=K, N=N, x=x.data_ptr(), x_is_fp32=int(x.dtype == torch.float32), w=w.data_ptr(), w_bits=w_bits,
         w_scale=w_scale.data_ptr(), bias=_ptr(bias), act=c_act, max_outliers=max_outliers, y=y.data_ptr(),
         workspace=ws.data_ptr(), workspace_size=ws.numel(),
         acc_inlier=_ptr(res.acc_inlier), acc_outlier=_ptr(res.acc_outlier), inlier_codes=_ptr(res.inlier_codes),
-        outlier_mask=mask_u8.data_ptr() if debug else None,
+        outlier_mask=_ptr(mask_u8),
     )
-    ran = ctypes.c_int(0)
     sizes = (f"B={B}, L={L}, M={M}, K={K}, N={N}, w_bits={w_bits}, act bits={act.bits}/{act.bits_outlier}, "
              f"n_refresh={act.n_refresh}, max_outliers={max_outliers}, path={path.label}")
-    if profiled:
-        steps = (ctypes.c_float * 5)()
-        st = lib.ouroOutlierLinearProfiledWithPath(ctypes.byref(p), int(path), _stream(), ctypes.byref(ran), steps)
-        res.step_ms = [float(v) for v in steps]
-    else:
-        st = lib.ouroOutlierLinearWithPath(ctypes.byref(p), int(path), _stream(), ctypes.byref(ran))
-        if st == Status.OK:
-            st = lib.ouroOutlierLinearCheck(ctypes.byref(p), _stream())
+    return _PreparedLinear(p, res, keep, sizes, path, K, N, w_bits)
+
+
+def _record_path(ran: ctypes.c_int, res: OutlierLinearResult) -> None:
+    global _LAST_PATH
     if ran.value:
         _LAST_PATH = GemmPath(ran.value)
         res.path = _LAST_PATH.label
+
+
+def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled) -> OutlierLinearResult:
+    lib = _require_gpu()
+    pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
+    p, res = pl.params, pl.result
+    ran = ctypes.c_int(0)
+    if profiled:
+        steps = (ctypes.c_float * 5)()
+        st = lib.ouroOutlierLinearProfiledWithPath(ctypes.byref(p), int(pl.path), _stream(), ctypes.byref(ran), steps)
+        res.step_ms = [float(v) for v in steps]
+    else:
+        st = lib.ouroOutlierLinearWithPath(ctypes.byref(p), int(pl.path), _stream(), ctypes.byref(ran))
+        if st == Status.OK:
+            st = lib.ouroOutlierLinearCheck(ctypes.byref(p), _stream())
+    _record_path(ran, res)
     if st != Status.OK:
-        _raise("ouroOutlierLinear", st, sizes, _shape_hint(Status(st), K, N, w_bits, path))
+        _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path))
     if debug:
-        res.outlier_mask = mask_u8.bool()
+        res.outlier_mask = pl.keep[1].bool()
     return res
+
+
+def outlier_linear_launcher(
+    x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
+    max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
+) -> tuple[Callable[[], None], OutlierLinearResult]:
+    """Validate and allocate once; return (launch, result): launch() enqueues one asynchronous call on the
+    current stream writing result.y (no synchronisation, no capacity check), for benchmarks.
+    Call `outlier_linear` once first to check the capacity and the numerics."""
+    lib = _require_gpu()
+    pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, False)
+    ran = ctypes.c_int(0)
+    ref_p = ctypes.byref(pl.params)
+
+    def launch() -> None:
+        st = lib.ouroOutlierLinearWithPath(ref_p, int(pl.path), _stream(), ctypes.byref(ran))
+        if st != Status.OK:
+            _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path))
+        _record_path(ran, pl.result)
+
+    launch.keep = (pl, x, w, w_scale, bias, act)  # keep every tensor the params point into alive
+    return launch, pl.result
 
 
 def outlier_linear(
