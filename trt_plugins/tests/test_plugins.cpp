@@ -1130,6 +1130,61 @@ TEST(selective_scan_workspace_uses_max_profile)
     }
 }
 
+PluginTensorDesc plainDesc(DataType t, std::vector<int64_t> dims)
+{
+    return desc(t, std::move(dims)).desc;
+}
+
+// enqueue never dereferences device memory on the host: bad runtime shapes are refused before
+// the launch, and a kernel error status (here: null device pointers) becomes a non-zero return
+// with a message naming the kernel and the problem size. Safe without a GPU.
+TEST(outlier_linear_enqueue_reports_errors)
+{
+    Fields f = outlierLinearFields();
+    auto p = create<OutlierLinearPlugin>(f);
+    CHECK(p != nullptr);
+    if (!p)
+    {
+        return;
+    }
+    std::vector<PluginTensorDesc> in = {plainDesc(DataType::kHALF, {2, kL, kK}), plainDesc(DataType::kINT8, {kN, kK / 2}),
+        plainDesc(DataType::kFLOAT, {kN}), plainDesc(DataType::kFLOAT, {kL}), plainDesc(DataType::kFLOAT, {kL}),
+        plainDesc(DataType::kFLOAT, {kN})};
+    PluginTensorDesc out = plainDesc(DataType::kHALF, {2, kL, kN});
+    void const* inputs[6] = {};
+    void* outputs[1] = {};
+    finder().logger.messages.clear();
+    CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
+    CHECK(contains(lastLog(), "ouroOutlierLinear failed"));
+    CHECK(contains(lastLog(), "M=" + std::to_string(2 * kL)));
+    in[0] = plainDesc(DataType::kHALF, {2, kL, kK - 2});
+    finder().logger.messages.clear();
+    CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
+    CHECK(contains(lastLog(), "expected (B, " + std::to_string(kL) + ", " + std::to_string(kK) + ")"));
+}
+
+TEST(selective_scan_enqueue_reports_errors)
+{
+    Fields f = scanFieldsFloat();
+    auto p = create<SelectiveScanPlugin>(f);
+    CHECK(p != nullptr);
+    if (!p)
+    {
+        return;
+    }
+    std::vector<PluginTensorDesc> in = {plainDesc(DataType::kFLOAT, {2, kL, kD}), plainDesc(DataType::kFLOAT, {2, kL, kD}),
+        plainDesc(DataType::kFLOAT, {kD, kS}), plainDesc(DataType::kFLOAT, {2, kL, kS}),
+        plainDesc(DataType::kFLOAT, {2, kL, kS}), plainDesc(DataType::kFLOAT, {kD}),
+        plainDesc(DataType::kFLOAT, {2, kL, kD})};
+    PluginTensorDesc out = plainDesc(DataType::kFLOAT, {2, kL, kD});
+    void const* inputs[7] = {};
+    void* outputs[1] = {};
+    finder().logger.messages.clear();
+    CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
+    CHECK(contains(lastLog(), "ouroSelectiveScan failed"));
+    CHECK(contains(lastLog(), "S=" + std::to_string(kS)));
+}
+
 TEST(field_blob_rejects_inconsistent_sizes)
 {
     int32_t const v = 4;
