@@ -5,8 +5,9 @@ beside the repository), runs the C++ plugin tests through CTest, and checks the 
 contract: `nm -D` shows getCreators/setLoggerFinder, and it needs no libnvinfer.
 
 Reuses an existing configured build at $OURO_TRT_BUILD_DIR or build/trt (what CI and the README
-create); otherwise configures one for $OURO_CUDA_ARCHS (default "80", one arch to keep it short).
-Skips, with the reason, when nvcc, cmake or the TensorRT headers are missing.
+create); otherwise configures one for $OURO_CUDA_ARCHS (default "80", one arch to keep it short;
+CI sets "80;86;89;90"). Skips, with the reason, when nvcc, cmake or the TensorRT headers are
+missing (fails instead when OURO_REQUIRE_NATIVE=1).
 """
 from __future__ import annotations
 
@@ -51,12 +52,18 @@ def _run(cmd: list[str], timeout: int = BUILD_TIMEOUT_S) -> subprocess.Completed
 def build_dir() -> Path:
     reason = _missing_prerequisite()
     if reason:
+        if os.environ.get("OURO_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"OURO_REQUIRE_NATIVE=1 but the native build cannot run: {reason}")
         pytest.skip(reason)
     bdir = Path(os.environ.get("OURO_TRT_BUILD_DIR", REPO / "build" / "trt"))
+    configure = ["cmake", "-S", str(REPO / "trt_plugins"), "-B", str(bdir), f"-DTensorRT_ROOT={_tensorrt_root()}",
+                 "-DOURO_BUILD_PLUGINS=ON", "-DOURO_BUILD_TESTS=ON"]
     if not (bdir / "CMakeCache.txt").is_file():
         archs = os.environ.get("OURO_CUDA_ARCHS", "80")
-        _run(["cmake", "-S", str(REPO / "trt_plugins"), "-B", str(bdir), f"-DTensorRT_ROOT={_tensorrt_root()}",
-              f"-DCMAKE_CUDA_ARCHITECTURES={archs}", "-DCMAKE_BUILD_TYPE=Release"])
+        configure += [f"-DCMAKE_CUDA_ARCHITECTURES={archs}", "-DCMAKE_BUILD_TYPE=Release"]
+    # Re-configuring an existing tree only switches the plugins/tests on (a kernels-only build
+    # configured with -DOURO_BUILD_PLUGINS=OFF is extended, not rebuilt; its archs are kept).
+    _run(configure)
     _run(["cmake", "--build", str(bdir), "-j", str(os.cpu_count() or 2)])
     return bdir
 
