@@ -4,6 +4,10 @@ Decisions (each is what the kernels must implement too):
 * Linear inputs (in_proj, x_proj(_b), dt_proj(_b), out_proj): `OutlierActQuantizer`, i.e.
   `outlier_fake_quant` with a learnable static per-time-step inlier scale S_I(t) of shape (1, L, 1)
   (STE on round, so the gradient reaches S_I through x/S_I as in LSQ), outliers dynamic per token.
+* Learned scales are parameterised as scale = init_scale * ratio with `ratio` (init 1) the learned
+  tensor, so AdamW's step is relative to each scale's size (a raw-scale lr of 5e-4, as in the
+  official code, moves an 8-bit weight scale of ~1e-3 by half its value per step). `freeze()`
+  folds the ratio into the stored scale, which is then exactly the scale the kernels use.
   The outlier list is kept per batch element and per refresh window (quantizers.py docstring).
 * Weights of those linears: symmetric, per output channel, restricted range, L_p (p = 2.4)
   initialised, learnable scale (`ChannelWeightQuantizer`); bias stays FP.
@@ -60,7 +64,7 @@ def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
 class OutlierActQuantizer(Quantizer):
     """OuroMamba activation quantizer: static S_I(t) inliers + dynamic outliers (`outlier_fake_quant`).
 
-    static_scale: (1, L, 1) learnable (granularity "token") or (1, 1, 1) ("tensor").
+    static_scale: (1, L, 1) (granularity "token") or (1, 1, 1) ("tensor"); learned through `ratio`.
     theta: (L,) buffer, the calibrated threshold (used by policy "calibrated" only)."""
 
     group = "act"
@@ -81,8 +85,11 @@ class OutlierActQuantizer(Quantizer):
         self.policy = ThresholdPolicy(policy)
         self.granularity = granularity
         self.seq_len = seq_len
-        self.static_scale = nn.Parameter(torch.ones(1, seq_len if granularity == "token" else 1, 1))
+        shape = (1, seq_len if granularity == "token" else 1, 1)
+        self.register_buffer("static_scale", torch.ones(shape))
+        self.ratio = nn.Parameter(torch.ones(shape))
         self.register_buffer("theta", torch.zeros(seq_len))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
     def extra_repr(self) -> str:
         return f"A{self.bits_inlier}/O{self.bits_outlier}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}, S_I per {self.granularity}"
@@ -104,13 +111,25 @@ class OutlierActQuantizer(Quantizer):
 
     def project_(self) -> None:
         with torch.no_grad():
-            self.static_scale.clamp_(min=SCALE_EPS)
+            self.ratio.copy_(torch.maximum(self.ratio, SCALE_EPS / self.static_scale))
+
+    def scale(self) -> Tensor:
+        """The inlier scale S_I in force (learned ratio folded in until `freeze`)."""
+        return self.static_scale if bool(self.frozen) else self.static_scale * self.ratio
+
+    def freeze(self) -> None:
+        with torch.no_grad():
+            if not bool(self.frozen):
+                self.static_scale.copy_(self.static_scale * self.ratio)
+                self.ratio.fill_(1.0)
+            self.frozen.fill_(True)
+        self.ratio.requires_grad_(False)
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.bits_inlier >= FP_PASSTHROUGH_BITS:
             return _fp16_roundtrip(x.float())
         r = outlier_quant_ref(
-            x, self.static_scale, self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
+            x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
             k_sigma=self.k_sigma, theta=self.theta,
         )
         if self.track_stats:
@@ -122,7 +141,9 @@ class OutlierActQuantizer(Quantizer):
         return {"outlier_rate": self._stat_num / self._stat_den} if self._stat_den else {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {} if self.bits_inlier >= FP_PASSTHROUGH_BITS else {self.group: [self.static_scale]}
+        if self.bits_inlier >= FP_PASSTHROUGH_BITS or bool(self.frozen):
+            return {}
+        return {self.group: [self.ratio]}
 
 
 class ChannelWeightQuantizer(Quantizer):
@@ -137,7 +158,8 @@ class ChannelWeightQuantizer(Quantizer):
         super().__init__()
         self.bits, self.per_channel = bits, per_channel
         sshape = (shape[0] if per_channel else 1,) + (1,) * (len(shape) - 1)
-        self.scale = nn.Parameter(torch.ones(sshape))
+        self.register_buffer("scale", torch.ones(sshape))
+        self.ratio = nn.Parameter(torch.ones(sshape))
         self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
@@ -157,23 +179,28 @@ class ChannelWeightQuantizer(Quantizer):
 
     def project_(self) -> None:
         with torch.no_grad():
-            self.scale.clamp_(min=SCALE_EPS)
+            self.ratio.copy_(torch.maximum(self.ratio, SCALE_EPS / self.scale))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {} if bool(self.frozen) else {self.group: [self.ratio]}
 
     def freeze(self) -> None:
         w = getattr(self, "_weight", None)
         if w is None:
             raise RuntimeError("ChannelWeightQuantizer.freeze before init_from_stats")
         with torch.no_grad():
+            self.scale.copy_(self.scale * self.ratio)
+            self.ratio.fill_(1.0)
             self.codes.copy_(quant_sym_ref(w, self.scale, self.bits).to(torch.int8))
             self.frozen.fill_(True)
-        self.scale.requires_grad_(False)
+        self.ratio.requires_grad_(False)
         del self._weight
 
     def quantize(self, w: Tensor) -> Tensor:
         if bool(self.frozen):
             return self.codes.float() * self.scale
         self._weight = w.detach().float()
-        return fake_quant_sym(w.float(), self.scale, self.bits)
+        return fake_quant_sym(w.float(), self.scale * self.ratio, self.bits)
 
 
 # ------------------------------------------------------------------------------- registration

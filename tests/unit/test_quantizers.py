@@ -212,7 +212,7 @@ def test_outlier_act_quantizer_matches_reference_and_init():
     assert float(q.static_scale.detach().max()) < float(x[:, :, 5].abs().max()) / 7
     # STE: gradients reach the static scale
     q(x.requires_grad_()).sum().backward()
-    assert q.static_scale.grad is not None and torch.isfinite(q.static_scale.grad).all()
+    assert q.ratio.grad is not None and torch.isfinite(q.ratio.grad).all()
 
 
 def test_dynamic_outlier_mask_accumulates_within_windows():
