@@ -52,6 +52,12 @@ if(OURO_BUILD_TESTS)
   foreach(_group registry outlier_linear selective_scan field_blob)
     add_test(NAME plugins.${_group} COMMAND ouro_plugin_tests ${_group})
   endforeach()
+  # Plugin -> kernel argument mapping, against a recording double of the kernel C ABI (no GPU).
+  add_executable(ouro_plugin_enqueue_tests
+    ${_ouro_plugins_dir}/tests/test_plugin_enqueue.cpp ${_ouro_plugins_dir}/tests/kernel_abi_recorder.cpp)
+  target_link_libraries(ouro_plugin_enqueue_tests PRIVATE ouro_trt_plugins_obj)
+  target_compile_options(ouro_plugin_enqueue_tests PRIVATE -Wall -Wextra -Wno-deprecated-declarations)
+  add_test(NAME plugins.enqueue_mapping COMMAND ouro_plugin_enqueue_tests)
   add_test(NAME plugins.library_exports_and_deps
            COMMAND ${CMAKE_COMMAND} -DLIB=$<TARGET_FILE:ouro_trt_plugins>
                    -P ${CMAKE_CURRENT_LIST_DIR}/CheckPluginLibrary.cmake)
