@@ -164,7 +164,9 @@ class MethodSpec:
     linear(ops, name, module, x) and scan(ops, direction, tensors) default to: quantize the input
     and the weight / the SSM operands with the site quantizers, then run the FP op.
     lr(group, calib) gives each optimizer group its learning rate.
-    loss: None = the recipe's calib.loss."""
+    loss: None = the recipe's calib.loss.
+    cosine_lr: anneal each block's learning rates to 0 over calib.steps (CosineAnnealingLR, QDrop/QMamba).
+    info(qmodel) -> dict: method-specific facts stored as `qmodel.ouro_method_info` (QuantState header, report)."""
 
     make_act: QuantizerBuilder
     make_weight: QuantizerBuilder
@@ -174,6 +176,8 @@ class MethodSpec:
     lr: Callable[[str, CalibConfig], float] = lambda group, c: c.lr_weight if group == "weight" else c.lr_act
     loss: LossKind | None = None
     description: str = ""
+    cosine_lr: bool = False
+    info: Callable[[nn.Module], dict] | None = None
 
 
 METHODS: dict[Method, MethodSpec] = {}

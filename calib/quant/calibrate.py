@@ -110,6 +110,7 @@ def calibrate(
             opt = torch.optim.AdamW(
                 [{"params": ps, "lr": spec.lr(g, c)} for g, ps in groups.items()], weight_decay=c.weight_decay
             )
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.steps) if spec.cosine_lr else None
             params = [p for ps in groups.values() for p in ps]
             for _step in range(c.steps):
                 idx = torch.randperm(n, generator=gen)[: c.batch_size]
@@ -120,6 +121,8 @@ def calibrate(
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 for _, q in iter_quantizers(ops):
                     q.project_()
                 last = float(loss.detach())
@@ -132,4 +135,6 @@ def calibrate(
         bar.set_postfix(block=i, loss=f"{last:.4g}")
     set_quant_mode(qmodel, QuantMode.QUANT)
     qmodel.ouro_calib_losses = losses
+    if spec.info is not None:
+        qmodel.ouro_method_info = spec.info(qmodel)
     return qmodel
