@@ -91,3 +91,19 @@ def test_library_needs_no_libnvinfer_nor_shared_cudart(build_dir):
         ldd = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, timeout=60)
         assert "libnvinfer" not in ldd.stdout
         assert "not found" not in ldd.stdout, ldd.stdout
+
+
+def test_plugin_fields_match_the_onnxruntime_reference_ops(build_dir):
+    """One contract, two runtimes: the TensorRT plugins' fields (names and int/float types) are
+    exactly the attributes of the onnxruntime reference ops of the same custom nodes."""
+    from ouro.exporter.ort_ops import OPS
+
+    out = _run([str(build_dir / "ouro_plugin_tests"), "--print-fields"], timeout=60).stdout
+    plugin_fields: dict[str, dict[str, str]] = {}
+    for line in out.splitlines():
+        plugin, name, ftype = line.split()
+        plugin_fields.setdefault(plugin, {})[name] = ftype
+    assert set(plugin_fields) == set(OPS)
+    for op, spec in OPS.items():
+        ort_fields = {k: "FLOAT32" if isinstance(v, float) else "INT32" for k, v in spec.attrs.items()}
+        assert plugin_fields[op] == ort_fields, f"{op}: plugin fields {plugin_fields[op]} != ORT attributes {ort_fields}"

@@ -33,7 +33,7 @@ FieldTable<C> const& OutlierLinearPlugin::table()
             S::intField("n_refresh", &C::n_refresh, IntRule::range(1)),
             S::intField("threshold_policy", &C::threshold_policy, IntRule::oneOf({0, 1})),
             S::floatField("k_sigma", &C::k_sigma, 0.F, kMaxKSigma),
-            S::intField("max_outliers", &C::max_outliers, IntRule::range(1)),
+            S::intField("max_outliers", &C::max_outliers, IntRule::range(0)),
         });
     return t;
 }
@@ -45,7 +45,8 @@ OutlierLinearConfig OutlierLinearPlugin::parseConfig(PluginFieldCollection const
     if (cfg.max_outliers > cfg.in_features)
     {
         throw PluginError(std::string(kPlugin) + ": field 'max_outliers' = " + std::to_string(cfg.max_outliers)
-            + " exceeds in_features = " + std::to_string(cfg.in_features) + " (expected 1..in_features)");
+            + " exceeds in_features = " + std::to_string(cfg.in_features)
+            + " (expected 1..in_features, or 0 for no limit)");
     }
     if (cfg.w_bits == 4 && cfg.in_features % 2 != 0)
     {
@@ -123,6 +124,11 @@ bool OutlierLinearPlugin::supportsFormatCombination(
     }
 }
 
+int32_t OutlierLinearPlugin::capacity() const noexcept
+{
+    return mCfg.max_outliers > 0 ? mCfg.max_outliers : mCfg.in_features;
+}
+
 size_t OutlierLinearPlugin::workspaceFor(int64_t batch) const
 {
     C const& c = mCfg;
@@ -132,7 +138,7 @@ size_t OutlierLinearPlugin::workspaceFor(int64_t batch) const
         throw PluginError(std::string(kPlugin) + ": B*L = " + std::to_string(M) + " rows exceeds the int32 limit");
     }
     return ouroOutlierLinearWorkspaceSize(static_cast<int>(M), c.seq_len, c.in_features, c.out_features, c.w_bits,
-        c.a_bits, c.o_bits, c.n_refresh, c.max_outliers);
+        c.a_bits, c.o_bits, c.n_refresh, capacity());
 }
 
 size_t OutlierLinearPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -181,7 +187,7 @@ int32_t OutlierLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         p.act.k_sigma = c.k_sigma;
         p.act.scale = static_cast<float const*>(inputs[kInlierScale]);
         p.act.theta = c.threshold_policy == OURO_POLICY_CALIBRATED ? static_cast<float const*>(inputs[kTheta]) : nullptr;
-        p.max_outliers = c.max_outliers;
+        p.max_outliers = capacity();
         p.y = outputs[0];
         p.workspace = workspace;
         p.workspace_size = workspaceFor(batch);

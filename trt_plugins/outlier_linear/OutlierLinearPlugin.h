@@ -21,7 +21,7 @@ struct OutlierLinearConfig
     int32_t n_refresh{0};      // outlier-list refresh window (tokens), >= 1
     int32_t threshold_policy{0}; // 0 dynamic, 1 calibrated (ouroThresholdPolicy_t)
     float k_sigma{0.F};        // dynamic policy: threshold = mean + k_sigma * std
-    int32_t max_outliers{0};   // outlier channel capacity per (image, window), 1..K
+    int32_t max_outliers{0};   // outlier channel capacity per (image, window), 1..K; 0 = K (no limit)
 };
 
 class OutlierLinearPlugin : public PluginBase<OutlierLinearPlugin, OutlierLinearConfig>
@@ -60,6 +60,8 @@ public:
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
 
+    //! The kernel's max_outliers: the attribute, or K when it is 0.
+    int32_t capacity() const noexcept;
     //! Workspace for M = B*L rows (what ouroOutlierLinearWorkspaceSize returns for these attributes).
     size_t workspaceFor(int64_t batch) const;
 };

@@ -18,6 +18,7 @@ using C = SelectiveScanConfig;
 using S = FieldSpec<C>;
 constexpr char const* kPlugin = SelectiveScanPlugin::kName;
 constexpr float kMaxKSigma = 1.0e6F;
+constexpr int32_t kFp16OutlierBits = 16;
 
 IntRule bitsRule()
 {
@@ -62,7 +63,7 @@ ouroActQuant_t actQuant(int32_t bits, int32_t bitsOutlier, C const& c, float kSi
         return q; // bits = 0: operand not quantized
     }
     q.bits = bits;
-    q.bits_outlier = bitsOutlier;
+    q.bits_outlier = bitsOutlier > 0 ? bitsOutlier : kFp16OutlierBits; // 0: outliers kept in fp16
     q.n_refresh = c.n_refresh;
     q.policy = c.threshold_policy;
     q.k_sigma = kSigma;
@@ -104,14 +105,12 @@ SelectiveScanConfig SelectiveScanPlugin::parseConfig(PluginFieldCollection const
     {
         char const* bitsName;
         int32_t bits;
-        char const* outlierName;
-        int32_t outlierBits;
         char const* kSigmaName;
     };
     Operand const operands[] = {
-        {"delta_bits", cfg.delta_bits, "delta_bits_outlier", cfg.delta_bits_outlier, "delta_k_sigma"},
-        {"b_bits", cfg.b_bits, "b_bits_outlier", cfg.b_bits_outlier, "bc_k_sigma"},
-        {"c_bits", cfg.c_bits, "c_bits_outlier", cfg.c_bits_outlier, "bc_k_sigma"},
+        {"delta_bits", cfg.delta_bits, "delta_k_sigma"},
+        {"b_bits", cfg.b_bits, "bc_k_sigma"},
+        {"c_bits", cfg.c_bits, "bc_k_sigma"},
     };
     for (Operand const& op : operands)
     {
@@ -120,11 +119,6 @@ SelectiveScanConfig SelectiveScanPlugin::parseConfig(PluginFieldCollection const
             continue;
         }
         std::string const because = std::string(op.bitsName) + " = " + std::to_string(op.bits);
-        if (op.outlierBits == 0)
-        {
-            throw PluginError(std::string(kPlugin) + ": field '" + op.outlierName + "' = 0, but " + because
-                + " needs outlier bits (2..8, or 16 for fp16 outliers)");
-        }
         require(present, "n_refresh", because);
         require(present, "threshold_policy", because);
         if (cfg.threshold_policy == OURO_POLICY_DYNAMIC)

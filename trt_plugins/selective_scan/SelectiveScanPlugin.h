@@ -15,7 +15,7 @@ struct SelectiveScanConfig
     int32_t reverse{0};
     int32_t delta_softplus{1};
     int32_t delta_bits{0};         // 0 = Delta not quantized
-    int32_t delta_bits_outlier{0};
+    int32_t delta_bits_outlier{0}; // 2..8, or 16 / 0: outliers kept in fp16
     int32_t b_bits{0};             // 0 = B not quantized
     int32_t b_bits_outlier{0};
     int32_t c_bits{0};             // 0 = C not quantized

@@ -80,8 +80,9 @@ std::vector<void const*> fakeInputs(int n)
 }
 
 // ---------------------------------------------------------------------------------------------
-void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType)
+void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t maxOutliers = 32)
 {
+    int32_t const capacity = maxOutliers > 0 ? maxOutliers : kK; // 0 = no limit -> K
     OutlierLinearConfig c;
     c.in_features = kK;
     c.out_features = kN;
@@ -92,7 +93,7 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType)
     c.n_refresh = 10;
     c.threshold_policy = policy;
     c.k_sigma = 2.5F;
-    c.max_outliers = 32;
+    c.max_outliers = maxOutliers;
     OutlierLinearPlugin p(c);
 
     std::vector<PluginTensorDesc> in = {td(xType, {kBatch, kL, kK}),
@@ -118,10 +119,10 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType)
     CHECK(r.bias == fakeIn(5));
     CHECK(r.act.bits == 4 && r.act.bits_outlier == 16 && r.act.n_refresh == 10);
     CHECK(r.act.policy == policy && r.act.k_sigma == 2.5F);
-    CHECK(r.max_outliers == 32);
+    CHECK(r.max_outliers == capacity);
     CHECK(r.y == kOut);
     CHECK(r.workspace == kWorkspace);
-    CHECK(r.workspace_size == ouro_test::fakeOutlierLinearWorkspace(kBatch * kL, kL, kK, kN, wBits, 4, 16, 10, 32));
+    CHECK(r.workspace_size == ouro_test::fakeOutlierLinearWorkspace(kBatch * kL, kL, kK, kN, wBits, 4, 16, 10, capacity));
     CHECK(r.acc_inlier == nullptr && r.acc_outlier == nullptr && r.inlier_codes == nullptr && r.outlier_mask == nullptr);
 
     // The workspace TensorRT reserves covers the profile's largest batch.
@@ -132,7 +133,7 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType)
     }
     DynamicPluginTensorDesc dout = dtd(out, 128);
     CHECK(p.getWorkspaceSize(din.data(), 6, &dout, 1)
-        == ouro_test::fakeOutlierLinearWorkspace(128 * kL, kL, kK, kN, wBits, 4, 16, 10, 32));
+        == ouro_test::fakeOutlierLinearWorkspace(128 * kL, kL, kK, kN, wBits, 4, 16, 10, capacity));
 
     // A kernel error status is returned to TensorRT as a failure.
     recorder().status = OURO_ERR_OUTLIER_CAPACITY;
@@ -183,7 +184,7 @@ void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioTy
             CHECK(op.q.bits == 0 && op.q.scale == nullptr && op.q.theta == nullptr); // operand not quantized
             continue;
         }
-        CHECK(op.q.bits == op.bits && op.q.bits_outlier == op.outlierBits);
+        CHECK(op.q.bits == op.bits && op.q.bits_outlier == (op.outlierBits == 0 ? 16 : op.outlierBits));
         CHECK(op.q.n_refresh == c.n_refresh && op.q.policy == c.threshold_policy && op.q.k_sigma == op.kSigma);
         CHECK(op.q.scale == fakeIn(op.scaleIdx));
         CHECK(op.q.theta == (c.threshold_policy == 1 ? fakeIn(op.scaleIdx + 1) : nullptr));
@@ -243,6 +244,7 @@ int main()
             }
         }
     }
+    outlierLinearCase(4, 0, DataType::kHALF, 0);
     SelectiveScanConfig fp;
     fp.reverse = 1;
     fp.delta_softplus = 1;
@@ -257,7 +259,7 @@ int main()
     bOnly.reverse = 0;
     bOnly.delta_softplus = 0;
     bOnly.b_bits = 4;
-    bOnly.b_bits_outlier = 8;
+    bOnly.b_bits_outlier = 0; // fp16 outliers
     bOnly.n_refresh = 5;
     bOnly.bc_k_sigma = 1.5F;
     selectiveScanCase(bOnly, 15, DataType::kHALF);

@@ -9,6 +9,7 @@
 //   ouro_plugin_tests            run every test
 //   ouro_plugin_tests PREFIX     run the tests whose name starts with PREFIX
 //   ouro_plugin_tests --list     list the test names
+//   ouro_plugin_tests --print-fields   list every plugin field and its type (contract cross-check)
 #include "OutlierLinearPlugin.h"
 #include "SelectiveScanPlugin.h"
 #include "ouro_kernels.h"
@@ -519,6 +520,16 @@ TEST(outlier_linear_parses_attributes)
         CHECK_EQ(q->config().n_refresh, 10);
         CHECK_EQ(q->config().k_sigma, 2.5F);
     }
+    // max_outliers 0 = no limit (the capacity handed to the kernel is K), as in the onnxruntime reference.
+    Fields unlimited = outlierLinearFields();
+    unlimited.set("max_outliers", 0);
+    auto u = create<OutlierLinearPlugin>(unlimited);
+    CHECK(u != nullptr);
+    if (u)
+    {
+        CHECK_EQ(u->config().max_outliers, 0);
+        CHECK_EQ(u->capacity(), kK);
+    }
     // plugin_version / plugin_namespace (ONNX node bookkeeping) are tolerated.
     Fields h = outlierLinearFields();
     char const ver[] = "1";
@@ -535,7 +546,7 @@ TEST(outlier_linear_rejects_bad_attributes)
     };
     Case const bad[] = {{"w_bits", 3}, {"w_bits", 16}, {"a_bits", 2}, {"a_bits", 16}, {"o_bits", 12}, {"o_bits", 0},
         {"n_refresh", 0}, {"threshold_policy", 2}, {"threshold_policy", -1}, {"in_features", 0},
-        {"out_features", -5}, {"seq_len", 0}, {"max_outliers", 0}, {"max_outliers", kK + 1}};
+        {"out_features", -5}, {"seq_len", 0}, {"max_outliers", -1}, {"max_outliers", kK + 1}};
     for (Case const& c : bad)
     {
         Fields f = outlierLinearFields();
@@ -888,6 +899,10 @@ TEST(selective_scan_parses_attributes)
     Fields cal = scanFieldsQuant(1);
     cal.drop("delta_k_sigma").drop("bc_k_sigma");
     CHECK(create<SelectiveScanPlugin>(cal) != nullptr);
+    // Outlier bits 0 (or absent) with an operand quantized = outliers kept in fp16.
+    Fields fp16Outliers = scanFieldsQuant();
+    fp16Outliers.drop("delta_bits_outlier").set("c_bits_outlier", 0);
+    CHECK(create<SelectiveScanPlugin>(fp16Outliers) != nullptr);
     // Only h quantized: operand fields not needed.
     Fields hOnly = scanFieldsFloat();
     hOnly.i("h_bits", 4).i("h_group", 1);
@@ -918,7 +933,7 @@ TEST(selective_scan_rejects_bad_attributes)
     // (dropped field, field the error must name)
     Missing const missing[] = {{"reverse", "reverse"}, {"delta_softplus", "delta_softplus"},
         {"n_refresh", "n_refresh"}, {"threshold_policy", "threshold_policy"}, {"delta_k_sigma", "delta_k_sigma"},
-        {"bc_k_sigma", "bc_k_sigma"}, {"h_group", "h_group"}, {"delta_bits_outlier", "delta_bits_outlier"}};
+        {"bc_k_sigma", "bc_k_sigma"}, {"h_group", "h_group"}};
     for (Missing const& m : missing)
     {
         Fields f = scanFieldsQuant();
@@ -1213,6 +1228,22 @@ int main(int argc, char** argv)
 {
     ::setLoggerFinder(&finder()); // the exported entry point, as TensorRT calls it
     std::string const filter = argc > 1 ? argv[1] : "";
+    if (filter == "--print-fields") // "<plugin> <field> <INT32|FLOAT32>" per line, for cross-checks from Python
+    {
+        int32_t n = 0;
+        IPluginCreatorInterface* const* list = getCreators(n);
+        for (int32_t k = 0; k < n; ++k)
+        {
+            auto* c = static_cast<IPluginCreatorV3One*>(list[k]);
+            PluginFieldCollection const* fc = c->getFieldNames();
+            for (int32_t i = 0; i < fc->nbFields; ++i)
+            {
+                bool const isFloat = fc->fields[i].type == PluginFieldType::kFLOAT32;
+                std::printf("%s %s %s\n", c->getPluginName(), fc->fields[i].name, isFloat ? "FLOAT32" : "INT32");
+            }
+        }
+        return 0;
+    }
     if (filter == "--list")
     {
         for (auto const& t : registry())
