@@ -15,7 +15,7 @@ import os
 import shlex
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 __all__ = [
@@ -124,7 +124,10 @@ class EngineConfig:
     timing_cache: Path | None = None
     plugin_library: Path | None = None  # None: plugin-free graph (e.g. an FP16 engine without custom nodes)
     input: InputSpec | None = None      # None: read from the ONNX file (input_spec_from_onnx)
-    embed_plugins: bool = True          # serialise the plugin library into the plan (--setPluginsToSerialize)
+    # Version-compatible plan (--versionCompatible) with the plugin library serialised inside it
+    # (--setPluginsToSerialize; TensorRT embeds plugin libraries only in version-compatible plans).
+    # Default: a version-specific plan (fastest); the application loads the plugin library itself.
+    version_compatible: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onnx_path", Path(self.onnx_path))
@@ -147,7 +150,7 @@ class EngineConfig:
     def for_plan(cls, plan_path: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None,
                  batch: str | BatchProfile = "1,32,128", workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                  timing_cache: str | os.PathLike | None = None,
-                 plugin_library: str | os.PathLike | None = None) -> EngineConfig:
+                 plugin_library: str | os.PathLike | None = None, version_compatible: bool = False) -> EngineConfig:
         """The config of a `-o X.plan` request: ONNX beside the plan (X.onnx) unless given, plugin
         library from `plugin_library` / $OURO_TRT_PLUGINS / the in-tree build (find_plugin_library)."""
         return cls(
@@ -157,6 +160,7 @@ class EngineConfig:
             workspace_mib=workspace_mib,
             timing_cache=Path(timing_cache) if timing_cache is not None else None,
             plugin_library=find_plugin_library(plugin_library),
+            version_compatible=version_compatible,
         )
 
     def check_plugins_available(self) -> None:
@@ -250,8 +254,8 @@ def trtexec_build_command(cfg: EngineConfig, *, tensorrt_major: int = DEFAULT_TE
         cmd.append("--stronglyTyped")
     lib = _plugin_arg(cfg.plugin_library)
     cmd.append(f"--dynamicPlugins={lib}")
-    if cfg.embed_plugins:
-        cmd.append(f"--setPluginsToSerialize={lib}")
+    if cfg.version_compatible:
+        cmd += ["--versionCompatible", f"--setPluginsToSerialize={lib}"]
     cmd += [
         f"--minShapes={spec.trtexec_shape(cfg.batch.min)}",
         f"--optShapes={spec.trtexec_shape(cfg.batch.opt)}",
@@ -297,6 +301,10 @@ def tensorrt_missing_message(cfg: EngineConfig | None, *, reason: str = "the ten
             "&& cmake --build build/trt`)")
         lines.append("Then build the engine on a GPU machine with TensorRT" + lib_note + ":")
         lines.append("  " + shell_join(trtexec_build_command(cfg, input_spec=spec)))
+        if not cfg.version_compatible:
+            vc = replace(cfg, version_compatible=True)
+            lines.append("or, as a version-compatible plan that carries the plugin library inside it:")
+            lines.append("  " + shell_join(trtexec_build_command(vc, input_spec=spec)))
     return "\n".join(lines)
 
 

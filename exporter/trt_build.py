@@ -77,8 +77,10 @@ def build_engine(cfg: EngineConfig, *, log: Callable[[str], None] = print) -> Pa
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.name, spec.shape(cfg.batch.min), spec.shape(cfg.batch.opt), spec.shape(cfg.batch.max))
     config.add_optimization_profile(profile)
-    if cfg.plugin_library is not None and cfg.embed_plugins:
-        config.plugins_to_serialize = [str(cfg.plugin_library)]
+    if cfg.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if cfg.plugin_library is not None:  # embedded; the runtime needs engine_host_code_allowed = True
+            config.plugins_to_serialize = [str(cfg.plugin_library)]
     cache = None
     if cfg.timing_cache is not None:
         data = cfg.timing_cache.read_bytes() if cfg.timing_cache.is_file() else b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -80,7 +81,6 @@ def test_trtexec_build_command_exact(tmp_path):
         f"--onnx={onnx_path}",
         f"--saveEngine={tmp_path / 'vim.plan'}",
         f"--dynamicPlugins={lib}",
-        f"--setPluginsToSerialize={lib}",
         "--minShapes=images:1x3x32x32",
         "--optShapes=images:32x3x32x32",
         "--maxShapes=images:128x3x32x32",
@@ -90,8 +90,10 @@ def test_trtexec_build_command_exact(tmp_path):
     # TensorRT 10 needs the explicit strongly-typed flag; 11 has it always on.
     assert "--stronglyTyped" in ec.trtexec_build_command(cfg, tensorrt_major=10)
     assert "--stronglyTyped" not in ec.trtexec_build_command(cfg, tensorrt_major=11)
-    no_embed = EngineConfig(onnx_path, tmp_path / "vim.plan", plugin_library=lib, embed_plugins=False)
-    assert not any(a.startswith("--setPluginsToSerialize") for a in ec.trtexec_build_command(no_embed))
+    # Plugin libraries are embedded only in version-compatible plans.
+    vc = ec.trtexec_build_command(EngineConfig(onnx_path, tmp_path / "vim.plan", plugin_library=lib,
+                                               version_compatible=True))
+    assert vc[3:6] == [f"--dynamicPlugins={lib}", "--versionCompatible", f"--setPluginsToSerialize={lib}"]
 
 
 def test_trtexec_bench_command_exact():
@@ -160,6 +162,7 @@ def test_build_engine_without_tensorrt_names_install_and_trtexec(tmp_path):
     assert "pypi.nvidia.com" in msg and "TensorRT SDK" in msg
     assert f"The ONNX model was written to {onnx_path}" in msg
     assert ec.shell_join(ec.trtexec_build_command(cfg)) in msg
+    assert ec.shell_join(ec.trtexec_build_command(replace(cfg, version_compatible=True))) in msg
     assert "--dynamicPlugins=" in msg and "--setPluginsToSerialize=" in msg
     assert not (tmp_path / "vim_s.plan").exists()
     assert getattr(info.value, "user_facing", False)
