@@ -58,7 +58,8 @@ endforeach()
 
 function(_ouro_kernel_flags tgt)
   target_include_directories(${tgt} PUBLIC ${_ouro_src}/common)
-  target_include_directories(${tgt} PRIVATE ${_ouro_src} SYSTEM ${OURO_CUTLASS_INCLUDE})
+  target_include_directories(${tgt} PRIVATE ${_ouro_src})
+  target_include_directories(${tgt} SYSTEM PRIVATE ${OURO_CUTLASS_INCLUDE})
   # IEEE division/sqrt, no fast math: the kernels must match the PyTorch references bit-exactly.
   target_compile_options(${tgt} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -prec-div=true -prec-sqrt=true -ftz=false -Xcudafe --diag_suppress=177>)

@@ -211,9 +211,8 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
     }
     case 4:
     {
-        const size_t n = static_cast<size_t>(d.M) * d.N;
-        const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 1u << 20));
-        combine_kernel<<<blocks, 256, 0, stream>>>(d);
+        const dim3 grid(static_cast<unsigned>(ceil_div(d.N, kCombineThreads)), static_cast<unsigned>(std::min(d.M, 65535)));
+        combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d);
         return launched();
     }
     }

@@ -7,7 +7,8 @@
 //   a_in        inlier codes: int8 [M, K], or packed int4 [M, K/2] on the native s4 path
 //   w8          int8 [N, K] copy of a 4-bit weight, for the INT8 tensor-core path
 //   acc_in      int32 [M, N] inlier accumulators (GEMM output)
-//   acc_out     int32 [M, N] outlier accumulators (fp32 for fp16 outliers)
+//   acc_out     int32 [M, N] outlier accumulators (fp32 for fp16 outliers); rows of windows without
+//               outliers are not written (the combine step uses 0 there)
 //   a_out       outlier codes, compacted along K: int8 [M, max_outliers] (fp16 for bits_outlier 16)
 //   s_out       fp32 [M] dynamic outlier scale S_O per token
 //   slot_chan   int32 [BW, max_outliers]: channel k of each compacted slot (ascending k)
@@ -251,6 +252,8 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
     const int n = blockIdx.y * kOutGemmThreads + threadIdx.x;
     const int maxO = d.max_outliers;
     const int cnt = min(d.count[bw], maxO);
+    if (cnt == 0)
+        return; // the combine step reads no accumulator for windows without outliers
     for (int i = 0; i < wp.nt; ++i)
     {
         const size_t m = wp.row0 + i;
@@ -287,32 +290,37 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
 // Step 5: fused dequantization + combination (+ bias), exactly the reference's fp32 expression
 //   y = float(acc_in) * (S_I(t) * s_w[n]) + float(acc_out) * (S_O[m] * s_w[n])  (+ bias[n]).
 // Rows of a window whose outliers exceeded max_outliers are set to NaN (never silently wrong).
-__global__ void combine_kernel(LinearDev d)
+// grid = (ceil(N / 256), min(M, 65535)), block = 256; rows grid-strided over gridDim.y.
+constexpr int kCombineThreads = 256;
+
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(LinearDev d)
 {
-    const size_t total = static_cast<size_t>(d.M) * d.N;
     const bool fp16_out = d.bits_out >= 16;
-    for (size_t e = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; e < total;
-         e += static_cast<size_t>(gridDim.x) * blockDim.x)
+    const int n = blockIdx.x * kCombineThreads + threadIdx.x;
+    if (n >= d.N)
+        return;
+    const float sw = d.w_scale[n];
+    const float bias = d.bias ? d.bias[n] : 0.f;
+    for (int m = blockIdx.y; m < d.M; m += gridDim.y)
     {
-        const int m = static_cast<int>(e / d.N);
-        const int n = static_cast<int>(e % d.N);
         const int t = m % d.L;
         const int bw = (m / d.L) * d.W + t / d.n_refresh;
+        const size_t e = static_cast<size_t>(m) * d.N + n;
         const int32_t ai = d.acc_in[e];
-        const float ao = fp16_out ? static_cast<const float*>(d.acc_out)[e]
-                                  : __int2float_rn(static_cast<const int32_t*>(d.acc_out)[e]);
-        const float sw = d.w_scale[n];
+        const int cnt = min(d.count[bw], d.max_outliers);
+        const int32_t ao_i = (cnt == 0 || fp16_out) ? 0 : static_cast<const int32_t*>(d.acc_out)[e];
+        const float ao = fp16_out ? (cnt == 0 ? 0.f : static_cast<const float*>(d.acc_out)[e]) : __int2float_rn(ao_i);
         float y = __fadd_rn(__fmul_rn(__int2float_rn(ai), __fmul_rn(d.s_in[t], sw)),
                             __fmul_rn(ao, __fmul_rn(d.s_out[m], sw)));
         if (d.bias)
-            y = __fadd_rn(y, d.bias[n]);
+            y = __fadd_rn(y, bias);
         if (d.count[bw] > d.max_outliers)
             y = __int_as_float(0x7fc00000); // NaN
         store_f(d.y, d.x_is_fp32, e, y);
         if (d.dbg_acc_in)
             d.dbg_acc_in[e] = ai;
         if (d.dbg_acc_out && !fp16_out)
-            d.dbg_acc_out[e] = static_cast<const int32_t*>(d.acc_out)[e];
+            d.dbg_acc_out[e] = ao_i;
     }
 }
 
