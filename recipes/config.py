@@ -147,10 +147,16 @@ class OuroMambaParams:
     """OuroMamba-specific knobs (seed Algorithm 2; ALGORITHMS.md §1.2)."""
 
     inlier_granularity: str = "token"  # "token": S_I(t) of shape (1, L, 1); "tensor": one scalar (what a per-tensor kernel needs)
+    outlier_detection: str = "dynamic"  # "dynamic" (Alg. 2, the product); "static"/"none": ablation only (seed Table 5)
+    static_outlier_fraction: float = 0.08  # "static": fraction of channels in the fixed offline list (64 of 768 in the seed)
 
     def __post_init__(self) -> None:
         if self.inlier_granularity not in ("token", "tensor"):
             raise RecipeError(f"ouromamba.inlier_granularity must be 'token' or 'tensor', got {self.inlier_granularity!r}")
+        if self.outlier_detection not in ("dynamic", "static", "none"):
+            raise RecipeError(f"ouromamba.outlier_detection must be 'dynamic', 'static' or 'none', got {self.outlier_detection!r}")
+        if not 0.0 < self.static_outlier_fraction < 1.0:
+            raise RecipeError(f"ouromamba.static_outlier_fraction must be in (0, 1), got {self.static_outlier_fraction}")
 
 
 register_method_params(Method.OUROMAMBA, OuroMambaParams)

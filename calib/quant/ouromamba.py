@@ -39,12 +39,13 @@ from ..quantizers import (
     _fp16_roundtrip,
     fake_quant_sym,
     outlier_quant_ref,
+    qmax,
     quant_sym_ref,
 )
 from .base import MethodSpec, Quantizer, Site, register_method
 from .observers import SCALE_EPS, lp_scale_search
 
-__all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "OUROMAMBA"]
+__all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "static_outlier_fake_quant", "OUROMAMBA"]
 
 
 def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
@@ -59,6 +60,21 @@ def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
     mw = torch.nn.functional.pad(m, (0, 0, 0, pad)).reshape(N, W, n_refresh, C)
     mw = mw.to(torch.int32).cummax(2).values.bool()
     return mw.reshape(N, W * n_refresh, C)[:, :L]
+
+
+def static_outlier_fake_quant(x: Tensor, static_scale: Tensor, mask: Tensor, bits_inlier: int, bits_outlier: int) -> Tensor:
+    """Ablation only (seed Table 5 "static"): a fixed channel list `mask` (C,) is always the
+    outliers (dynamic per-token scale at bits_outlier, or fp16); the rest are static S_I(t) inliers."""
+    xf = x.float()
+    m = mask.to(torch.bool).view(1, 1, -1)
+    inl = torch.where(m, torch.zeros_like(xf), xf)
+    out = torch.where(m, xf, torch.zeros_like(xf))
+    x_in = fake_quant_sym(inl, static_scale, bits_inlier)
+    if bits_outlier >= FP_PASSTHROUGH_BITS:
+        return x_in + _fp16_roundtrip(out)
+    amax = out.detach().abs().amax(-1, keepdim=True)
+    s_o = torch.where(amax > 0, amax / qmax(bits_outlier), torch.ones_like(amax))
+    return x_in + fake_quant_sym(out, s_o, bits_outlier)
 
 
 class OutlierActQuantizer(Quantizer):
@@ -78,8 +94,17 @@ class OutlierActQuantizer(Quantizer):
         policy: ThresholdPolicy | str,
         k_sigma: float,
         granularity: str = "token",
+        *,
+        detection: str = "dynamic",
+        channels: int | None = None,
+        static_fraction: float = 0.08,
     ) -> None:
         super().__init__()
+        self.detection, self.static_fraction = detection, static_fraction
+        if detection == "static":
+            if channels is None:
+                raise ValueError("static outlier detection needs the channel count")
+            self.register_buffer("static_mask", torch.zeros(channels, dtype=torch.bool))
         self.bits_inlier, self.bits_outlier = bits_inlier, bits_outlier
         self.n_refresh, self.k_sigma = n_refresh, float(k_sigma)
         self.policy = ThresholdPolicy(policy)
@@ -92,7 +117,10 @@ class OutlierActQuantizer(Quantizer):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
     def extra_repr(self) -> str:
-        return f"A{self.bits_inlier}/O{self.bits_outlier}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}, S_I per {self.granularity}"
+        return (
+            f"A{self.bits_inlier}/O{self.bits_outlier}, n_refresh={self.n_refresh}, theta={self.policy.value}, "
+            f"k={self.k_sigma}, S_I per {self.granularity}, outliers {self.detection}"
+        )
 
     def init_from_stats(self, calib: CalibConfig) -> None:
         x = self.observed()
@@ -103,7 +131,16 @@ class OutlierActQuantizer(Quantizer):
         self.theta.copy_(th.mean(0))
         if self.bits_inlier >= FP_PASSTHROUGH_BITS:
             return
-        inl = torch.where(dynamic_outlier_mask(x, self.k_sigma, self.n_refresh), torch.zeros_like(x), x)
+        mask = dynamic_outlier_mask(x, self.k_sigma, self.n_refresh)
+        if self.detection == "static":  # the channels most often detected, fixed offline
+            k = max(1, round(self.static_fraction * x.shape[-1]))
+            top = mask.float().mean((0, 1)).topk(k).indices
+            self.static_mask.zero_()
+            self.static_mask[top] = True
+            mask = self.static_mask.expand_as(x)
+        elif self.detection == "none":
+            mask = torch.zeros_like(mask)
+        inl = torch.where(mask, torch.zeros_like(x), x)
         xg = inl.transpose(0, 1).reshape(self.seq_len, -1) if self.granularity == "token" else inl.reshape(1, -1)
         s = lp_scale_search(xg, self.bits_inlier, calib.lp_norm, calib.grid_points)
         with torch.no_grad():
@@ -128,6 +165,10 @@ class OutlierActQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if self.bits_inlier >= FP_PASSTHROUGH_BITS:
             return _fp16_roundtrip(x.float())
+        if self.detection == "none":
+            return fake_quant_sym(x.float(), self.scale(), self.bits_inlier)
+        if self.detection == "static":
+            return static_outlier_fake_quant(x, self.scale(), self.static_mask, self.bits_inlier, self.bits_outlier)
         r = outlier_quant_ref(
             x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
             k_sigma=self.k_sigma, theta=self.theta,
@@ -211,8 +252,11 @@ def _granularity(recipe: Recipe) -> str:
 def _act(site: Site, recipe: Recipe, k: float) -> OutlierActQuantizer | None:
     if recipe.a_bits >= FP_PASSTHROUGH_BITS:
         return None
+    mp = recipe.method_params
     return OutlierActQuantizer(
-        site.shape[0], recipe.a_bits, recipe.a_bits_outlier, recipe.n_refresh, recipe.threshold_policy, k, _granularity(recipe)
+        site.shape[0], recipe.a_bits, recipe.a_bits_outlier, recipe.n_refresh, recipe.threshold_policy, k, _granularity(recipe),
+        detection=getattr(mp, "outlier_detection", "dynamic"), channels=site.shape[-1],
+        static_fraction=getattr(mp, "static_outlier_fraction", 0.08),
     )
 
 

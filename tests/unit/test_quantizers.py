@@ -239,3 +239,21 @@ def test_weight_quantizer_freeze_is_exact():
     s = q.scale.detach()
     inside = w.abs() <= 7 * s  # not clipped: within half a step
     assert ((before - w).abs() <= s / 2 * OUTLIER_ERR_SLACK)[inside].all()
+
+
+def test_static_and_no_outlier_detection_ablation_modes():
+    L, C = 6, 16
+    x = _tensor(3, (4, L, C))
+    x[:, :, 7] *= 40
+    qs = {}
+    for det in ("static", "none"):
+        q = OutlierActQuantizer(L, 4, 8, 3, "dynamic", 3.0, detection=det, channels=C, static_fraction=0.1)
+        q.mode = q.mode.OBSERVE
+        q(x)
+        q.init_from_stats(CalibConfig(grid_points=20))
+        q.mode = q.mode.QUANT
+        qs[det] = q
+    assert qs["static"].static_mask[7] and int(qs["static"].static_mask.sum()) == 2  # round(0.1 * 16)
+    err_static = (qs["static"](x) - x)[:, :, 7].abs().max()
+    err_none = (qs["none"](x) - x)[:, :, 7].abs().max()
+    assert err_static < err_none  # the fixed list keeps the outlier channel out of the inlier clip
