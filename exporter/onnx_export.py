@@ -14,6 +14,7 @@ runs with reverse=1 on the original token order).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import warnings
@@ -140,18 +141,17 @@ def _fp16_linears(model: nn.Module) -> Iterator[None]:
             mixer.ops = ops
 
 
-def _finish_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+def _finish_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Move the temporary name attribute onto NodeProto.name; declare the custom domain once."""
     for node in model.graph.node:
-        if node.domain != DOMAIN:
-            continue
-        keep = [a for a in node.attribute if a.name != _NAME_ATTR]
         name = [a.s.decode() for a in node.attribute if a.name == _NAME_ATTR]
-        if name:
-            node.name = name[0]
+        if not name:
+            continue
+        node.name = name[0]
+        keep = [a for a in node.attribute if a.name != _NAME_ATTR]
         del node.attribute[:]
         node.attribute.extend(keep)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
+    if any(n.domain == DOMAIN for n in model.graph.node) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model
 
@@ -162,15 +162,18 @@ class ExportResult:
     seconds: float
 
 
-def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vim: nn.Module | None = None) -> ExportResult:
+def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vim: nn.Module | None = None,
+                hook_scans: bool = True) -> ExportResult:
     """Trace `module` (whose scans are hooked through `vim`, default `module`) into an ONNX model in
-    memory, with a dynamic batch axis. Returns the checked ModelProto and the export time."""
+    memory, with a dynamic batch axis. Returns the checked ModelProto and the export time.
+    hook_scans=False: the caller has already routed the scans through `SelectiveScanFn`."""
     vim = module if vim is None else vim
     if not hasattr(vim, "layers"):
         raise ExportError(f"expected a Vim model with .layers, got {type(vim).__name__}")
     t0 = time.perf_counter()
     buf = io.BytesIO()
-    with scan_export_hooks(vim), torch.no_grad(), warnings.catch_warnings():
+    hooks = scan_export_hooks(vim) if hook_scans else contextlib.nullcontext()
+    with hooks, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
         torch.onnx.export(
             module, (example,), buf, dynamo=False, opset_version=opset,
@@ -178,7 +181,7 @@ def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vi
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             custom_opsets={DOMAIN: 1}, do_constant_folding=True,
         )
-    model = _finish_custom_nodes(onnx.load_from_string(buf.getvalue()))
+    model = _finish_nodes(onnx.load_from_string(buf.getvalue()))
     onnx.checker.check_model(model)
     return ExportResult(model=model, seconds=time.perf_counter() - t0)
 
