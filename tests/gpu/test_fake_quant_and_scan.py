@@ -62,7 +62,11 @@ def test_scan_without_skip_gate_softplus_small_state():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_scan_with_quantized_operands(reverse):
     B, L, D, S = 2, L_VIM, 384, 16
-    u, delta, A, Bm, Cm, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S)
+    u, _, A, _, _, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S)
+    # operands with a clear margin around the outlier thresholds (see make_linear_case)
+    delta = (make_linear_case(B, L, D, 1, seed=1, dtype=torch.float32).x * 0.5).cuda()
+    Bm = make_linear_case(B, L, S, 1, seed=2, outlier_frac=0.0, dtype=torch.float32).x.cuda()
+    Cm = make_linear_case(B, L, S, 1, seed=3, outlier_frac=0.0, dtype=torch.float32).x.cuda()
 
     def q(x, k):
         s = (3.0 * x.float().std(dim=(0, 2)) / 7).contiguous()
