@@ -58,6 +58,10 @@ if(OURO_BUILD_TESTS)
   target_link_libraries(ouro_plugin_enqueue_tests PRIVATE ouro_trt_plugins_obj)
   target_compile_options(ouro_plugin_enqueue_tests PRIVATE -Wall -Wextra -Wno-deprecated-declarations)
   add_test(NAME plugins.enqueue_mapping COMMAND ouro_plugin_enqueue_tests)
+  # GPU runner of one plugin's enqueue (tests/gpu/test_plugins_gpu.py); built everywhere, run only on a GPU.
+  add_executable(ouro_plugin_run ${_ouro_plugins_dir}/tests/plugin_gpu_run.cpp)
+  target_link_libraries(ouro_plugin_run PRIVATE ouro_trt_plugins_obj ouro_kernels CUDA::cudart_static)
+  target_compile_options(ouro_plugin_run PRIVATE -Wall -Wextra -Wno-deprecated-declarations)
   add_test(NAME plugins.library_exports_and_deps
            COMMAND ${CMAKE_COMMAND} -DLIB=$<TARGET_FILE:ouro_trt_plugins>
                    -P ${CMAKE_CURRENT_LIST_DIR}/CheckPluginLibrary.cmake)

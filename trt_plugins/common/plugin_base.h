@@ -109,10 +109,7 @@ public:
     {
         try
         {
-            if (nbOutputs != 1 || inputs == nullptr || outputs == nullptr)
-            {
-                throw PluginError(std::string(Derived::kName) + ": expected 1 output, got " + std::to_string(nbOutputs));
-            }
+            self().checkCounts(inputs == nullptr ? 0 : nbInputs, outputs == nullptr ? 0 : nbOutputs);
             self().inferShapes(inputs, nbInputs, outputs[0], exprBuilder);
             return 0;
         }
