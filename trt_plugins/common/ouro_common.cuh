@@ -34,6 +34,19 @@ inline int ceil_div(int a, int b)
     return (a + b - 1) / b;
 }
 
+#ifndef OURO_CPU_EMULATION
+// Dynamic shared memory of a kernel, and kernel launches. Both go through these two names so that the
+// sources also compile for the CPU emulator used by tests/unit/test_kernels_cpu_emulation.py.
+#define OURO_DYN_SMEM(T, name) extern __shared__ T name[]
+
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args... args)
+{
+    kernel<<<grid, block, smem, stream>>>(args...);
+}
+#endif
+
 // Bump allocator over a caller-provided workspace (sizes rounded to 256 B).
 struct WsCarver
 {

@@ -8,7 +8,7 @@ namespace ouro
 __global__ void outlier_fake_quant_kernel(const void* x, int x_is_fp32, void* y,
                                           int y_is_fp32, int L, int C, ouroActQuant_t q)
 {
-    extern __shared__ uint16_t first[];
+    OURO_DYN_SMEM(uint16_t, first);
     __shared__ DetectScratch sc;
     const WindowPos wp = window_of(blockIdx.x, L, q.n_refresh);
     detect_window(x, x_is_fp32, wp, C, q, first, sc);
@@ -50,8 +50,8 @@ ouroStatus_t launch_outlier_fake_quant(const void* x, int x_is_fp32, void* y, in
     if (blocks > 2147483647LL)
         return OURO_ERR_UNSUPPORTED_SHAPE;
     const int threads = C <= 64 ? 32 : (C <= 1024 ? 128 : 256);
-    outlier_fake_quant_kernel<<<static_cast<unsigned>(blocks), threads, C * sizeof(uint16_t), stream>>>(
-        x, x_is_fp32, y, y_is_fp32, L, C, q);
+    launch_kernel(outlier_fake_quant_kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), C * sizeof(uint16_t), stream,
+                  x, x_is_fp32, y, y_is_fp32, L, C, q);
     return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
 }
 

@@ -37,7 +37,7 @@ ouroStatus_t gemm_simt(int M, int N, int K, const int8_t* A, const int8_t* w, in
     const dim3 grid(ceil_div(N, kSimtTile), ceil_div(M, kSimtTile));
     if (grid.y > 65535u)
         return OURO_ERR_UNSUPPORTED_SHAPE;
-    gemm_simt_kernel<<<grid, block, 0, s>>>(A, w, w_bits, D, M, N, K);
+    launch_kernel(gemm_simt_kernel, grid, block, 0, s, A, w, w_bits, D, M, N, K);
     return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
 }
 

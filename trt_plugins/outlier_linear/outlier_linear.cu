@@ -180,15 +180,15 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
     case 0:
         if (cudaMemsetAsync(d.flag, 0, sizeof(int32_t), stream) != cudaSuccess)
             return OURO_ERR_CUDA;
-        outlier_extract_kernel<<<BW, kExtractThreads, d.K * sizeof(uint16_t), stream>>>(d);
+        launch_kernel(outlier_extract_kernel, dim3(BW), dim3(kExtractThreads), d.K * sizeof(uint16_t), stream, d);
         return launched();
     case 1:
-        inlier_quant_kernel<<<static_cast<unsigned>(d.M), kQuantThreads, 2 * d.K, stream>>>(d);
+        launch_kernel(inlier_quant_kernel, dim3(static_cast<unsigned>(d.M)), dim3(kQuantThreads), 2 * d.K, stream, d);
         if (d.w_bits == 4 && path == OURO_PATH_S8_TENSORCORE)
         {
             const size_t n = static_cast<size_t>(d.N) * d.K;
             const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 65535));
-            unpack_w4_kernel<<<blocks, 256, 0, stream>>>(d.w, d.w8, d.N, d.K);
+            launch_kernel(unpack_w4_kernel, dim3(blocks), dim3(256), 0, stream, d.w, d.w8, d.N, d.K);
         }
         return launched();
     case 2:
@@ -204,15 +204,15 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
     {
         const dim3 grid(BW, static_cast<unsigned>(ceil_div(d.N, kOutGemmThreads)));
         if (d.bits_out >= 16)
-            outlier_gemm_kernel<true><<<grid, kOutGemmThreads, 0, stream>>>(d);
+            launch_kernel(outlier_gemm_kernel<true>, grid, dim3(kOutGemmThreads), 0, stream, d);
         else
-            outlier_gemm_kernel<false><<<grid, kOutGemmThreads, 0, stream>>>(d);
+            launch_kernel(outlier_gemm_kernel<false>, grid, dim3(kOutGemmThreads), 0, stream, d);
         return launched();
     }
     case 4:
     {
         const dim3 grid(static_cast<unsigned>(ceil_div(d.N, kCombineThreads)), static_cast<unsigned>(std::min(d.M, 65535)));
-        combine_kernel<<<grid, kCombineThreads, 0, stream>>>(d);
+        launch_kernel(combine_kernel, grid, dim3(kCombineThreads), 0, stream, d);
         return launched();
     }
     }

@@ -74,7 +74,7 @@ constexpr int kExtractThreads = 256;
 // Step 1: outlier detection + extraction. grid = BW, block = kExtractThreads, dyn smem = K * 2 B.
 __global__ void __launch_bounds__(kExtractThreads) outlier_extract_kernel(LinearDev d)
 {
-    extern __shared__ uint16_t first[];
+    OURO_DYN_SMEM(uint16_t, first);
     __shared__ DetectScratch sc;
     __shared__ int scan[kExtractThreads + 1];
     const int bw = blockIdx.x;
@@ -174,7 +174,7 @@ constexpr int kQuantThreads = 256;
 // Step 2: inlier quantization of one row per block. dyn smem = 2 * K bytes.
 __global__ void __launch_bounds__(kQuantThreads) inlier_quant_kernel(LinearDev d)
 {
-    extern __shared__ int8_t smem[];
+    OURO_DYN_SMEM(int8_t, smem);
     int8_t* codes = smem;
     uint8_t* maskv = reinterpret_cast<uint8_t*>(smem + d.K);
     const int m = blockIdx.x;

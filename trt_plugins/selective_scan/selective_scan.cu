@@ -142,6 +142,6 @@ extern "C" OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams
         d.c_fp32 = 1;
     }
     const dim3 grid(static_cast<unsigned>(ceil_div(p->D, kScanThreads)), static_cast<unsigned>(p->B));
-    selective_scan_kernel<<<grid, kScanThreads, 0, stream>>>(d);
+    launch_kernel(selective_scan_kernel, grid, dim3(kScanThreads), 0, stream, d);
     return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
 }
