@@ -1,0 +1,330 @@
+"""QMamba (Li et al., arXiv 2501.13624): LtSQ for exp(dt*A), TGQ for h, tensor-wise uniform elsewhere.
+
+The paper's equations were lost in extraction (seed 003); the forms below are the reconstructions of
+ALGORITHMS.md §2 and are marked [RECONSTRUCTION] where they are not in the surviving text.
+
+Uniform (Eqs. 2-3) [RECONSTRUCTION, standard], every activation and weight not covered below,
+one (s, z) per tensor:
+    x_q = clamp(round(x / s) + z, 0, 2**b - 1),   x_hat = s * (x_q - z),   s = (u - l)/(2**b - 1), z = -round(l / s)
+  init: activations l, u = 1st / 99th percentile over the calibration set; weights min / max.
+
+LtSQ (Eq. 6) [RECONSTRUCTION: mirrored log2 quantizer], for Abar = exp(dt*A) of one SSM (one direction):
+    code  = clamp(round(-log2((u - Abar) / s)), 0, 2**b - 1),   Abar_hat = u - s * 2**(-code)
+  u is the upper bound (init: the calibration max, <= 1), s = u - l (init l: 1st percentile).
+  Levels u - s * 2**-k, k = 0..2**b-1: fine steps just below u, where exp(dt*A) is dense.
+
+Skewness condition (Eq. 5) [RECONSTRUCTION of the form], per SSM:
+    LtSQ  iff  (1/L) * sum_t median(Abar_t) > tau          (else uniform; tau default 0.9)
+  median over the calibration batch, d_inner and d_state at scan step t.
+
+TGQ (Eq. 7) [RECONSTRUCTION of the form; g from the paper], for h inside the recurrence:
+  scan step i (in scan order, i.e. t = L-1-i for the backward direction) uses group i // g;
+  ceil(L / g) groups, the last one shorter when g does not divide L; each group has its own
+  tensor-wise asymmetric (s_k, z_k) (`ouro.calib.scan.TemporalGroupQuant`), init from the 1st/99th
+  percentile of h over that group's steps.
+
+Reconstruction (Eq. 9): block by block, Adam (AdamW, weight decay 0) + CosineAnnealingLR, MSE between
+the FP mixer output and the quantized mixer output, only the scales (and LtSQ's u, s) learned; zero
+points stay fixed. The paper's learning rate was lost [OUR CHOICE]: every scale s (and LtSQ's span) is
+learned as s0 * m with the multiplier m initialised to 1 (folded back into s by `freeze`), so one
+learning rate (presets: 1e-2, cosine-annealed) is the same relative step for the scales of h (~1e-3) and of A (~0.3).
+With absolute scales a single lr was either unstable (1e-3: a small scale collapses) or had no effect
+within a CPU budget of 100 steps (4e-5, QDrop's default, meant for 20 000 iterations).
+
+What is quantized [RECONSTRUCTION of the lost symbols]: the inputs and weights of in_proj, x_proj(_b),
+dt_proj(_b) and out_proj (tensor-wise uniform); the scan operands u (SSM input), delta (pre-softplus,
+as the kernel receives it), B, C (uniform), Abar (LtSQ or uniform), h (TGQ) and the SSM weights A, D
+(uniform, min/max). The SSM output y is quantized as out_proj's input. Deviations, chosen to keep the
+comparison on the same tensors as the other methods: conv1d stays FP (the shared exclusion list);
+QDrop's random drop of activation quantization is not used (unknown in the paper).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ouro.recipes import CalibConfig, LossKind, Method, Recipe, RecipeError, register_method_params
+
+from ..quant.base import MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
+from ..quantizers import fake_quant_asym, round_ste
+from ..scan import TemporalGroupQuant, selective_scan, selective_scan_ref
+from ._common import EPS_SCALE, MIN_SCALE_MULT, TensorAsymQuant, asym_qparams, fold_scale_mult_, quantile_range
+
+__all__ = [
+    "QMambaParams",
+    "ltsq_quant_ref",
+    "ltsq_fake_quant",
+    "ltsq_levels",
+    "skewness_statistic",
+    "use_ltsq",
+    "tgq_group_index",
+    "tgq_init",
+    "AbarQuant",
+    "TGQQuant",
+    "QMAMBA_SPEC",
+    "ltsq_choices",
+]
+
+LTSQ_MIN_RATIO = 2.0**-40
+"""(u - Abar)/s is clamped below by this before log2: values at or above u take the top code."""
+
+
+@dataclass(frozen=True)
+class QMambaParams:
+    """QMamba's own knobs (paper defaults)."""
+
+    tau: float = 0.9  # skewness boundary of Eq. 5 (1.0: never LtSQ; 0.0: always)
+    group: int = 10  # TGQ group length g
+    percentile: float = 0.01  # activation init range [p, 1 - p] (1st / 99th percentile)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:
+            raise RecipeError(f"qmamba.tau must be in [0, 1], got {self.tau}")
+        if self.group < 1:
+            raise RecipeError(f"qmamba.group must be >= 1, got {self.group}")
+        if not 0.0 <= self.percentile < 0.5:
+            raise RecipeError(f"qmamba.percentile must be in [0, 0.5), got {self.percentile}")
+
+
+# ----------------------------------------------------------------------------------- LtSQ
+def ltsq_quant_ref(x: Tensor, upper: Tensor, span: Tensor, bits: int) -> Tensor:
+    """LtSQ integer codes (float tensor of small integers in [0, 2**bits - 1]), Eq. 6 [RECONSTRUCTION]."""
+    r = torch.clamp((upper - x.float()) / span, min=LTSQ_MIN_RATIO)
+    return torch.clamp(torch.round(-torch.log2(r)), 0, 2**bits - 1)
+
+
+def ltsq_fake_quant(x: Tensor, upper: Tensor, span: Tensor, bits: int) -> Tensor:
+    """u - s * 2**(-code) with STE on the rounding (gradients reach x, u and s)."""
+    r = torch.clamp((upper - x.float()) / span, min=LTSQ_MIN_RATIO)
+    code = torch.clamp(round_ste(-torch.log2(r)), 0, 2**bits - 1)
+    return upper - span * torch.exp2(-code)
+
+
+def ltsq_levels(upper: float | Tensor, span: float | Tensor, bits: int) -> Tensor:
+    """All 2**bits representable values, ascending: u - s * 2**-k for k = 0..2**bits - 1."""
+    k = torch.arange(2**bits, dtype=torch.float32)
+    return torch.as_tensor(upper, dtype=torch.float32) - torch.as_tensor(span, dtype=torch.float32) * torch.exp2(-k)
+
+
+def skewness_statistic(abar: Tensor) -> Tensor:
+    """(1/L) sum_t median(Abar_t) for Abar of shape (B, L, D, S) (Eq. 5 left side) [RECONSTRUCTION]."""
+    if abar.dim() != 4:
+        raise ValueError(f"Abar must be (B, L, D, S), got {tuple(abar.shape)}")
+    per_t = abar.detach().float().transpose(0, 1).reshape(abar.shape[1], -1)
+    return per_t.median(dim=1).values.mean()
+
+
+def use_ltsq(abar: Tensor, tau: float) -> bool:
+    """The skewness condition: LtSQ iff the mean per-step median of Abar exceeds tau."""
+    return bool(skewness_statistic(abar) > tau)
+
+
+# ------------------------------------------------------------------------------------ TGQ
+def tgq_group_index(L: int, group: int, reverse: bool = False) -> Tensor:
+    """Group of each TOKEN position t (L,): scan step i // group, with i = t (fwd) or L-1-t (bwd)."""
+    if group < 1:
+        raise ValueError(f"TGQ group length must be >= 1, got {group}")
+    t = torch.arange(L)
+    i = (L - 1 - t) if reverse else t
+    return i // group
+
+
+def tgq_init(h: Tensor, group: int, bits: int, reverse: bool, lo_q: float, hi_q: float) -> tuple[Tensor, Tensor]:
+    """Per-group (scale, zero), each (ceil(L/g),), from states h (B, L, D, S) in TOKEN order."""
+    L = h.shape[1]
+    gi = tgq_group_index(L, group, reverse)
+    G = TemporalGroupQuant.num_groups(L, group)
+    scales, zeros = [], []
+    for k in range(G):
+        lo, hi = quantile_range(h[:, gi == k], lo_q, hi_q)
+        s, z = asym_qparams(lo, hi, bits)
+        scales.append(s)
+        zeros.append(z)
+    return torch.stack(scales), torch.stack(zeros)
+
+
+# ------------------------------------------------------------------------------ quantizers
+register_method_params(Method.QMAMBA, QMambaParams)
+
+
+def _params(recipe: Recipe) -> QMambaParams:
+    p = recipe.method_params
+    return p if isinstance(p, QMambaParams) else QMambaParams()
+
+
+class AbarQuant(Quantizer):
+    """Quantizer of Abar = exp(dt*A) of one SSM (one direction), applied inside the scan.
+
+    init: the skewness condition (Eq. 5) on the observed Abar picks LtSQ (learned u, s) or the
+    tensor-wise uniform quantizer (learned scale, fixed zero, 1st/99th percentile init); the choice
+    and the statistic are buffers, so they travel with the QuantState."""
+
+    group = "act"
+
+    def __init__(self, bits: int, tau: float, p: float) -> None:
+        super().__init__()
+        self.bits, self.tau, self.p = bits, tau, p
+        self.upper = nn.Parameter(torch.ones(()))
+        self.span = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.span_mult = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.scale_mult = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero", torch.zeros(()))
+        self.register_buffer("use_ltsq", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("skew_stat", torch.zeros(()))
+
+    def init_from_stats(self, calib: CalibConfig | None = None) -> None:
+        a = self.observed()
+        stat = skewness_statistic(a)
+        lo, hi = quantile_range(a, self.p, 1.0 - self.p)
+        amax = a.max()
+        s, z = asym_qparams(lo, hi, self.bits)
+        with torch.no_grad():
+            self.skew_stat.copy_(stat)
+            self.use_ltsq.fill_(bool(stat > self.tau))
+            self.upper.copy_(amax)  # [RECONSTRUCTION] u = calibration max (<= 1)
+            self.span.copy_(torch.clamp(amax - lo, min=EPS_SCALE))
+            self.scale.copy_(s)
+            self.zero.copy_(z)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"act": [self.upper, self.span_mult] if bool(self.use_ltsq) else [self.scale_mult]}
+
+    def project_(self) -> None:
+        with torch.no_grad():
+            self.span_mult.clamp_(min=MIN_SCALE_MULT)
+            self.scale_mult.clamp_(min=MIN_SCALE_MULT)
+
+    def freeze(self) -> None:
+        fold_scale_mult_(self.span, self.span_mult)
+        fold_scale_mult_(self.scale, self.scale_mult)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if bool(self.use_ltsq):
+            return ltsq_fake_quant(x, self.upper, self.span * self.span_mult, self.bits)
+        return fake_quant_asym(x, self.scale * self.scale_mult, self.zero, self.bits)
+
+    def choice(self) -> dict:
+        return {"quantizer": "ltsq" if bool(self.use_ltsq) else "uniform", "skew_stat": round(float(self.skew_stat), 6), "tau": self.tau}
+
+
+class TGQQuant(Quantizer):
+    """TGQ of the hidden state h of one direction: ceil(L/g) groups of g scan steps, each with a
+    learned tensor-wise scale and a fixed zero point (`ouro.calib.scan.TemporalGroupQuant` numerics).
+
+    Used through `hook(h, step)` (the scan's h_quant hook: step = index in scan order)."""
+
+    group = "act"
+
+    def __init__(self, bits: int, L: int, group: int, p: float) -> None:
+        super().__init__()
+        self.bits, self.L, self.g, self.p = bits, L, group, p
+        G = TemporalGroupQuant.num_groups(L, group)
+        self.scale = nn.Parameter(torch.ones(G), requires_grad=False)
+        self.scale_mult = nn.Parameter(torch.ones(G))
+        self.register_buffer("zero", torch.zeros(G))
+        self._by_group: dict[int, list[Tensor]] = {}
+
+    def hook(self, h: Tensor, step: int) -> Tensor:
+        if self.mode is QuantMode.FP:
+            return h
+        if self.mode is QuantMode.OBSERVE:
+            self._by_group.setdefault(step // self.g, []).append(h.detach().float().cpu())
+            return h
+        return TemporalGroupQuant(self.bits, self.g, self.scale * self.scale_mult, self.zero)(h, step)
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise TypeError("TGQQuant quantizes inside the recurrence: call hook(h, step) (the scan's h_quant)")
+
+    def init_from_stats(self, calib: CalibConfig | None = None) -> None:
+        G = self.scale.shape[0]
+        missing = [k for k in range(G) if k not in self._by_group]
+        if missing:
+            raise RuntimeError(f"TGQ observed no hidden states for groups {missing} (L={self.L}, g={self.g})")
+        with torch.no_grad():
+            for k in range(G):
+                lo, hi = quantile_range(torch.cat([t.reshape(-1) for t in self._by_group[k]]), self.p, 1.0 - self.p)
+                s, z = asym_qparams(lo, hi, self.bits)
+                self.scale[k] = s
+                self.zero[k] = z
+
+    def clear_observed(self) -> None:
+        super().clear_observed()
+        self._by_group = {}
+
+    def project_(self) -> None:
+        with torch.no_grad():
+            self.scale_mult.clamp_(min=MIN_SCALE_MULT)
+
+    def freeze(self) -> None:
+        fold_scale_mult_(self.scale, self.scale_mult)
+
+
+_SCAN_ARGS = {"u": "u", "delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip"}
+
+
+def _get(d: nn.ModuleDict, key: str):
+    return d[key] if key in d else None
+
+
+def _qmamba_scan(ops: QuantizedMixerOps, direction: str, kw: dict[str, Tensor]) -> Tensor:
+    """Quantize the scan operands, then the sequential reference scan with LtSQ/uniform on Abar and
+    TGQ on h inside the recurrence (the fast scan when neither is quantized)."""
+    kw = dict(kw)
+    for op, arg in _SCAN_ARGS.items():
+        q = _get(ops.ssm, f"{op}_{direction}")
+        if q is not None:
+            kw[arg] = q(kw[arg])
+    abar, hq = _get(ops.ssm, f"abar_{direction}"), _get(ops.ssm, f"h_{direction}")
+    args = (kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"])
+    if abar is None and hq is None:
+        return selective_scan(*args, delta_softplus=True, reverse=direction == "bwd")
+    return selective_scan_ref(
+        *args, delta_softplus=True, reverse=direction == "bwd",
+        abar_quant=abar, h_quant=None if hq is None else hq.hook,
+    )
+
+
+def _make_act(site: Site, recipe: Recipe) -> Quantizer:
+    return TensorAsymQuant(recipe.a_bits, "percentile", _params(recipe).percentile, relative=True)
+
+
+def _make_weight(site: Site, recipe: Recipe) -> Quantizer:
+    return TensorAsymQuant(recipe.w_bits, "minmax", group="weight", relative=True)
+
+
+def _make_ssm(site: Site, recipe: Recipe) -> Quantizer:
+    prm = _params(recipe)
+    if site.name in ("A", "D"):  # the two SSM weights: tensor-wise, min-max
+        return TensorAsymQuant(recipe.w_bits, "minmax", group="weight", relative=True)
+    if site.name == "abar":
+        return AbarQuant(recipe.a_bits, prm.tau, prm.percentile)
+    if site.name == "h":
+        return TGQQuant(recipe.a_bits, site.shape[0], prm.group, prm.percentile)
+    return TensorAsymQuant(recipe.a_bits, "percentile", prm.percentile, relative=True)
+
+
+QMAMBA_SPEC = register_method(
+    Method.QMAMBA,
+    MethodSpec(
+        make_act=_make_act,
+        make_weight=_make_weight,
+        make_ssm=_make_ssm,
+        scan=_qmamba_scan,
+        loss=LossKind.MSE,
+        cosine_lr=True,
+        info=lambda qmodel: {"method": "qmamba", "abar_quantizers": ltsq_choices(qmodel)},
+        description="QMamba: LtSQ on exp(dt*A) (skewness condition), TGQ on h, tensor-wise uniform elsewhere, block MSE reconstruction",
+    ),
+)
+
+
+def ltsq_choices(qmodel: nn.Module) -> list[dict]:
+    """Per layer and direction: which quantizer the skewness condition chose for Abar, and why."""
+    out = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, AbarQuant):
+            out.append({"site": name, **m.choice()})
+    return out
