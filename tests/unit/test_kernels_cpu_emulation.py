@@ -69,8 +69,12 @@ def emu(tmp_path_factory):
     return lib
 
 
-@pytest.fixture
-def cc(monkeypatch):
+@pytest.fixture(params=["forward", "reverse"])
+def cc(monkeypatch, request):
+    """Sets the emulated compute capability; every test runs with the threads of a block resumed in
+    both orders (a missing __syncthreads would make the two disagree with the reference)."""
+    monkeypatch.setenv("OURO_EMU_ORDER", request.param)
+
     def set_cc(value: int):
         monkeypatch.setenv("OURO_EMU_CC", str(value))
 
@@ -135,6 +139,8 @@ def assert_linear_matches(c, got):
         (90, dict(B=2, L=9, K=64, N=30, n_refresh=1), ck.GemmPath.SIMT_FALLBACK),
         (90, dict(B=2, L=7, K=128, N=16, n_refresh=50, bits_outlier=16), ck.GemmPath.S8_TENSORCORE),
         (89, dict(B=1, L=11, K=32, N=8, dtype=torch.float32, bias=False), ck.GemmPath.S8_TENSORCORE),
+        (90, dict(B=2, L=13, K=12, N=24, w_bits=8), ck.GemmPath.SIMT_FALLBACK),  # Vim-T dt_proj
+        (90, dict(B=1, L=13, K=300, N=8, n_refresh=4), ck.GemmPath.SIMT_FALLBACK),  # > 1 channel per thread
     ],
 )
 def test_linear_pipeline(emu, cc, cc_value, kw, expected_path):
@@ -186,7 +192,7 @@ def test_capacity_overflow_gives_nan_rows_and_status(emu, cc):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("C, bits_outlier", [(64, 8), (40, 16), (16, 4)])
-def test_fake_quant(emu, dtype, C, bits_outlier):
+def test_fake_quant(emu, cc, dtype, C, bits_outlier):
     c = kc.make_linear_case(2, 13, C, 1, outlier_frac=0.06, bits_outlier=bits_outlier, n_refresh=5, dtype=dtype)
     ref = outlier_fake_quant(c.x, c.scale, c.act_bits, bits_outlier, c.n_refresh)
     y = torch.empty_like(c.x)
@@ -225,7 +231,7 @@ def _scan_inputs(B=2, L=13, D=40, S=16, seed=0):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_scan(emu, reverse):
+def test_scan(emu, cc, reverse):
     u, delta, A, Bm, Cm, Dskip, z = _scan_inputs()
     ref = selective_scan_ref(u, delta, A, Bm, Cm, Dskip, z, reverse=reverse)
     got = _scan(emu, u, delta, A, Bm, Cm, Dskip, z, reverse=reverse)
@@ -243,7 +249,7 @@ def test_scan_small_state_no_gate(emu):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_scan_quantized_operands_and_tgq(emu, reverse):
+def test_scan_quantized_operands_and_tgq(emu, cc, reverse):
     B, L, D, S = 2, 13, 64, 16
     u, _, A, _, _, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S)
     delta = kc.make_linear_case(B, L, D, 1, seed=1, outlier_frac=0.06, n_refresh=5, dtype=torch.float32).x * 0.5

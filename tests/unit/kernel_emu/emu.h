@@ -72,11 +72,16 @@ inline void run_block(const dim3& block, std::function<void()> body)
         sched.ctx[t].uc_link = nullptr;
         makecontext(&sched.ctx[t], trampoline, 0);
     }
+    // OURO_EMU_ORDER=reverse resumes the fibers in reverse order: a missing barrier (a race) then
+    // changes the result, which the tests detect by comparing both orders with the reference.
+    const char* order = getenv("OURO_EMU_ORDER");
+    const bool reverse = order && strcmp(order, "reverse") == 0;
     for (;;)
     {
         bool ran = false;
-        for (int t = 0; t < n; ++t)
+        for (int i = 0; i < n; ++i)
         {
+            const int t = reverse ? n - 1 - i : i;
             if (sched.done[t])
                 continue;
             sched.cur = t;
