@@ -100,7 +100,7 @@ class CalibConfig:
     loss: LossKind = LossKind.COSINE
     lp_norm: float = 2.4  # p of the L_p clip search
     grid_points: int = 100  # clip candidates (1 - i/grid_points) * absmax
-    init_samples: int = 128  # calibration images used for the static init statistics
+    init_samples: int = 64  # calibration images used for the static init statistics (the official script uses 64)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss", _enum(LossKind, self.loss, "calib.loss"))
