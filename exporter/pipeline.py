@@ -112,7 +112,9 @@ def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
     fp16_q = q_bytes = 0.0
     for i, ops in iter_quant_ops(qmodel):
         for _, q in ops.quantizers():
-            for k, t in q.state_dict().items():
+            sd = q.state_dict()
+            for k in q.state_keys():
+                t = sd[k]
                 if k == "codes":
                     fp16_q += t.numel() * FP16_BYTES
                     q_bytes += t.numel() * q.bits / 8

@@ -99,6 +99,11 @@ class Quantizer(nn.Module):
     def freeze(self) -> None:
         """Fix the calibrated numerics (weights -> integer codes). Default: nothing to do."""
 
+    def state_keys(self) -> list[str]:
+        """The state_dict entries a QuantState stores (default: all; training-only tensors such as
+        a learned ratio folded into the scale by `freeze` can be left out)."""
+        return list(self.state_dict())
+
     def stats(self) -> dict[str, float]:
         """Counters accumulated while `track_stats` is on (e.g. outlier_rate)."""
         return {}

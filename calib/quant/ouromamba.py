@@ -181,6 +181,16 @@ class OutlierActQuantizer(Quantizer):
     def stats(self) -> dict[str, float]:
         return {"outlier_rate": self._stat_num / self._stat_den} if self._stat_den else {}
 
+    def state_keys(self) -> list[str]:
+        keys = ["frozen"]
+        if self.bits_inlier < FP_PASSTHROUGH_BITS:
+            keys.append("static_scale")
+            if self.detection == "static":
+                keys.append("static_mask")
+            elif self.detection == "dynamic" and self.policy is ThresholdPolicy.CALIBRATED:
+                keys.append("theta")
+        return keys
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         if self.bits_inlier >= FP_PASSTHROUGH_BITS or bool(self.frozen):
             return {}
@@ -224,6 +234,9 @@ class ChannelWeightQuantizer(Quantizer):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {} if bool(self.frozen) else {self.group: [self.ratio]}
+
+    def state_keys(self) -> list[str]:
+        return ["scale", "codes", "frozen"]
 
     def freeze(self) -> None:
         w = getattr(self, "_weight", None)

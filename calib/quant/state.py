@@ -48,9 +48,10 @@ def quant_state_tensors(qmodel: VisionMamba) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for i, ops in iter_quant_ops(qmodel):
         for qname, q in ops.quantizers():
-            for k, t in q.state_dict().items():
+            sd = q.state_dict()
+            for k in q.state_keys():
                 key = f"layers.{i}.{qname}.{k}"
-                t = t.detach().cpu().contiguous()
+                t = sd[k].detach().cpu().contiguous()
                 if k == "codes" and getattr(q, "bits", 8) <= 4 and t.shape[-1] % 2 == 0:
                     out[key + INT4_SUFFIX] = pack_int4(t)
                 else:
@@ -127,7 +128,9 @@ def load_quant_state(model: VisionMamba, path: str | Path) -> VisionMamba:
     for i, ops in iter_quant_ops(qmodel):
         for qname, q in ops.quantizers():
             sd = {}
-            for k, ref in q.state_dict().items():
+            full = q.state_dict()
+            for k in q.state_keys():
+                ref = full[k]
                 key = f"layers.{i}.{qname}.{k}"
                 if key + INT4_SUFFIX in tensors:
                     t = unpack_int4(tensors[key + INT4_SUFFIX])
@@ -140,7 +143,8 @@ def load_quant_state(model: VisionMamba, path: str | Path) -> VisionMamba:
                 if t.shape != ref.shape:
                     raise QuantStateError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}")
                 sd[k] = t
-            q.load_state_dict(sd)
+            missing = set(full) - set(sd)
+            q.load_state_dict({**{k: full[k] for k in missing}, **sd})
             for p in q.parameters(recurse=False):
                 p.requires_grad_(False)
     extra = sorted(set(tensors) - seen)
