@@ -257,3 +257,20 @@ def test_static_and_no_outlier_detection_ablation_modes():
     err_static = (qs["static"](x) - x)[:, :, 7].abs().max()
     err_none = (qs["none"](x) - x)[:, :, 7].abs().max()
     assert err_static < err_none  # the fixed list keeps the outlier channel out of the inlier clip
+
+
+LP_COARSE_REL_TOL = 1e-2  # the coarse-to-fine search may only lose this much L_p error vs exhaustive
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([4, 8]))
+def test_coarse_to_fine_lp_search_matches_exhaustive(seed, bits):
+    x = _tensor(seed, (6, 300)) * (1 + _tensor(seed + 1, (6, 1)).abs())
+    x[:, :3] *= 10  # heavy tails make the clip matter
+
+    def err(s):
+        q = qmax(bits)
+        return (torch.clamp(torch.round(x / s[:, None]), -q, q) * s[:, None] - x).abs().pow(2.4).sum(1)
+
+    fast, full = lp_scale_search(x, bits), lp_scale_search(x, bits, coarse=1)
+    assert (err(fast) <= err(full) * (1 + LP_COARSE_REL_TOL)).all()
