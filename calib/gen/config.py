@@ -1,0 +1,91 @@
+"""GenConfig: every knob of OuroMamba-Gen, typed, validated, overridable from a .toml file.
+
+Defaults marked [paper] come from the OuroMamba paper/supplementary (ALGORITHMS.md §1.1); the
+ones marked [sweep] were chosen by measurement on the demo model with `tools/sweep_gen.py`
+(the paper does not publish them)."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+__all__ = ["GenConfig", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """OuroMamba-Gen hyper-parameters.
+
+    iterations   G, Adam steps on the pixels of each mini-batch                    [sweep]
+    lr           Adam learning rate on the normalised pixels                        [sweep]
+    tau          temperature of the contrastive loss L^C                            [sweep]
+    topk         positives per patch in L^C (capped at a quarter of the other
+                 patches, so that small patch grids keep negatives)                 [paper: 12]
+    neighbourhood  p of the p x p patch neighbourhood of h_p (odd)                  [paper: 5]
+    w_contrastive, w_output   L^gen = w_C * L^C + w_O * L^O                           [paper: 1, 1]
+                 L^C is the mean over layers and patches (the paper's sum divided by
+                 depth * patches, so that the weights do not depend on the model size)
+    init_std     std of the Gaussian-noise initialisation (normalised pixel units)  [paper: noise]
+    batch_size   images optimised together; images are independent under L^gen, so
+                 mini-batches are exact, not an approximation
+    checkpoint   activation checkpointing per block and per channel chunk
+    attn_chunk_elems  element budget of one channel chunk of the implicit attention
+    mean, std    the model's input normalisation; pixels are kept in
+                 [(0 - mean) / std, (1 - mean) / std]; None = ask the model's data module
+    """
+
+    iterations: int = 200
+    lr: float = 0.1
+    tau: float = 0.2
+    topk: int = 12
+    neighbourhood: int = 5
+    w_contrastive: float = 1.0
+    w_output: float = 1.0
+    init_std: float = 1.0
+    batch_size: int = 16
+    checkpoint: bool = True
+    attn_chunk_elems: int = 1 << 25
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"GenConfig.iterations must be >= 0, got {self.iterations}")
+        for k in ("lr", "tau", "init_std"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"GenConfig.{k} must be > 0, got {getattr(self, k)}")
+        for k in ("topk", "batch_size", "attn_chunk_elems"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"GenConfig.{k} must be >= 1, got {getattr(self, k)}")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ValueError(f"GenConfig.neighbourhood must be an odd size >= 1 (p x p centred on the patch), got {self.neighbourhood}")
+        if self.w_contrastive < 0 or self.w_output < 0 or self.w_contrastive + self.w_output == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got w_contrastive={self.w_contrastive}, w_output={self.w_output}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both GenConfig.mean and GenConfig.std, or neither")
+        if self.mean is not None:
+            object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+            if len(self.mean) != len(self.std) or min(self.std) <= 0:
+                raise ValueError(f"GenConfig.mean/std must have equal lengths and std > 0, got {self.mean} / {self.std}")
+
+    def replace(self, **kw) -> GenConfig:
+        return GenConfig(**{**asdict(self), **kw})
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: GenConfig | None = None) -> GenConfig:
+        """Override `base` (default: the defaults) with the keys of a .toml file (top level or [gen])."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"generation config {p} does not exist")
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+        data = data.get("gen", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{p}: unknown GenConfig keys {unknown}; known keys: {sorted(known)}")
+        return (base or cls()).replace(**data)

@@ -1,0 +1,84 @@
+"""Instrumented forward: per layer and direction, the scan's h(t), Delta(t) and inputs, differentiably.
+
+Works through the mixer's `ops.scan` hook (models/vim.py), so the model's arithmetic and its normal
+fast path are untouched: the hook is installed for the duration of a `with` block and removed after.
+Inside, the scan runs as `selective_scan_ref` (the numerical specification, differentiable); with
+states=True it also keeps every state h (B, L, D, S), which costs B*L*D*S floats per layer and direction.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..scan import selective_scan_ref
+
+__all__ = ["ScanRecord", "record_scans", "hook_mixer"]
+
+
+@dataclass
+class ScanRecord:
+    """What one scan consumed and produced, token-major. dt = softplus(delta); h is None unless states=True."""
+
+    layer: int
+    direction: str  # "fwd" | "bwd"
+    u: Tensor  # (B, L, D)
+    dt: Tensor  # (B, L, D)
+    A: Tensor  # (D, S)
+    Bm: Tensor  # (B, L, S)
+    Cm: Tensor  # (B, L, S)
+    h: Tensor | None  # (B, L, D, S)
+
+
+class _Recorder:
+    def __init__(self, layer: int, sink: list[ScanRecord], states: bool) -> None:
+        self.layer, self.sink, self.states = layer, sink, states
+
+    def __call__(self, direction: str, **kw: Tensor) -> Tensor:
+        out = selective_scan_ref(
+            kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
+            delta_softplus=True, reverse=direction == "bwd", return_states=self.states,
+        )
+        if self.states:
+            y, st = out
+            dt, h = st.dt, st.h
+        else:
+            y, dt, h = out, F.softplus(kw["delta"].float()), None
+        self.sink.append(ScanRecord(self.layer, direction, kw["u"], dt, kw["A"], kw["Bm"], kw["Cm"], h))
+        return y
+
+
+@contextmanager
+def hook_mixer(mixer: nn.Module, layer: int, sink: list[ScanRecord], *, states: bool = False) -> Iterator[list[ScanRecord]]:
+    """Record the scans of one MambaMixer into `sink` while the block is active."""
+    old = mixer.ops.scan
+    mixer.ops.scan = _Recorder(layer, sink, states)
+    try:
+        yield sink
+    finally:
+        mixer.ops.scan = old
+
+
+@contextmanager
+def record_scans(model: nn.Module, *, states: bool = True) -> Iterator[list[ScanRecord]]:
+    """Run `model(x)` inside this block to collect one ScanRecord per layer and direction, in call order.
+
+        with record_scans(model) as recs:
+            logits = model(x)
+        recs[0].h, recs[0].dt   # layer 0, forward direction
+    """
+    layers = getattr(model, "layers", None)
+    if layers is None or not all(hasattr(b, "mixer") for b in layers):
+        raise TypeError(f"record_scans needs a Vim model with .layers[i].mixer (a MambaMixer); got {type(model).__name__}")
+    sink: list[ScanRecord] = []
+    olds = [b.mixer.ops.scan for b in layers]
+    for i, b in enumerate(layers):
+        b.mixer.ops.scan = _Recorder(i, sink, states)
+    try:
+        yield sink
+    finally:
+        for b, old in zip(layers, olds):
+            b.mixer.ops.scan = old
