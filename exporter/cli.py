@@ -133,6 +133,10 @@ def run_export(ctx: RunContext) -> int:
         if a.print_recipe:
             print(ctx.recipe.to_toml())
             return 0
+    if quantized and not a.load_calib:
+        from ouro.calib.imagefolder import parse_calib_spec
+
+        parse_calib_spec(a.calib, a.calib_dir)  # a bad --calib fails before any work
     from ouro.exporter.outputs import plan_outputs
 
     outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force)
