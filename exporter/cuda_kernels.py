@@ -13,6 +13,7 @@ command to fix it when the library or a GPU is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Callable
@@ -266,11 +267,14 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check_tensor(t: Tensor, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], align: int = 4):
+def _check_tensor(t: Tensor, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], align: int = 4,
+                  device: torch.device | None = None):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_cuda:
         raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}; put all operands on one GPU")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
@@ -306,10 +310,10 @@ class ActQuant:
         if self.policy is ThresholdPolicy.CALIBRATED and self.theta is None:
             raise ValueError("policy 'calibrated' needs theta (one threshold per token)")
 
-    def to_c(self, L: int, name: str) -> _ActQuantC:
-        _check_tensor(self.scale, f"{name}.scale", (L,), (torch.float32,))
+    def to_c(self, L: int, name: str, device: torch.device | None = None) -> _ActQuantC:
+        _check_tensor(self.scale, f"{name}.scale", (L,), (torch.float32,), device=device)
         if self.theta is not None:
-            _check_tensor(self.theta, f"{name}.theta", (L,), (torch.float32,))
+            _check_tensor(self.theta, f"{name}.theta", (L,), (torch.float32,), device=device)
         policy = 0 if self.policy is ThresholdPolicy.DYNAMIC else 1
         return _ActQuantC(self.bits, self.bits_outlier, self.n_refresh, policy, float(self.k_sigma),
                           self.scale.data_ptr(), _ptr(self.theta) if policy == 1 else None)
@@ -324,6 +328,11 @@ def _raise(fn: str, status: int, sizes: str, hint: str = "") -> None:
     if hint:
         msg += f"; {hint}"
     raise KernelError(msg, st)
+
+
+def _on_device(t: Tensor):
+    """Run on t's GPU (kernels launch on the current device and its current stream)."""
+    return torch.cuda.device(t.device) if isinstance(t, Tensor) and t.is_cuda else contextlib.nullcontext()
 
 
 def _stream() -> ctypes.c_void_p:
@@ -397,14 +406,14 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
     if not 0 <= max_outliers <= K:
         raise ValueError(f"max_outliers must be in [0, K={K}], got {max_outliers}")
     _check_tensor(x, "x", (B, L, K), (torch.float16, torch.float32), ALIGN)
-    _check_tensor(w, "w", (N, K if w_bits == 8 else K // 2), (torch.int8,) if w_bits == 8 else (torch.uint8, torch.int8),
-                  ALIGN)
-    _check_tensor(w_scale, "w_scale", (N,), (torch.float32,))
-    if bias is not None:
-        _check_tensor(bias, "bias", (N,), (torch.float32,))
-    path = GemmPath[path.upper()] if isinstance(path, str) else GemmPath(path)
-    c_act = act.to_c(L, "act")
     dev = x.device
+    _check_tensor(w, "w", (N, K if w_bits == 8 else K // 2), (torch.int8,) if w_bits == 8 else (torch.uint8, torch.int8),
+                  ALIGN, dev)
+    _check_tensor(w_scale, "w_scale", (N,), (torch.float32,), device=dev)
+    if bias is not None:
+        _check_tensor(bias, "bias", (N,), (torch.float32,), device=dev)
+    path = GemmPath[path.upper()] if isinstance(path, str) else GemmPath(path)
+    c_act = act.to_c(L, "act", dev)
     y = torch.empty(B, L, N, dtype=x.dtype, device=dev)
     ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers), 1), dtype=torch.uint8, device=dev)
     res = OutlierLinearResult(y=y, path="none")
@@ -437,6 +446,11 @@ def _record_path(ran: ctypes.c_int, res: OutlierLinearResult) -> None:
 
 def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled) -> OutlierLinearResult:
     lib = _require_gpu()
+    with _on_device(x):
+        return _outlier_linear_on_device(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled)
+
+
+def _outlier_linear_on_device(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled):
     pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
     p, res = pl.params, pl.result
     ran = ctypes.c_int(0)
@@ -469,7 +483,8 @@ def outlier_linear_launcher(
     ref_p = ctypes.byref(pl.params)
 
     def launch() -> None:
-        st = lib.ouroOutlierLinearWithPath(ref_p, int(pl.path), _stream(), ctypes.byref(ran))
+        with _on_device(x):
+            st = lib.ouroOutlierLinearWithPath(ref_p, int(pl.path), _stream(), ctypes.byref(ran))
         if st != Status.OK:
             _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path))
         _record_path(ran, pl.result)
@@ -508,10 +523,11 @@ def outlier_fake_quant(x: Tensor, act: ActQuant) -> Tensor:
     if C > MAX_K:
         raise ValueError(f"C={C} exceeds the kernels' limit {MAX_K}")
     _check_tensor(x, "x", (B, L, C), (torch.float16, torch.float32))
-    c_act = act.to_c(L, "act")
+    c_act = act.to_c(L, "act", x.device)
     y = torch.empty_like(x)
-    st = lib.ouroOutlierFakeQuant(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.float32), B, L, C,
-                                  ctypes.byref(c_act), _stream())
+    with _on_device(x):
+        st = lib.ouroOutlierFakeQuant(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.float32), B, L, C,
+                                      ctypes.byref(c_act), _stream())
     if st != Status.OK:
         _raise("ouroOutlierFakeQuant", st, f"B={B}, L={L}, C={C}, bits={act.bits}/{act.bits_outlier}")
     return y
@@ -540,12 +556,12 @@ def selective_scan(
         raise ValueError(f"u must be fp16 or fp32, got {u.dtype}")
     for t, n, shp in ((u, "u", (Bsz, L, D)), (delta, "delta", (Bsz, L, D)), (Bm, "Bm", (Bsz, L, S)),
                       (Cm, "Cm", (Bsz, L, S))):
-        _check_tensor(t, n, shp, io)
+        _check_tensor(t, n, shp, io, device=u.device)
     if z is not None:
-        _check_tensor(z, "z", (Bsz, L, D), io)
-    _check_tensor(A, "A", (D, S), (torch.float32,))
+        _check_tensor(z, "z", (Bsz, L, D), io, device=u.device)
+    _check_tensor(A, "A", (D, S), (torch.float32,), device=u.device)
     if Dskip is not None:
-        _check_tensor(Dskip, "Dskip", (D,), (torch.float32,))
+        _check_tensor(Dskip, "Dskip", (D,), (torch.float32,), device=u.device)
     out = torch.empty_like(u)
     ws = torch.empty(max(1, int(lib.ouroSelectiveScanWorkspaceSize(Bsz, L, D, S, int(u.dtype == torch.float32)))),
                      dtype=torch.uint8, device=u.device)
@@ -553,19 +569,20 @@ def selective_scan(
         B=Bsz, L=L, D=D, S=S, io_is_fp32=int(u.dtype == torch.float32), reverse=int(reverse),
         delta_softplus=int(delta_softplus), u=u.data_ptr(), delta=delta.data_ptr(), A=A.data_ptr(), Bm=Bm.data_ptr(),
         Cm=Cm.data_ptr(), Dskip=_ptr(Dskip), z=_ptr(z), out=out.data_ptr(),
-        delta_q=delta_q.to_c(L, "delta_q") if delta_q else _NO_QUANT,
-        b_q=b_q.to_c(L, "b_q") if b_q else _NO_QUANT,
-        c_q=c_q.to_c(L, "c_q") if c_q else _NO_QUANT,
+        delta_q=delta_q.to_c(L, "delta_q", u.device) if delta_q else _NO_QUANT,
+        b_q=b_q.to_c(L, "b_q", u.device) if b_q else _NO_QUANT,
+        c_q=c_q.to_c(L, "c_q", u.device) if c_q else _NO_QUANT,
         workspace=ws.data_ptr(), workspace_size=ws.numel(),
     )
     if h_quant is not None:
         G = TemporalGroupQuant.num_groups(L, h_quant.group)
         hs = h_quant.scale.detach().float().contiguous()
         hz = h_quant.zero.detach().float().contiguous()
-        _check_tensor(hs, "h_quant.scale", (G,), (torch.float32,))
-        _check_tensor(hz, "h_quant.zero", (G,), (torch.float32,))
+        _check_tensor(hs, "h_quant.scale", (G,), (torch.float32,), device=u.device)
+        _check_tensor(hz, "h_quant.zero", (G,), (torch.float32,), device=u.device)
         p.h_bits, p.h_group, p.h_scale, p.h_zero = h_quant.bits, h_quant.group, hs.data_ptr(), hz.data_ptr()
-    st = lib.ouroSelectiveScan(ctypes.byref(p), _stream())
+    with _on_device(u):
+        st = lib.ouroSelectiveScan(ctypes.byref(p), _stream())
     if st != Status.OK:
         _raise("ouroSelectiveScan", st, f"B={Bsz}, L={L}, D={D}, S={S}, dtype={u.dtype}")
     return out
