@@ -105,28 +105,32 @@ def outlier_rates(qmodel: nn.Module, images: Tensor) -> dict[str, float]:
 def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
     """Memory vs FP16: packed integer weights plus every scale and threshold (fp32).
 
-    quantized_layers: only the tensors that are quantized (their FP16 size / their quantized size);
+    Integer tensors: the weight of each linear with a weight quantizer, and every constant a
+    quantizer stores as `codes` (SSM A, D), at the quantizer's `bits`. Scales: every floating
+    tensor a quantizer stores in the QuantState (`state_keys`), at 4 bytes.
+    quantized_layers: FP16 size of the quantized tensors / their quantized size (scales included);
     model: the whole model, unquantized parameters counted as FP16 on both sides."""
     from ouro.calib.quant import iter_quant_ops
 
     fp16_q = q_bytes = 0.0
     for i, ops in iter_quant_ops(qmodel):
+        mixer = qmodel.layers[i].mixer
+        weights = {id(q): getattr(mixer, name).weight.numel() for name, q in ops.weight.items()}
         for _, q in ops.quantizers():
             sd = q.state_dict()
-            for k in q.state_keys():
-                t = sd[k]
-                if k == "codes":
-                    fp16_q += t.numel() * FP16_BYTES
-                    q_bytes += t.numel() * q.bits / 8
-                elif t.is_floating_point():
-                    q_bytes += t.numel() * SCALE_BYTES
+            keys = q.state_keys()
+            n_int = weights.get(id(q), sd["codes"].numel() if "codes" in keys else 0)
+            if n_int:
+                fp16_q += n_int * FP16_BYTES
+                q_bytes += n_int * q.bits / 8
+            q_bytes += sum(sd[k].numel() * SCALE_BYTES for k in keys if k != "codes" and sd[k].is_floating_point())
     total_fp16 = sum(p.numel() for p in model.parameters()) * FP16_BYTES
     model_q = total_fp16 - fp16_q + q_bytes
     return {
         "fp16_bytes": int(total_fp16),
         "quantized_bytes": int(round(model_q)),
         "model": round(total_fp16 / model_q, 3) if model_q else None,
-        "quantized_layers": round(fp16_q / q_bytes, 3) if q_bytes else None,
+        "quantized_layers": round(fp16_q / q_bytes, 3) if fp16_q else None,
     }
 
 
