@@ -88,18 +88,37 @@ def _act_c(c) -> ck._ActQuantC:
                          None if c.theta is None else c.theta.data_ptr())
 
 
+GUARD = 64
+"""Elements of sentinel before and after every output buffer: an out-of-bounds write changes them."""
+
+
+class Guarded:
+    """A contiguous tensor with GUARD sentinel elements on both sides (offsets keep 16-byte alignment)."""
+
+    def __init__(self, shape, dtype):
+        n = 1
+        for d in shape:
+            n *= d
+        self.full = torch.zeros(n + 2 * GUARD, dtype=dtype)
+        self.full[:GUARD] = 77
+        self.full[GUARD + n:] = 77
+        self.t = self.full[GUARD:GUARD + n].view(*shape)
+
+    def intact(self) -> bool:
+        n = self.t.numel()
+        return bool((self.full[:GUARD] == 77).all() and (self.full[GUARD + n:] == 77).all())
+
+
 def run_linear(lib, c, *, path=ck.GemmPath.AUTO, max_outliers=None, check=True):
     B, L, K = c.x.shape
     N = c.w_codes.shape[0]
     M = B * L
     mo = K if max_outliers is None else max_outliers
-    ws = torch.zeros(lib.ouroOutlierLinearWorkspaceSize(M, L, K, N, c.w_bits, c.act_bits, c.bits_outlier,
-                                                        c.n_refresh, mo) + 1, dtype=torch.uint8)
-    y = torch.empty(B, L, N, dtype=c.x.dtype)
-    acc_in = torch.zeros(B, L, N, dtype=torch.int32)
-    acc_out = torch.zeros(B, L, N, dtype=torch.int32)
-    codes = torch.zeros(B, L, K, dtype=torch.int8)
-    mask = torch.zeros(B, L, K, dtype=torch.uint8)
+    ws_size = lib.ouroOutlierLinearWorkspaceSize(M, L, K, N, c.w_bits, c.act_bits, c.bits_outlier, c.n_refresh, mo)
+    bufs = dict(ws=Guarded((ws_size,), torch.uint8), y=Guarded((B, L, N), c.x.dtype),
+                acc_in=Guarded((B, L, N), torch.int32), acc_out=Guarded((B, L, N), torch.int32),
+                codes=Guarded((B, L, K), torch.int8), mask=Guarded((B, L, K), torch.uint8))
+    ws, y, acc_in, acc_out, codes, mask = (bufs[k].t for k in ("ws", "y", "acc_in", "acc_out", "codes", "mask"))
     p = ck._LinearParamsC(M=M, L=L, K=K, N=N, x=c.x.data_ptr(), x_is_fp32=int(c.x.dtype == torch.float32),
                           w=c.w.data_ptr(), w_bits=c.w_bits, w_scale=c.w_scale.data_ptr(),
                           bias=None if c.bias is None else c.bias.data_ptr(), act=_act_c(c), max_outliers=mo,
@@ -112,6 +131,8 @@ def run_linear(lib, c, *, path=ck.GemmPath.AUTO, max_outliers=None, check=True):
     cap = ck.Status(lib.ouroOutlierLinearCheck(ctypes.byref(p), None))
     if check:
         assert cap == ck.Status.OK
+    for name, b in bufs.items():
+        assert b.intact(), f"out-of-bounds write next to {name}"
     return dict(y=y, acc_in=acc_in, acc_out=acc_out, codes=codes, mask=mask.bool(), path=ck.GemmPath(ran.value),
                 capacity=cap)
 
@@ -195,19 +216,21 @@ def test_capacity_overflow_gives_nan_rows_and_status(emu, cc):
 def test_fake_quant(emu, cc, dtype, C, bits_outlier):
     c = kc.make_linear_case(2, 13, C, 1, outlier_frac=0.06, bits_outlier=bits_outlier, n_refresh=5, dtype=dtype)
     ref = outlier_fake_quant(c.x, c.scale, c.act_bits, bits_outlier, c.n_refresh)
-    y = torch.empty_like(c.x)
+    yg = Guarded(tuple(c.x.shape), dtype)
+    y = yg.t
     q = _act_c(c)
     st = emu.ouroOutlierFakeQuant(c.x.data_ptr(), y.data_ptr(), int(dtype == torch.float32), 2, 13, C,
                                   ctypes.byref(q), None)
-    assert st == ck.Status.OK
+    assert st == ck.Status.OK and yg.intact()
     assert torch.equal(y, ref.to(dtype))
 
 
 def _scan(lib, u, delta, A, Bm, Cm, Dskip, z, *, reverse, softplus=True, qs=(None, None, None), hq=None):
     Bsz, L, D = u.shape
     S = A.shape[1]
-    out = torch.empty_like(u)
-    ws = torch.zeros(lib.ouroSelectiveScanWorkspaceSize(Bsz, L, D, S, 1), dtype=torch.uint8)
+    og = Guarded(tuple(u.shape), u.dtype)
+    wg = Guarded((lib.ouroSelectiveScanWorkspaceSize(Bsz, L, D, S, 1),), torch.uint8)
+    out, ws = og.t, wg.t
     no_q = ck._ActQuantC(0, 0, 1, 0, 0.0, None, None)
     p = ck._ScanParamsC(B=Bsz, L=L, D=D, S=S, io_is_fp32=int(u.dtype == torch.float32), reverse=int(reverse),
                         delta_softplus=int(softplus), u=u.data_ptr(), delta=delta.data_ptr(), A=A.data_ptr(),
@@ -218,6 +241,7 @@ def _scan(lib, u, delta, A, Bm, Cm, Dskip, z, *, reverse, softplus=True, qs=(Non
     if hq is not None:
         p.h_bits, p.h_group, p.h_scale, p.h_zero = hq.bits, hq.group, hq.scale.data_ptr(), hq.zero.data_ptr()
     assert lib.ouroSelectiveScan(ctypes.byref(p), None) == ck.Status.OK
+    assert og.intact() and wg.intact(), "out-of-bounds write"
     return out
 
 
