@@ -149,6 +149,7 @@ class OuroMambaParams:
     inlier_granularity: str = "token"  # "token": S_I(t) of shape (1, L, 1); "tensor": one scalar (what a per-tensor kernel needs)
     outlier_detection: str = "dynamic"  # "dynamic" (Alg. 2, the product); "static"/"none": ablation only (seed Table 5)
     static_outlier_fraction: float = 0.08  # "static": fraction of channels in the fixed offline list (64 of 768 in the seed)
+    delta_before_bias: bool = False  # quantize Delta = dt_proj(x) before its bias is added (bias added in FP after)
 
     def __post_init__(self) -> None:
         if self.inlier_granularity not in ("token", "tensor"):

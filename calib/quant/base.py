@@ -152,7 +152,7 @@ def _default_scan(ops: "QuantizedMixerOps", direction: str, kw: dict[str, Tensor
     kw = dict(kw)
     for op, arg in names.items():
         k = f"{op}_{direction}"
-        if k in ops.ssm:
+        if k in ops.ssm and not getattr(ops.ssm[k], "applied_in_linear", False):
             kw[arg] = ops.ssm[k](kw[arg])
     for inner in ("h", "abar"):
         if f"{inner}_{direction}" in ops.ssm:

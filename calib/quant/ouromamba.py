@@ -42,7 +42,7 @@ from ..quantizers import (
     qmax,
     quant_sym_ref,
 )
-from .base import MethodSpec, Quantizer, Site, register_method
+from .base import MethodSpec, Quantizer, Site, _default_linear, register_method
 from .observers import SCALE_EPS, lp_scale_search
 
 __all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "static_outlier_fake_quant", "OUROMAMBA"]
@@ -283,7 +283,10 @@ def make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
 
 def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
     if site.name == "delta":
-        return _act(site, recipe, recipe.k_sigma_delta)
+        q = _act(site, recipe, recipe.k_sigma_delta)
+        if q is not None:
+            q.applied_in_linear = bool(getattr(recipe.method_params, "delta_before_bias", False))
+        return q
     if site.name in ("B", "C"):
         return _act(site, recipe, recipe.k_sigma)
     if recipe.a_bits >= FP_PASSTHROUGH_BITS:
@@ -298,7 +301,21 @@ def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
     )
 
 
+def linear(ops, name: str, module: nn.Linear, x: Tensor) -> Tensor:
+    """Default quantized linear, except dt_proj(_b) when its Delta quantizer is `applied_in_linear`:
+    then Delta is quantized on dt_proj's output before the bias, and the bias is added in FP."""
+    if name.startswith("dt_proj"):
+        key = "delta_fwd" if name == "dt_proj" else "delta_bwd"
+        q = ops.ssm[key] if key in ops.ssm else None
+        if q is not None and getattr(q, "applied_in_linear", False):
+            xq = ops.act[name](x) if name in ops.act else x
+            w = ops.weight[name](module.weight) if name in ops.weight else module.weight
+            y = q(torch.nn.functional.linear(xq, w))
+            return y if module.bias is None else y + module.bias
+    return _default_linear(ops, name, module, x)
+
+
 OUROMAMBA = register_method(
     Method.OUROMAMBA,
-    MethodSpec(make_act=make_act, make_weight=make_weight, make_ssm=make_ssm, description="OuroMamba-Quant (dynamic outliers)"),
+    MethodSpec(make_act=make_act, make_weight=make_weight, make_ssm=make_ssm, linear=linear, description="OuroMamba-Quant (dynamic outliers)"),
 )

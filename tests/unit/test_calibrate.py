@@ -122,3 +122,18 @@ def test_calibrated_theta_policy_runs(setup):
     assert th and all(bool((t > 0).all()) for t in th)
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
+
+
+def test_delta_before_bias_option(setup, tmp_path):
+    from ouro.calib.quant import load_quant_state, save_quant_state
+    from ouro.recipes import OuroMambaParams
+
+    model, x, loop = setup
+    r = get_preset("w4a4").with_(method_params=OuroMambaParams(delta_before_bias=True), calib=FAST)
+    q = calibrate(model, r, loop, progress=False)
+    d = q.layers[0].mixer.quant.ssm["delta_fwd"]
+    assert d.applied_in_linear
+    save_quant_state(q, tmp_path / "q.safetensors")
+    q2 = load_quant_state(model, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
