@@ -1,0 +1,111 @@
+"""The embedded demo: scikit-learn digits as small RGB images, the shipped demo Vim, top-1 evaluation.
+
+Data: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no download), upsampled
+bilinearly to 32x32, repeated to 3 channels, scaled to [0, 1] and normalised with the train
+split's mean and std. The split is fixed (a seeded permutation, independent of the machine):
+
+    train  1,300 images   (the demo model is trained on these)
+    calib    256 images   a fixed subset of train: the calibration set of every recipe
+    test     497 images   held out: FP and quantized top-1 are measured here
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DIGITS_IMG_SIZE",
+    "SPLIT_SIZES",
+    "SPLIT_SEED",
+    "load_digits_split",
+    "demo_files",
+    "demo_card",
+    "load_demo_model",
+    "evaluate_top1",
+]
+
+DIGITS_IMG_SIZE = 32
+SPLIT_SEED = 0
+N_TRAIN, N_CALIB = 1300, 256
+SPLIT_SIZES = {"train": N_TRAIN, "calib": N_CALIB, "test": 1797 - N_TRAIN}
+DEMO_CHECKPOINT, DEMO_CARD = "vim_demo.pth", "vim_demo.json"
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(DIGITS_IMG_SIZE, DIGITS_IMG_SIZE), mode="bilinear", align_corners=False)
+    y = torch.as_tensor(d.target, dtype=torch.int64)
+    if len(y) != sum(SPLIT_SIZES[k] for k in ("train", "test")):
+        raise RuntimeError(f"scikit-learn digits has {len(y)} images, expected 1797; the demo split needs the standard set")
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    perm = torch.randperm(len(y), generator=g)
+    train = perm[:N_TRAIN]
+    idx = {"train": train, "test": perm[N_TRAIN:], "calib": train[torch.randperm(N_TRAIN, generator=g)[:N_CALIB]]}
+    mean, std = x[train].mean(), x[train].std()
+    x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
+    return x, y, idx
+
+
+def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
+    """Images (N, 3, 32, 32) float32 and labels (N,) int64 of one fixed split: train | calib | test."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
+    x, y, idx = _digits()
+    i = idx[split]
+    return x[i].clone(), y[i].clone()
+
+
+def demo_files() -> tuple[Path, Path]:
+    """Paths of the shipped demo checkpoint and its JSON card (package data of ouro.calib)."""
+    root = Path(str(resources.files("ouro.calib") / "demo"))
+    return root / DEMO_CHECKPOINT, root / DEMO_CARD
+
+
+def demo_card() -> dict:
+    """The demo model's card: config, split, seed, FP test top-1, training time."""
+    _, card = demo_files()
+    if not card.is_file():
+        raise FileNotFoundError(f"demo card {card} is missing; run `python tools/train_demo.py` to create it")
+    return json.loads(card.read_text())
+
+
+def load_demo_model():
+    """The shipped demo Vim (eval mode), loaded through the same checkpoint loader as official files."""
+    from .checkpoint import load_checkpoint
+    from .models.vim import VimConfig
+
+    ckpt, _ = demo_files()
+    cfg = VimConfig(**demo_card()["config"])
+    return load_checkpoint(ckpt, arch=cfg).eval()
+
+
+@torch.no_grad()
+def evaluate_top1(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int = 128, *,
+                  desc: str = "top-1", progress: bool = True) -> float:
+    """Top-1 accuracy in percent of `model` on (images, labels), in batches, with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError("evaluate_top1 needs at least one image")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            logits = model(images[i : i + batch_size])
+            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / len(images)
