@@ -24,6 +24,8 @@ computed for all (k, s) at once per channel chunk.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -111,17 +113,38 @@ def implicit_attention_ref(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, *, rev
     return out
 
 
-def _state_attention_chunk(cum: Tensor, dt: Tensor, A: Tensor, k_idx: Tensor, s_idx: Tensor, channel_mean: bool) -> Tensor:
-    """One channel chunk of the state attention without C, on the causal pairs (k, s) only
-    (s before-or-at k in scan order, so c_k - c_s >= 0):
+FACTOR_LIMITS = {torch.float32: 80.0, torch.float64: 600.0}
+"""Largest |A (c - c_mid)| for the factored form in each dtype (exp overflows at ~88 / ~709)."""
+
+
+def _direct_chunk(cum: Tensor, dt: Tensor, A: Tensor, k_idx: Tensor, s_idx: Tensor, channel_mean: bool) -> Tensor:
+    """State attention without C on the causal pairs (k, s) (s before-or-at k, so c_k - c_s >= 0):
         E[b, pair, (d,) n] = exp(A[d, n] (c_k - c_s)) dt_s[d]
     summed over the chunk's channels when channel_mean (B, M, S), else (B, M, Dc, S).
-    The summed form runs as exp(A (c_k - c_s) + log dt_s) reduced over the contiguous last axis."""
+    One exp per (pair, channel, state): always finite, costs B*M*Dc*S exps."""
     diff = (cum[:, k_idx] - cum[:, s_idx]).float()  # (B, M, Dc), >= 0
     if channel_mean:
         logdt = dt.clamp_min(torch.finfo(torch.float32).tiny).log()[:, s_idx, None, :]  # (B, M, 1, Dc)
         return torch.exp(torch.addcmul(logdt, diff.unsqueeze(2), A.t())).sum(-1)  # (B, M, S)
     return torch.exp(diff.unsqueeze(-1) * A) * dt[:, s_idx].unsqueeze(-1)  # (B, M, Dc, S)
+
+
+def _factored_chunk(cum: Tensor, dt: Tensor, A: Tensor, k_idx: Tensor, s_idx: Tensor, channel_mean: bool,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """Same as `_direct_chunk`, factored around the mid cumulative value m:
+        exp(A (c_k - c_s)) = exp(A (c_k - m)) * exp(-A (c_s - m))
+    so the channel sum is one batched GEMM over d ((B*S) matrices L x Dc @ Dc x L) and only
+    2*B*L*Dc*S exps are taken. Valid while |A (c - m)| < FACTOR_LIMITS[dtype] (the caller checks,
+    per channel)."""
+    m = (cum[:, :1] + cum[:, -1:]) / 2
+    x = (cum - m).to(dtype).unsqueeze(1) * A.t().to(dtype).unsqueeze(1)  # (B, S, L, Dc)
+    P, Q = torch.exp(x), torch.exp(-x) * dt.to(dtype).unsqueeze(1)
+    if channel_mean:
+        return (P @ Q.transpose(-1, -2))[:, :, k_idx, s_idx].transpose(1, 2).float()  # (B, M, S)
+    return (P[:, :, k_idx] * Q[:, :, s_idx]).permute(0, 2, 3, 1).float()  # (B, M, Dc, S)
+
+
+_METHODS = {"factored": _factored_chunk, "direct": _direct_chunk}
 
 
 def implicit_attention(
@@ -134,6 +157,7 @@ def implicit_attention(
     mix: Tensor | None = None,
     rows: Tensor | None = None,
     channel_mean: bool = True,
+    method: str = "factored",
     chunk_elems: int = 1 << 25,
     use_checkpoint: bool = False,
 ) -> Tensor:
@@ -143,9 +167,11 @@ def implicit_attention(
     (the enhanced attention alpha_p with mix = `neighbourhood_weights`, rows = the patch tokens).
     mix None: the plain implicit attention, T = L rows.
     Returns (B, T, L) averaged over channels when channel_mean, else (B, D, T, L).
-    Only the L(L+1)/2 causal (k, s) pairs are computed, in channel chunks of at most `chunk_elems`
-    elements of (B, pairs, S, Dc);
-    use_checkpoint recomputes each chunk in the backward pass instead of storing it."""
+
+    method "factored" (default): channels whose cumulative log-decay range fits FACTOR_LIMITS use the
+    factored form (GEMM over channels; float32 when it fits, else float64); the others, and every
+    channel under "direct", take one exp per causal pair (k, s). Channels go in chunks of at most `chunk_elems` elements of the
+    chunk's largest tensor; use_checkpoint recomputes each chunk in the backward pass."""
     Bsz, L, D = dt.shape
     S = A.shape[1]
     if A.shape != (D, S) or Bm.shape != (Bsz, L, S) or Cm.shape != (Bsz, L, S):
@@ -155,19 +181,34 @@ def implicit_attention(
         )
     if (mix is None) != (rows is None):
         raise ValueError("give both mix and rows (enhanced attention) or neither (plain attention)")
+    if method not in _METHODS:
+        raise ValueError(f"unknown implicit-attention method {method!r}; choose one of {', '.join(_METHODS)}")
     dtf, Af = dt.float(), A.float()
     cum64 = dtf.double().flip(1).cumsum(1).flip(1) if reverse else dtf.double().cumsum(1)  # c_k in scan order
     pairs = torch.triu_indices(L, L) if reverse else torch.tril_indices(L, L)  # (k, s): s before-or-at k
     k_idx, s_idx = pairs[0].to(dt.device), pairs[1].to(dt.device)
     M = k_idx.numel()
-    dc = max(1, min(D, chunk_elems // max(1, Bsz * M * S)))
-    parts = []
-    for d0 in range(0, D, dc):
-        args = (cum64[..., d0:d0 + dc], dtf[..., d0:d0 + dc], Af[d0:d0 + dc], k_idx, s_idx, channel_mean)
-        if use_checkpoint and torch.is_grad_enabled():
-            parts.append(checkpoint(_state_attention_chunk, *args, use_reentrant=False))
-        else:
-            parts.append(_state_attention_chunk(*args))
+    with torch.no_grad():  # per channel: max |A (c - m)| = half the cumulative range times max |A|
+        reach = (cum64.amax(1) - cum64.amin(1)).amax(0) / 2 * Af.abs().amax(-1).double()  # (D,)
+        tier = torch.full_like(reach, 2, dtype=torch.long)  # 0: factored fp32, 1: factored fp64, 2: direct
+        if method == "factored":
+            tier[reach < FACTOR_LIMITS[torch.float64]] = 1
+            tier[reach < FACTOR_LIMITS[torch.float32]] = 0
+    per_f = Bsz * (L if channel_mean else M) * S
+    groups = [(partial(_factored_chunk, dtype=torch.float32), torch.nonzero(tier == 0).flatten(), per_f),
+              (partial(_factored_chunk, dtype=torch.float64), torch.nonzero(tier == 1).flatten(), per_f),
+              (_direct_chunk, torch.nonzero(tier == 2).flatten(), Bsz * M * S)]
+    parts, order = [], []
+    for fn, chans, per_channel in groups:
+        dc = max(1, chunk_elems // max(1, per_channel))
+        for c0 in range(0, chans.numel(), dc):
+            ch = chans[c0:c0 + dc]
+            args = (cum64[..., ch], dtf[..., ch], Af[ch], k_idx, s_idx, channel_mean)
+            if use_checkpoint and torch.is_grad_enabled():
+                parts.append(checkpoint(fn, *args, use_reentrant=False))
+            else:
+                parts.append(fn(*args))
+            order.append(ch)
     Cf, Bf = Cm.float(), Bm.float()
     if channel_mean:
         E = dtf.new_zeros(Bsz, L, L, S)  # (B, k, s, S)
@@ -176,7 +217,7 @@ def implicit_attention(
         Ct = Cf if mix is None else Cf[:, rows]
         return (G * Ct.unsqueeze(2) * Bf.unsqueeze(1)).sum(-1)
     E = dtf.new_zeros(Bsz, L, L, D, S)  # (B, k, s, D, S)
-    E[:, k_idx, s_idx] = torch.cat(parts, dim=2)
+    E[:, k_idx, s_idx] = torch.cat(parts, dim=2)[:, :, torch.argsort(torch.cat(order))]
     if mix is None:
         return torch.einsum("btsdn,btn,bsn->bdts", E, Cf, Bf)
     G = torch.einsum("btk,bksdn->btsdn", mix.float(), E)

@@ -53,20 +53,36 @@ class GenResult:
 
 
 # ------------------------------------------------------------------------------------------ range
+DEMO_NAME = "vim_demo_digits"  # VimConfig.name of the embedded demo model (tools/train_demo.py)
+
+
+def _demo_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The digits transform maps [0, 1] to [(0 - m) / s, (1 - m) / s] with one scalar m, s (from the
+    train split); both ends occur in the train split (background 0, stroke 1), so m and s follow
+    from its range."""
+    from ..data import load_digits_split
+
+    x, _ = load_digits_split("train")
+    lo, hi = float(x.amin()), float(x.amax())
+    s = 1.0 / (hi - lo)
+    return (-lo * s,), (s,)
+
+
 def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the model's input transform: the config's, else the model's data module's
-    (`ouro.calib.data.input_normalization(model)` when it exists), else ImageNet for 3 channels."""
+    """(mean, std) per channel of the model's input transform: the config's if given; else
+    `ouro.calib.data.input_normalization(model)` if the data module has it; else the digits
+    transform for the embedded demo model; else ImageNet's for 3-channel models."""
     cfg = config or GenConfig()
     C = model.cfg.in_chans
     if cfg.mean is not None:
         mean, std = cfg.mean, cfg.std
     else:
-        try:
-            from ..data import input_normalization as data_norm  # type: ignore[attr-defined]
-        except ImportError:
-            data_norm = None
-        if data_norm is not None:
-            mean, std = (tuple(float(v) for v in t) for t in data_norm(model))
+        from .. import data
+
+        if hasattr(data, "input_normalization"):
+            mean, std = (tuple(float(v) for v in t) for t in data.input_normalization(model))
+        elif model.cfg.name == DEMO_NAME:
+            mean, std = _demo_normalization()
         elif C == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         else:

@@ -2,8 +2,9 @@
 
 Works through the mixer's `ops.scan` hook (models/vim.py), so the model's arithmetic and its normal
 fast path are untouched: the hook is installed for the duration of a `with` block and removed after.
-Inside, the scan runs as `selective_scan_ref` (the numerical specification, differentiable); with
-states=True it also keeps every state h (B, L, D, S), which costs B*L*D*S floats per layer and direction.
+With states=True the scan runs as `selective_scan_ref` (the numerical specification) and keeps every
+state h (B, L, D, S), B*L*D*S floats per layer and direction; without, it runs as the chunked scan
+(equal to fp32 tolerance, cheaper to differentiate) and records only the scan inputs and Delta.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..scan import selective_scan_ref
+from ..scan import selective_scan_chunked, selective_scan_ref
 
 __all__ = ["ScanRecord", "record_scans", "hook_mixer"]
 
@@ -33,15 +34,21 @@ class ScanRecord:
     h: Tensor | None  # (B, L, D, S)
 
 
+def _scan(direction: str, kw: dict[str, Tensor], states: bool):
+    """The reference scan when states are wanted, else the chunked scan (same numerics to fp32
+    tolerance, stable for any dt*A, with a much cheaper backward)."""
+    args = (kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"])
+    fn = selective_scan_ref if states else selective_scan_chunked
+    extra = {"return_states": True} if states else {}
+    return fn(*args, delta_softplus=True, reverse=direction == "bwd", **extra)
+
+
 class _Recorder:
     def __init__(self, layer: int, sink: list[ScanRecord], states: bool) -> None:
         self.layer, self.sink, self.states = layer, sink, states
 
     def __call__(self, direction: str, **kw: Tensor) -> Tensor:
-        out = selective_scan_ref(
-            kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
-            delta_softplus=True, reverse=direction == "bwd", return_states=self.states,
-        )
+        out = _scan(direction, kw, self.states)
         if self.states:
             y, st = out
             dt, h = st.dt, st.h

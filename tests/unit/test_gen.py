@@ -60,13 +60,15 @@ def _tiny_model(seed=0):
 
 # ------------------------------------------------------------------------------ implicit attention
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("method", ["factored", "direct"])
 @pytest.mark.parametrize("chunk_elems", [1, 50, 1 << 20])  # 1 channel per chunk, a few, all at once
-def test_implicit_attention_fast_equals_loop(reverse, chunk_elems):
+def test_implicit_attention_fast_equals_loop(reverse, method, chunk_elems):
     dt, A, Bm, Cm, _ = _ssm()
     ref = implicit_attention_ref(dt, A, Bm, Cm, reverse=reverse)
-    fast = implicit_attention(dt, A, Bm, Cm, reverse=reverse, channel_mean=False, chunk_elems=chunk_elems)
+    kw = dict(reverse=reverse, method=method, chunk_elems=chunk_elems)
+    fast = implicit_attention(dt, A, Bm, Cm, channel_mean=False, **kw)
     torch.testing.assert_close(fast, ref, atol=ATTN_ATOL, rtol=ATTN_RTOL)
-    mean = implicit_attention(dt, A, Bm, Cm, reverse=reverse, chunk_elems=chunk_elems)
+    mean = implicit_attention(dt, A, Bm, Cm, **kw)
     torch.testing.assert_close(mean, ref.mean(1), atol=ATTN_ATOL, rtol=ATTN_RTOL)
     # causal structure: forward attends to s <= t, reverse to s >= t
     strict = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
@@ -99,6 +101,22 @@ def test_enhanced_attention_is_the_attention_of_h_p(reverse, p):
     torch.testing.assert_close(apm, ap.mean(1), atol=ATTN_ATOL, rtol=ATTN_RTOL)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_implicit_attention_large_decay_uses_every_tier(reverse):
+    """Channels with a long cumulative decay leave the float32 (|A dc| > 80) and float64 (> 600)
+    factored forms for the direct one; the results stay finite and equal the loop."""
+    dt, A, Bm, Cm, _ = _ssm(D=6, seed=4)
+    dt = dt * torch.tensor([0.1, 1.0, 30.0, 60.0, 200.0, 400.0])  # per channel: spans all three tiers
+    A = A.clamp(max=-0.5)
+    ref = implicit_attention_ref(dt, A, Bm, Cm, reverse=reverse)
+    x = dt.clone().requires_grad_(True)
+    got = implicit_attention(x, A, Bm, Cm, reverse=reverse, channel_mean=False)
+    torch.testing.assert_close(got, ref, atol=ATTN_ATOL, rtol=ATTN_RTOL)
+    got.pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(implicit_attention(dt, A, Bm, Cm, reverse=reverse), ref.mean(1), atol=ATTN_ATOL, rtol=ATTN_RTOL)
+
+
 def test_implicit_attention_is_differentiable_with_checkpointing():
     dt, A, Bm, Cm, _ = _ssm(seed=3)
     grads = []
@@ -116,6 +134,8 @@ def test_implicit_attention_shape_errors_name_the_sizes():
         implicit_attention(dt, A[:3], Bm, Cm)
     with pytest.raises(ValueError, match="mix and rows"):
         implicit_attention(dt, A, Bm, Cm, mix=torch.zeros(2, 9, 10))
+    with pytest.raises(ValueError, match="factored, direct"):
+        implicit_attention(dt, A, Bm, Cm, method="fft")
 
 
 # ------------------------------------------------------------------------- neighbourhood and CLS
