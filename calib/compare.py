@@ -1,0 +1,263 @@
+"""Every method x every preset it supports on one model: the top-1 table of the papers.
+
+    ouro-export compare --demo                         (embedded demo model, digits calib/test splits)
+    ouro-export compare vim_s.pth --calib-dir C --eval-dir E   (ImageNet-style folders)
+    python tools/compare_methods.py --demo [--methods ...] [--presets ...]
+
+All methods see the same calibration images (drawn once, seeded) and the same evaluation images.
+Each (method, preset) runs `ouro.calib.quant.calibrate` with the preset as shipped (no per-method
+tuning here), then top-1 on the evaluation images. Output: a printed table shaped like the seeds'
+tables (method, data, #images, W/A, top-1, delta vs FP), and `<prefix>.json`, `<prefix>.md`,
+`<prefix>.png` (top-1 vs activation bits, one line per method and weight width).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METHOD_ORDER",
+    "COMPARE_PRESETS",
+    "CompareRow",
+    "CompareResult",
+    "method_presets",
+    "run_comparison",
+    "format_table",
+    "write_outputs",
+    "compare_main",
+]
+
+METHOD_ORDER = ("ouromamba", "ptq4vm", "qmamba", "percentile", "minmax")
+"""Rows are grouped by method in this order (the papers' tables list the proposed method first)."""
+COMPARE_PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w6a4")
+"""Presets compared, in table order; a method runs those of them it ships (QMamba adds w6a4)."""
+
+
+@dataclass
+class CompareRow:
+    method: str
+    preset: str
+    data: str
+    images: int
+    w_bits: int
+    a_bits: int
+    top1: float | None
+    delta: float | None
+    calib_seconds: float
+    method_info: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def wa(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+
+@dataclass
+class CompareResult:
+    model: str
+    data: str
+    calib_images: int
+    eval_images: int
+    fp_top1: float
+    seed: int
+    rows: list[CompareRow]
+    total_seconds: float = 0.0
+    torch_threads: int = 1
+    cpu_count: int = 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = [{**asdict(r), "wa": r.wa} for r in self.rows]
+        return d
+
+
+def method_presets(method: str, presets: tuple[str, ...] = COMPARE_PRESETS) -> list[str]:
+    """The presets of `presets` that `method` ships, in `presets` order."""
+    from ouro.recipes import list_presets
+
+    have = set(list_presets(method))
+    return [p for p in presets if p in have]
+
+
+def _summarise_info(info: dict) -> dict:
+    """Method info as stored in the JSON (QMamba's per-SSM LtSQ choices are counted, and kept)."""
+    out = dict(info)
+    abar = info.get("abar_quantizers")
+    if abar:
+        out["ltsq_selected"] = f"{sum(a['quantizer'] == 'ltsq' for a in abar)}/{len(abar)}"
+    return out
+
+
+def run_comparison(
+    model,
+    calib_images: Tensor,
+    eval_images: Tensor,
+    eval_labels: Tensor,
+    *,
+    data: str,
+    methods: tuple[str, ...] = METHOD_ORDER,
+    presets: tuple[str, ...] = COMPARE_PRESETS,
+    seed: int = 0,
+    progress: bool = True,
+    model_name: str = "",
+) -> CompareResult:
+    """Calibrate and evaluate every (method, preset); a failing run is a row with its error."""
+    from tqdm.auto import tqdm
+
+    from ouro.calib.data import evaluate_top1
+    from ouro.calib.imagefolder import make_forward_loop
+    from ouro.calib.quant import calibrate
+    from ouro.recipes import get_preset
+
+    t_all = time.perf_counter()
+    model.eval()
+    fp = evaluate_top1(model, eval_images, eval_labels, desc="FP top-1", progress=progress)
+    runs = [(m, p) for m in methods for p in method_presets(m, presets)]
+    if not runs:
+        raise ValueError(f"no (method, preset) pair to run: methods {list(methods)}, presets {list(presets)}")
+    loop = make_forward_loop(calib_images)
+    rows: list[CompareRow] = []
+    bar = tqdm(runs, desc="compare", unit="run", disable=not progress)
+    for method, preset in bar:
+        bar.set_postfix_str(f"{method} {preset}")
+        recipe = get_preset(preset, method)
+        t0 = time.perf_counter()
+        try:
+            qmodel = calibrate(model, recipe, loop, seed=seed, progress=False)
+            secs = time.perf_counter() - t0
+            top1 = evaluate_top1(qmodel, eval_images, eval_labels, desc=f"{method} {preset}", progress=False)
+            info = _summarise_info(getattr(qmodel, "ouro_method_info", {}) or {})
+            rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
+                                   round(top1, 2), round(top1 - fp, 2), round(secs, 1), info))
+            del qmodel
+        except Exception as e:  # one broken method must not hide the others' numbers
+            rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
+                                   None, None, round(time.perf_counter() - t0, 1),
+                                   error=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+            if os.environ.get("OURO_DEBUG"):
+                traceback.print_exc()
+    return CompareResult(
+        model=model_name or getattr(model.cfg, "name", "vim"), data=data,
+        calib_images=int(calib_images.shape[0]), eval_images=int(eval_images.shape[0]), fp_top1=round(fp, 2),
+        seed=seed, rows=rows, total_seconds=round(time.perf_counter() - t_all, 1),
+        torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1,
+    )
+
+
+def format_table(res: CompareResult) -> str:
+    """Markdown table: method, data, #images, W/A, top-1, delta vs FP (plus calibration seconds)."""
+    lines = [
+        f"Model {res.model}; FP top-1 {res.fp_top1:.2f} % on {res.eval_images} evaluation images; "
+        f"{res.calib_images} calibration images; seed {res.seed}; total {res.total_seconds:.0f} s "
+        f"({res.torch_threads} torch threads, {res.cpu_count} CPUs).",
+        "",
+        "| method | data | #images | W/A | top-1 (%) | Δ vs FP | calib (s) |",
+        "|---|---|---|---|---|---|---|",
+        f"| FP | – | – | 32/32 | {res.fp_top1:.2f} | – | – |",
+    ]
+    for r in res.rows:
+        t1 = f"{r.top1:.2f}" if r.top1 is not None else f"error: {r.error}"
+        d = f"{r.delta:+.2f}" if r.delta is not None else "–"
+        lines.append(f"| {r.method} | {r.data} | {r.images} | {r.w_bits}/{r.a_bits} | {t1} | {d} | {r.calib_seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def _plot(res: CompareResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {4: "-", 6: "--", 8: ":"}
+    methods = [m for m in METHOD_ORDER if any(r.method == m for r in res.rows)]
+    methods += sorted({r.method for r in res.rows} - set(methods))
+    for mi, m in enumerate(methods):
+        for wb in sorted({r.w_bits for r in res.rows if r.method == m}):
+            pts = sorted((r.a_bits, r.top1) for r in res.rows if r.method == m and r.w_bits == wb and r.top1 is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(wb, "-."), marker="o",
+                        color=colors[mi % len(colors)], label=f"{m} W{wb}")
+    ax.axhline(res.fp_top1, color="black", lw=0.8, label=f"FP {res.fp_top1:.1f}")
+    ax.set_xlabel("activation bits")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_xticks(sorted({r.a_bits for r in res.rows}))
+    ax.set_title(f"{res.model}: top-1 vs activation bits ({res.data}, {res.calib_images} calib images)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(res: CompareResult, prefix: str | Path) -> list[Path]:
+    """<prefix>.json, <prefix>.md, <prefix>.png; returns the paths written."""
+    prefix = Path(prefix)
+    if prefix.parent and not prefix.parent.exists():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    pj, pm, pp = (prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png"))
+    pj.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+    pm.write_text(format_table(res) + "\n")
+    _plot(res, pp)
+    return [pj, pm, pp]
+
+
+def _data(model, args) -> tuple[Tensor, Tensor, Tensor, str]:
+    """(calibration images, evaluation images, labels, data label) for the CLI arguments."""
+    from ouro.calib.imagefolder import ImageFolderError, calibration_images, load_image_folder, parse_calib_spec
+
+    demo = bool(getattr(args, "demo", False))
+    calib_dir, eval_dir = getattr(args, "calib_dir", None), getattr(args, "eval_dir", None)
+    seed = int(getattr(args, "seed", 0))
+    if not demo and not (calib_dir and eval_dir):
+        raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
+                               "(ImageNet-style class folders); or use --demo")
+    spec = parse_calib_spec(getattr(args, "calib", None), calib_dir)
+    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=demo, seed=seed)
+    if eval_dir:
+        x, y = load_image_folder(eval_dir, img_size=model.cfg.img_size, seed=seed)
+        if y is None:
+            raise ImageFolderError(f"--eval-dir {eval_dir!r} has no class subfolders, so there are no labels to score top-1")
+    else:
+        from ouro.calib.data import load_digits_split
+
+        x, y = load_digits_split("test")
+    if spec.kind == "synthetic" or (calib_dir and (Path(calib_dir) / "images.npz").is_file()):
+        label = "synthetic"
+    else:
+        label = "real"
+    return calib, x, y, label
+
+
+def _tuple(v, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not v:
+        return default
+    items = v.split(",") if isinstance(v, str) else list(v)
+    return tuple(s.strip().lower() for s in items if s.strip())
+
+
+def compare_main(model, args) -> int:
+    """`ouro-export compare`: run, print the table, write <output>.json/.md/.png. Returns the exit code."""
+    from ouro.recipes import Method, RecipeError
+
+    methods = _tuple(getattr(args, "methods", None), METHOD_ORDER)
+    unknown = [m for m in methods if m not in {x.value for x in Method}]
+    if unknown:
+        raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
+    presets = _tuple(getattr(args, "presets", None), COMPARE_PRESETS)
+    calib, x, y, label = _data(model, args)
+    name = "demo" if getattr(args, "demo", False) else Path(getattr(args, "checkpoint", "") or "model").stem
+    res = run_comparison(model, calib, x, y, data=label, methods=methods, presets=presets,
+                         seed=int(getattr(args, "seed", 0)), model_name=name)
+    print(format_table(res))
+    paths = write_outputs(res, getattr(args, "output", None) or "compare")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if all(r.error is None for r in res.rows) else 1

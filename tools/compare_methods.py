@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Methods x presets top-1 table (OuroMamba, PTQ4VM, QMamba, percentile, min-max) on one model.
+
+    python tools/compare_methods.py --demo                       # embedded demo model
+    python tools/compare_methods.py vim_s.pth --calib-dir C --eval-dir E -o out/compare
+    python tools/compare_methods.py --demo --methods ptq4vm,qmamba --presets w4a4
+
+Same as `ouro-export compare`, with --methods / --presets filters. Writes <out>.json/.md/.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, compare_main
+from ouro.exporter.cli import RunContext, UserError, load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", nargs="?", help="Vim checkpoint (.pth)")
+    p.add_argument("--demo", action="store_true", help="use the embedded demo model")
+    p.add_argument("--arch", help="override the inferred architecture")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", default=None, help="real:N (demo calibration split) or synthetic:N; default real:128")
+    p.add_argument("--calib-dir", help="calibration image folder")
+    p.add_argument("--eval-dir", help="ImageNet-style evaluation folder (class subfolders)")
+    p.add_argument("--methods", default=",".join(METHOD_ORDER), help=f"comma-separated (default {','.join(METHOD_ORDER)})")
+    p.add_argument("--presets", default=",".join(COMPARE_PRESETS), help=f"comma-separated (default {','.join(COMPARE_PRESETS)})")
+    p.add_argument("-o", "--output", default="compare", help="output prefix for .json, .md, .png (default ./compare)")
+    a = p.parse_args(argv)
+    try:
+        ctx = RunContext(args=a)
+        return compare_main(load_model(ctx), a)
+    except (UserError, ValueError, NotImplementedError) as e:
+        print(f"compare_methods: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
