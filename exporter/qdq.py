@@ -133,11 +133,16 @@ def _check_act(q, where: str) -> None:
         raise QDQError(f"{where}: QDQ export supports OuroMamba activation quantizers (OutlierActQuantizer), got {type(q).__name__}")
     if q.bits_inlier >= FP_PASSTHROUGH_BITS:
         raise QDQError(f"{where}: {q.bits_inlier}-bit activations are FP16, not a Q/DQ")
+    if getattr(q, "detection", "dynamic") != "dynamic":
+        raise QDQError(f"{where}: outlier detection {q.detection!r} (an ablation) has no plugin node; only 'dynamic' is exported")
+    if getattr(q, "applied_in_linear", False):
+        raise QDQError(f"{where}: delta_before_bias (Delta quantized before dt_proj's bias) is not in the SelectiveScan "
+                       "plugin contract (its delta input includes the bias); export with delta_before_bias = false")
 
 
 def _token_scale(q, L: int) -> Tensor:
     """The inlier scale as (1, L, 1) (a per-tensor scale is broadcast over the tokens)."""
-    s = q.static_scale.detach().float().reshape(-1)
+    s = (q.scale() if callable(getattr(q, "scale", None)) else q.static_scale).detach().float().reshape(-1)
     return (s.expand(L) if s.numel() == 1 else s).reshape(1, L, 1).contiguous()
 
 
