@@ -147,8 +147,11 @@ def gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> 
 
 # ------------------------------------------------------------------------------------------ loop
 def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None, *, progress: bool = True,
-             callback: Callable[[int, dict[str, float]], None] | None = None) -> GenResult:
-    """Run OuroMamba-Gen for n images; deterministic under `seed` (same machine, same threads)."""
+             callback: Callable[[int, dict[str, float], Tensor], None] | None = None) -> GenResult:
+    """Run OuroMamba-Gen for n images; deterministic under `seed` (same machine, same threads).
+
+    callback(step, loss_terms, images) after every Adam step (global step over mini-batches; images
+    is the current mini-batch, detached, already clamped)."""
     cfg = config or GenConfig()
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
@@ -194,7 +197,7 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
                 if b == 0:
                     history.append(terms)
                 if callback is not None:
-                    callback(b * cfg.iterations + it, terms)
+                    callback(b * cfg.iterations + it, terms, x.detach())
                 bar.set_postfix(batch=f"{b + 1}/{nb}", **{k: f"{v:.3f}" for k, v in terms.items()})
                 bar.update(1)
             out.append(x.detach())
