@@ -1,0 +1,158 @@
+"""Quantized exports (W8A8, W4A4): QDQ graph, passes -> plugin graph, onnxruntime vs PyTorch fake-quant."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from ouro.calib.models import VimConfig, build_model
+from ouro.calib.quant import calibrate, iter_quant_ops
+from ouro.calib.quantizers import outlier_quant_ref, unpack_int4
+from ouro.exporter import onnxruntime_session
+from ouro.exporter.check import PLUGIN_TOL, compare_graph
+from ouro.exporter.onnx_export import example_input
+from ouro.exporter.outputs import Stage
+from ouro.exporter.passes import apply_passes
+from ouro.exporter.qdq import QDQError, _QuantHooks, export_qdq, quant_metadata
+from ouro.recipes import get_preset
+
+QDQ_RTOL = 1e-5
+"""QDQ graph vs its PyTorch twin (the same static Q/DQ numerics), max |diff| / max |logits|."""
+PLUGIN_RTOL = PLUGIN_TOL[0]
+"""plugin graph (ORT reference ops) vs the PyTorch fake-quant model, max |diff| / max |logits|."""
+
+SMALL = VimConfig(embed_dim=64, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10, name="small")
+PRESETS = ("w8a8", "w4a4")
+
+
+def _calibrated(cfg, preset: str, n_images: int = 8):
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = torch.randn(n_images, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
+    recipe = get_preset(preset)
+    recipe = recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=n_images))
+    return model, calibrate(model, recipe, lambda m: m(images), progress=False)
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def exported(request):
+    model, q = _calibrated(SMALL, request.param)
+    qdq = export_qdq(q).model
+    return request.param, model, q, qdq, apply_passes(qdq)
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_qdq_graph(exported):
+    preset, model, q, qdq, _ = exported
+    onnx.checker.check_model(qdq)
+    assert max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")) == 21
+    ops = [n.op_type for n in qdq.graph.node]
+    n_linear = 6 * SMALL.depth
+    assert ops.count("MatMul") == n_linear and ops.count("QuantizeLinear") == n_linear + 3 * 2 * SMALL.depth  # + delta/B/C
+    int4 = [t for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == (2 * n_linear if preset == "w4a4" else 0)  # codes + zero point per weight
+    meta = quant_metadata(qdq)
+    assert set(meta["linears"]) == {f"layers.{i}.mixer.{n}" for i in range(SMALL.depth)
+                                    for n in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
+    x = example_input(model, 3)
+    out = onnxruntime_session(qdq).run(None, {"images": x.numpy()})[0]
+    with _QuantHooks(q), torch.no_grad():
+        twin = q(x).numpy()
+    assert _rel(out, twin) < QDQ_RTOL
+
+
+def test_plugin_graph_matches_fake_quant(exported):
+    _, model, q, _, plugin = exported
+    onnx.checker.check_model(plugin)
+    ops = [n.op_type for n in plugin.graph.node]
+    assert ops.count("OutlierLinear") == 6 * SMALL.depth and ops.count("SelectiveScan") == 2 * SMALL.depth
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    for batch in (1, 3):
+        x = example_input(model, batch)
+        out = onnxruntime_session(plugin).run(None, {"images": x.numpy()})[0]
+        with torch.no_grad():
+            fq = q(x).numpy()
+        assert _rel(out, fq) < PLUGIN_RTOL
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_plugin_parameters_bit_exact(exported):
+    """Weight codes, scales and tables in the plugin graph are exactly the calibrated ones."""
+    _, _, q, _, plugin = exported
+    inits = _inits(plugin)
+    nodes = {n.name: n for n in plugin.graph.node}
+    for i, ops in iter_quant_ops(q):
+        for name, qw in ops.weight.items():
+            node = nodes[f"layers.{i}.mixer.{name}"]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            w = torch.from_numpy(inits[node.input[1]].copy())
+            codes = unpack_int4(w) if attrs["w_bits"] == 4 else w.to(torch.int8)
+            assert torch.equal(codes, qw.codes)
+            np.testing.assert_array_equal(inits[node.input[2]], qw.scale.detach().reshape(-1).numpy())
+            np.testing.assert_array_equal(inits[node.input[3]], ops.act[name].scale().detach().reshape(-1).numpy())
+        for d in ("fwd", "bwd"):
+            node = nodes[f"layers.{i}.mixer.scan_{d}"]
+            assert len(node.input) == 15
+            for op, idx in (("delta", 7), ("B", 9), ("C", 11)):
+                np.testing.assert_array_equal(inits[node.input[idx]], ops.ssm[f"{op}_{d}"].scale().detach().reshape(-1).numpy())
+
+
+def test_integer_codes_bit_exact(exported):
+    """The input of one OutlierLinear, taken from onnxruntime, quantizes to the same integer codes and
+    outlier masks under the node's attributes as under the PyTorch quantizer's own parameters."""
+    _, model, q, _, plugin = exported
+    node = [n for n in plugin.graph.node if n.name == "layers.1.mixer.x_proj"][0]
+    m = onnx.ModelProto()
+    m.CopyFrom(plugin)
+    m.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.input[0]))
+    x = example_input(model, 2)
+    xin = torch.from_numpy(onnxruntime_session(m).run([node.input[0]], {"images": x.numpy()})[0])
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    s_node = torch.from_numpy(_inits(plugin)[node.input[3]])
+    ours = outlier_quant_ref(xin, s_node, attrs["a_bits"], attrs["o_bits"], attrs["n_refresh"],
+                             ("dynamic", "calibrated")[attrs["threshold_policy"]], k_sigma=attrs["k_sigma"])
+    qa = dict(iter_quant_ops(q))[1].act["x_proj"]
+    theirs = outlier_quant_ref(xin, qa.scale(), qa.bits_inlier, qa.bits_outlier, qa.n_refresh, qa.policy,
+                               k_sigma=qa.k_sigma, theta=qa.theta)
+    assert torch.equal(ours.inlier_codes, theirs.inlier_codes)
+    assert torch.equal(ours.outlier_mask, theirs.outlier_mask)
+    assert torch.equal(ours.outlier_codes, theirs.outlier_codes)
+    torch.testing.assert_close(ours.x_hat, qa(xin), rtol=0, atol=0)
+
+
+def test_polygraphy_comparison_in_process(exported, tmp_path):
+    _, model, q, qdq, plugin = exported
+    images = torch.randn(8, 3, SMALL.img_size, SMALL.img_size, generator=torch.Generator().manual_seed(3))
+    for stage, graph in ((Stage.PLUGIN, plugin), (Stage.QDQ, qdq)):
+        path = tmp_path / f"{stage.value}.onnx"
+        onnx.save(graph, str(path))
+        res = compare_graph(str(path), stage, model, q, images, tol=PLUGIN_TOL)
+        assert res.passed, (stage, res)
+        assert -1.0 <= res.metrics_vs_fp["cosine"] <= 1.0 and 0.0 <= res.metrics_vs_fp["top1_agreement"] <= 1.0
+
+
+def test_bad_inputs_fail_clearly():
+    model, q = _calibrated(SMALL, "w8a8", n_images=4)
+    with pytest.raises(QDQError, match="no quantization recipe"):
+        export_qdq(model)
+    with pytest.raises(QDQError, match="unsupported opset 17"):
+        export_qdq(q, opset=17)
+
+
+@pytest.mark.slow
+def test_vim_tiny_w4a4_plugin_matches_fake_quant():
+    model, q = _calibrated(VimConfig(**{**build_model("vim_tiny").cfg.to_dict(), "depth": 2}), "w4a4", n_images=2)
+    plugin = apply_passes(export_qdq(q).model)
+    x = example_input(model, 1)
+    out = onnxruntime_session(plugin).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        fq = q(x).numpy()
+    assert _rel(out, fq) < PLUGIN_RTOL
