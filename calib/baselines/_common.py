@@ -110,6 +110,9 @@ class TensorAsymQuant(Quantizer):
     def freeze(self) -> None:
         fold_scale_mult_(self.scale, self.scale_mult)
 
+    def state_keys(self) -> list[str]:
+        return ["scale", "zero"]  # scale_mult is 1 after freeze
+
     def quantize(self, x: Tensor) -> Tensor:
         return fake_quant_asym(x, self.scale * self.scale_mult, self.zero, self.bits)
 

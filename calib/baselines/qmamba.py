@@ -201,6 +201,9 @@ class AbarQuant(Quantizer):
         fold_scale_mult_(self.span, self.span_mult)
         fold_scale_mult_(self.scale, self.scale_mult)
 
+    def state_keys(self) -> list[str]:
+        return ["upper", "span", "scale", "zero", "use_ltsq", "skew_stat"]  # the multipliers are 1 after freeze
+
     def quantize(self, x: Tensor) -> Tensor:
         if bool(self.use_ltsq):
             return ltsq_fake_quant(x, self.upper, self.span * self.span_mult, self.bits)
@@ -260,6 +263,9 @@ class TGQQuant(Quantizer):
 
     def freeze(self) -> None:
         fold_scale_mult_(self.scale, self.scale_mult)
+
+    def state_keys(self) -> list[str]:
+        return ["scale", "zero"]  # scale_mult is 1 after freeze
 
 
 _SCAN_ARGS = {"u": "u", "delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip"}
