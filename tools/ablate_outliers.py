@@ -34,16 +34,17 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from ouro.calib.data import load_digits_split
-    from quant_accuracy import load_model, top1
+    from quant_accuracy import load_model, logit_sqnr, logits
 
     model = load_model(a.checkpoint)
     xt, yt = load_digits_split("test")
     images = calibration_images(model, parse_calib_spec(a.calib), demo=True, seed=a.seed)
     loop = make_forward_loop(images)
-    fp = top1(model, xt, yt)
+    fp_logits = logits(model, xt)
+    fp = 100.0 * float((fp_logits.argmax(-1) == yt).float().mean())
     rows = []
-    print(f"FP top-1 {fp:.2f} %   calibration: {a.calib}")
-    print(f"{'W/A':<6} " + " ".join(f"{m:>9}" for m in MODES))
+    print(f"FP top-1 {fp:.2f} %   calibration: {a.calib}   cells: top-1 % (SQNR of the logits vs FP, dB)")
+    print(f"{'W/A':<6} " + " ".join(f"{m:>16}" for m in MODES))
     for p in a.presets.split(","):
         accs = []
         for mode in MODES:
@@ -53,9 +54,12 @@ def main() -> None:
                 outlier_detection=mode, static_outlier_fraction=a.static_fraction))
             t0 = time.perf_counter()
             q = calibrate(model, r, loop, seed=a.seed, progress=False)
-            accs.append(top1(q, xt, yt))
-            rows.append(dict(preset=p, detection=mode, top1=round(accs[-1], 2), fp_top1=round(fp, 2), calib_s=round(time.perf_counter() - t0, 1)))
-        print(f"{p:<6} " + " ".join(f"{v:>9.2f}" for v in accs), flush=True)
+            out = logits(q, xt)
+            acc, sq = 100.0 * float((out.argmax(-1) == yt).float().mean()), logit_sqnr(fp_logits, out)
+            accs.append(f"{acc:6.2f} ({sq:5.2f})")
+            rows.append(dict(preset=p, detection=mode, top1=round(acc, 2), logit_sqnr_db=round(sq, 2), fp_top1=round(fp, 2),
+                             calib_s=round(time.perf_counter() - t0, 1)))
+        print(f"{p:<6} " + " ".join(f"{v:>16}" for v in accs), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
