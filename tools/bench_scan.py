@@ -5,7 +5,8 @@
 Prints one table row per (shape, pass) with the best wall time of each path (the minimum of
 --repeat runs: robust on a shared machine), their ratio and the
 max abs difference of the outputs. Shapes: Vim-S (B 8, L 197, D 768, S 16) and the demo model
-(training batch 128, L 17, D 192, S 16)."""
+(training batch 128, L 17, D 192, S 16). On a machine shared with other jobs, --threads 1 gives
+steadier numbers (two OpenMP threads stall each other when a core is taken away)."""
 from __future__ import annotations
 
 import argparse
