@@ -26,7 +26,7 @@ __all__ = [
     "ChannelSymWeightQuant",
 ]
 
-QUANTILE_MAX_NUMEL = 1 << 20
+QUANTILE_MAX_NUMEL = 1 << 18
 """Quantiles of larger tensors are taken on an evenly strided subsample of this many elements
 (deterministic; `torch.quantile` refuses inputs above 2**24 elements)."""
 EPS_SCALE = 1e-8

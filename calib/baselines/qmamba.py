@@ -43,13 +43,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ouro.recipes import CalibConfig, LossKind, Method, Recipe, RecipeError, register_method_params
 
 from ..quant.base import MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
 from ..quantizers import fake_quant_asym, round_ste
-from ..scan import TemporalGroupQuant, selective_scan, selective_scan_ref
+from ..scan import TemporalGroupQuant, selective_scan
 from ._common import EPS_SCALE, MIN_SCALE_MULT, TensorAsymQuant, asym_qparams, fold_scale_mult_, quantile_range
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "AbarQuant",
     "TGQQuant",
     "QMAMBA_SPEC",
+    "quantized_scan",
     "ltsq_choices",
 ]
 
@@ -268,6 +270,37 @@ class TGQQuant(Quantizer):
         return ["scale", "zero"]  # scale_mult is 1 after freeze
 
 
+def quantized_scan(
+    u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, Dskip: Tensor | None, z: Tensor | None, *,
+    reverse: bool, abar_quant=None, h_quant=None,
+) -> Tensor:
+    """Fast twin of `selective_scan_ref(..., delta_softplus=True, abar_quant=, h_quant=)`: the same
+    fp32 operations in the same order (bit-identical forward, tests/unit/test_baselines.py), but the
+    per-step slices come from one `unbind`, whose backward is a single stack instead of L full-size
+    scatters (the reference's `dA[:, t]` indexing made the tuning backward O(L^2) in memory traffic)."""
+    Bsz, L, D = u.shape
+    uf = u.float()
+    dt = F.softplus(delta.float())
+    dA = torch.exp(dt.unsqueeze(-1) * A.float())
+    if abar_quant is not None:
+        dA = abar_quant(dA)
+    dBu = dt.unsqueeze(-1) * Bm.float().unsqueeze(2) * uf.unsqueeze(-1)
+    dAs, dBus, Cs = dA.unbind(1), dBu.unbind(1), Cm.float().unbind(1)
+    h = uf.new_zeros(Bsz, D, A.shape[1])
+    ys: list[Tensor] = [None] * L  # type: ignore[list-item]
+    for i, t in enumerate(range(L - 1, -1, -1) if reverse else range(L)):
+        h = dAs[t] * h + dBus[t]
+        if h_quant is not None:
+            h = h_quant(h, i)
+        ys[t] = torch.einsum("bds,bs->bd", h, Cs[t])
+    y = torch.stack(ys, dim=1)
+    if Dskip is not None:
+        y = y + uf * Dskip.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
 _SCAN_ARGS = {"u": "u", "delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip"}
 
 
@@ -276,8 +309,9 @@ def _get(d: nn.ModuleDict, key: str):
 
 
 def _qmamba_scan(ops: QuantizedMixerOps, direction: str, kw: dict[str, Tensor]) -> Tensor:
-    """Quantize the scan operands, then the sequential reference scan with LtSQ/uniform on Abar and
-    TGQ on h inside the recurrence (the fast scan when neither is quantized)."""
+    """Quantize the scan operands, then the sequential scan (`quantized_scan`, the twin of
+    `selective_scan_ref` with its hooks) with LtSQ/uniform on Abar and TGQ on h inside the recurrence
+    (the fast FP scan when neither is quantized)."""
     kw = dict(kw)
     for op, arg in _SCAN_ARGS.items():
         q = _get(ops.ssm, f"{op}_{direction}")
@@ -287,10 +321,7 @@ def _qmamba_scan(ops: QuantizedMixerOps, direction: str, kw: dict[str, Tensor]) 
     args = (kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"])
     if abar is None and hq is None:
         return selective_scan(*args, delta_softplus=True, reverse=direction == "bwd")
-    return selective_scan_ref(
-        *args, delta_softplus=True, reverse=direction == "bwd",
-        abar_quant=abar, h_quant=None if hq is None else hq.hook,
-    )
+    return quantized_scan(*args, reverse=direction == "bwd", abar_quant=abar, h_quant=None if hq is None else hq.hook)
 
 
 def _make_act(site: Site, recipe: Recipe) -> Quantizer:

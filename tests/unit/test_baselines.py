@@ -16,6 +16,7 @@ from ouro.calib.baselines.qmamba import (
     ltsq_fake_quant,
     ltsq_levels,
     ltsq_quant_ref,
+    quantized_scan,
     skewness_statistic,
     tgq_group_index,
     use_ltsq,
@@ -133,6 +134,28 @@ def test_tgq_in_the_recurrence_uses_scan_order_groups(reverse):
     y = selective_scan_ref(u, delta, A, Bm, Cm, None, z, reverse=reverse, h_quant=q.hook)
     y_fp = selective_scan_ref(u, delta, A, Bm, Cm, None, z, reverse=reverse)
     assert torch.allclose(y, y_fp, atol=0.05 * y_fp.abs().max().item())
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_quantized_scan_matches_reference(reverse):
+    """The fast twin used for tuning == selective_scan_ref with the same hooks (forward bit-exact)."""
+    B, L, D, S = 2, 13, 4, 3
+    g = torch.Generator().manual_seed(1)
+    u, delta, z = (torch.randn(B, L, D, generator=g) for _ in range(3))
+    A = -torch.rand(D, S, generator=g) - 0.5
+    Bm, Cm = torch.randn(B, L, S, generator=g), torch.randn(B, L, S, generator=g)
+    Dskip = torch.randn(D, generator=g)
+    tgq = TemporalGroupQuant(6, 5, torch.full((3,), 0.05), torch.full((3,), 31.0))
+    abar = lambda a: ltsq_fake_quant(a, torch.tensor(1.0), torch.tensor(0.6), 4)  # noqa: E731
+    args = (u, delta, A, Bm, Cm, Dskip, z)
+    y_ref = selective_scan_ref(*args, reverse=reverse, abar_quant=abar, h_quant=tgq)
+    y = quantized_scan(*args, reverse=reverse, abar_quant=abar, h_quant=tgq)
+    assert torch.equal(y, y_ref)
+    d1 = delta.clone().requires_grad_(True)
+    d2 = delta.clone().requires_grad_(True)
+    selective_scan_ref(u, d1, A, Bm, Cm, Dskip, z, reverse=reverse, abar_quant=abar, h_quant=tgq).sum().backward()
+    quantized_scan(u, d2, A, Bm, Cm, Dskip, z, reverse=reverse, abar_quant=abar, h_quant=tgq).sum().backward()
+    assert torch.allclose(d1.grad, d2.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- PTQ4VM
