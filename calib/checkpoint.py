@@ -3,7 +3,8 @@
 Accepted files (read with torch.load(weights_only=True) only; a pickle that would run code is
 refused): `{'model': sd}` (including the full official training dicts with model, model_ema,
 optimizer, lr_scheduler, epoch, scaler and args = argparse.Namespace), `{'state_dict': sd}`, or a
-bare state_dict. Keys are the official hustvl/Vim `models_mamba.py` ones.
+bare state_dict; `model_ema` is used when it is the only model in the file. Keys are the official
+hustvl/Vim `models_mamba.py` ones.
 
 Architecture inference (no guessing beyond what the shapes cannot say):
     embed_dim, in_chans, patch_size  patch_embed.proj.weight (E, C, p, p)
@@ -79,7 +80,7 @@ def _select_state_dict(obj: object, path: Path) -> tuple[dict[str, Tensor], obje
     args = obj.get("args") if isinstance(obj, Mapping) else None
     sd = obj
     if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
+        for key in ("model", "state_dict", "model_ema"):
             if isinstance(obj.get(key), Mapping):
                 sd = obj[key]
                 break

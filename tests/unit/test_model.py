@@ -93,13 +93,13 @@ def test_round_trip_official_archs(tmp_path, arch):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("wrap", ["model", "state_dict", "bare", "module_prefix"])
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "bare", "module_prefix", "ema_only"])
 def test_container_formats(tmp_path, wrap):
     torch.manual_seed(0)
     model = VisionMamba(SMALL)
     sd = model.state_dict()
     obj = {"model": {"model": sd}, "state_dict": {"state_dict": sd}, "bare": sd,
-           "module_prefix": {"model": {"module." + k: v for k, v in sd.items()}}}[wrap]
+           "module_prefix": {"model": {"module." + k: v for k, v in sd.items()}}, "ema_only": {"model_ema": sd, "epoch": 3}}[wrap]
     loaded = load_checkpoint(save(tmp_path, obj), arch=SMALL)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
