@@ -139,7 +139,7 @@ def run_export(ctx: RunContext) -> int:
         parse_calib_spec(a.calib, a.calib_dir)  # a bad --calib fails before any work
     from ouro.exporter.outputs import plan_outputs
 
-    outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force)
+    outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force, passes=a.passes, opset=a.opset)
     load_model(ctx)
     if a.eval:
         from ouro.exporter.pipeline import evaluate_fp

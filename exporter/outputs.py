@@ -36,6 +36,12 @@ class Stage(str, Enum):
     PLUGIN = "plugin"
     ENGINE = "engine"
     QUANT_STATE = "quant_state"
+    QDQ_FILE = "qdq_file"  # internal: the QDQ graph as written (scans lowered to ONNX Scan loops)
+
+
+PORTABLE_QDQ_PASSES = ("lower_selective_scan", "cleanup")
+"""What turns the internal QDQ graph (the passes' input, with SelectiveScan nodes) into the written
+.qdq.onnx that plain onnxruntime runs: every scan becomes a standard ONNX Scan loop."""
 
 
 _SUFFIXES: tuple[tuple[str, Callable[[bool], Stage]], ...] = (
@@ -57,6 +63,9 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, force: bool) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -104,6 +113,11 @@ def exported_graph(ctx, stage: Stage):
 
         with ctx.stage("export_qdq"):
             model = export_qdq(ctx.qmodel, opset=_opset(ctx, QDQ_OPSET)).model
+    elif stage is Stage.QDQ_FILE:
+        from .passes import apply_passes
+
+        with ctx.stage("lower_scan"):
+            model = apply_passes(exported_graph(ctx, Stage.QDQ), PORTABLE_QDQ_PASSES)
     elif stage is Stage.PLUGIN:
         from .passes import apply_passes, parse_pass_names
 
@@ -143,7 +157,8 @@ class Output:
         elif self.stage is Stage.ENGINE:
             self._write_engine(ctx)
         else:
-            atomic_write(self.path, _save_onnx(exported_graph(ctx, self.stage)), force=self.force)
+            stage = Stage.QDQ_FILE if self.stage is Stage.QDQ else self.stage
+            atomic_write(self.path, _save_onnx(exported_graph(ctx, stage)), force=self.force)
         print(f"wrote {self.path}")
         ctx.report.setdefault("outputs", {})[str(self.path)] = self.stage.value
         return self.path
@@ -185,9 +200,27 @@ def _stage_of(path: Path, quantized: bool) -> Stage:
     )
 
 
+def _check_opset(opset: int | None, stages: set[Stage]) -> None:
+    if opset is None:
+        return
+    import onnx
+
+    hi = onnx.defs.onnx_opset_version()
+    lo = 21 if stages & {Stage.QDQ, Stage.PLUGIN} else 15  # INT4 Q/DQ; CastLike for the ORT reference ops
+    if not lo <= opset <= hi:
+        raise OutputError(f"unsupported --opset {opset} for this export: use {lo}..{hi}")
+    if stages & {Stage.FP} and opset > 20:
+        raise OutputError(f"unsupported --opset {opset} for an FP export: the TorchScript exporter stops at 20 (use 15..20)")
+
+
 def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, quantized: bool = False,
-                 force: bool = False) -> list[Output]:
-    """Validate the `-o` request before any work starts; returns the outputs to write (possibly none)."""
+                 force: bool = False, passes: str | None = None, opset: int | None = None) -> list[Output]:
+    """Validate the `-o` request (and --passes, --opset) before any work starts; returns the outputs
+    to write (possibly none)."""
+    if passes is not None:
+        from .passes import parse_pass_names
+
+        parse_pass_names(passes)
     if output is None:
         if stage is not None:
             raise OutputError(f"--stage {stage} needs an output file (-o)")
@@ -206,4 +239,5 @@ def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, 
     if st is Stage.ENGINE:
         out.onnx_stage = Stage.PLUGIN if quantized else Stage.FP
         _check_writable(out.onnx_path, force)
+    _check_opset(opset, {out.onnx_stage or st})
     return [out]

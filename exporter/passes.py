@@ -294,7 +294,70 @@ def apply_passes(model: onnx.ModelProto, names=DEFAULT_PASSES) -> onnx.ModelProt
     if meta:
         _to_int4(out, meta)
         onnx.helper.set_model_props(out, {META_KEY: json.dumps(meta)})
-    if any(n.domain == DOMAIN for n in out.graph.node) and not any(o.domain == DOMAIN for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    used = any(n.domain == DOMAIN for n in out.graph.node)
+    imports = [o for o in out.opset_import if o.domain != DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(imports + ([onnx.helper.make_opsetid(DOMAIN, 1)] if used else []))
     onnx.checker.check_model(out)
     return out
+
+
+# ------------------------------------------------------------------------------ scan lowering
+def _scan_body(name: str) -> gs.Graph:
+    """One recurrence step: h = dA_t * h + dBu_t;  y_t = sum_s h * C_t."""
+    f = np.float32
+    h_prev, dA, dBu, C = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("h_prev", "dA_t", "dBu_t", "C_t"))
+    m, h, c1, p, y = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("m", "h", "c1", "p", "y"))
+    body = gs.Graph(inputs=[h_prev, dA, dBu, C], outputs=[h, y], name=f"{name}/body")
+    body.nodes += [
+        gs.Node("Mul", inputs=[dA, h_prev], outputs=[m]),
+        gs.Node("Add", inputs=[m, dBu], outputs=[h]),
+        gs.Node("Unsqueeze", inputs=[C, gs.Constant(f"{name}/ax1", np.array([1], np.int64))], outputs=[c1]),
+        gs.Node("Mul", inputs=[h, c1], outputs=[p]),
+        gs.Node("ReduceSum", attrs={"keepdims": 0}, inputs=[p, gs.Constant(f"{name}/axm1", np.array([-1], np.int64))], outputs=[y]),
+    ]
+    return body
+
+
+@register_pass("lower_selective_scan", "replace each unquantized SelectiveScan by standard ONNX ops (an ONNX Scan loop), for plain onnxruntime")
+def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
+    f = np.float32
+    for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
+        if len(node.inputs) != 7:
+            raise PassError(f"{node.name}: only the 7-input (unquantized operand) SelectiveScan can be lowered; run it before quantize_selective_scan")
+        u, delta, A, Bm, Cm, Dskip, z = node.inputs
+        k = node.name
+        rev = int(node.attrs.get("reverse", 0))
+
+        def v(n):
+            return gs.Variable(f"{k}/{n}", dtype=f)
+
+        def c(n, arr):
+            return gs.Constant(f"{k}/{n}", np.asarray(arr))
+
+        nodes = []
+
+        def op(kind, inputs, out, **attrs):
+            nodes.append(gs.Node(kind, name=f"{k}/{out.name.rsplit('/', 1)[1]}", attrs=attrs, inputs=inputs, outputs=[out]))
+            return out
+
+        dt = op("Softplus", [delta], v("dt")) if int(node.attrs.get("delta_softplus", 1)) else delta
+        dt4 = op("Unsqueeze", [dt, c("axm1", np.array([-1], np.int64))], v("dt4"))
+        dA = op("Exp", [op("Mul", [dt4, A], v("dtA"))], v("dA"))
+        b3 = op("Unsqueeze", [Bm, c("ax2", np.array([2], np.int64))], v("B3"))
+        u4 = op("Unsqueeze", [u, c("axm1u", np.array([-1], np.int64))], v("u4"))
+        dBu = op("Mul", [op("Mul", [dt4, b3], v("dtB")), u4], v("dBu"))
+        first = op("Gather", [dBu, c("t0", np.array(0, np.int64))], v("dBu0"), axis=1)
+        h0 = op("ConstantOfShape", [op("Shape", [first], gs.Variable(f"{k}/hshape", dtype=np.int64))], v("h0"),
+                value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+        h_last, ys = v("h_last"), v("ys")
+        nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, dA, dBu, Cm], outputs=[h_last, ys], attrs=dict(
+            body=_scan_body(k), num_scan_inputs=3, scan_input_axes=[1, 1, 1], scan_output_axes=[1],
+            scan_input_directions=[rev] * 3, scan_output_directions=[rev])))
+        y = op("Add", [ys, op("Mul", [u, Dskip], v("uD"))], v("y"))
+        gate = op("Mul", [z, op("Sigmoid", [z], v("sz"))], v("silu_z"))
+        out = node.outputs[0]
+        node.outputs = []
+        nodes.append(gs.Node("Mul", name=f"{k}/out", inputs=[y, gate], outputs=[out]))
+        graph.nodes += nodes
+    return graph.cleanup().toposort()

@@ -18,10 +18,13 @@ makes b < 8 bits exact on an INT8 grid (TensorRT has no INT4 activations); at 8 
 the full INT8 range [-128, 127] (the fake-quant model uses the restricted [-127, 127]).
 
 This graph is the portable artifact: static numerics only, no dynamic outliers (outliers are
-clipped to the inlier range). The scan is the `ouro::SelectiveScan` node (ONNX has no scan op that
-both runtimes run fast); its delta/B/C inputs carry the same static Q/DQ. Everything the plugin
-graph needs beyond the Q/DQ (outlier bits, n_refresh, threshold policy, k, theta) is stored as
-JSON in the model's metadata_props["ouro.quant"], keyed by node name, for the graph passes.
+clipped to the inlier range). `export_qdq` returns it with one `ouro::SelectiveScan` node per scan
+(delta/B/C carry the same static Q/DQ): that is the input of the graph passes. The .qdq.onnx file
+that `ouro-export` writes has each scan lowered to a standard ONNX `Scan` loop (pass
+`lower_selective_scan`), so it runs in plain onnxruntime without custom ops; TensorRT users take the
+plugin graph instead (a 197-step ONNX loop per direction and layer is slow on every runtime).
+Everything the plugin graph needs beyond the Q/DQ (outlier bits, n_refresh, threshold policy, k,
+theta) is stored as JSON in metadata_props["ouro.quant"], keyed by node name, for the passes.
 """
 from __future__ import annotations
 
@@ -246,6 +249,7 @@ class _QuantHooks:
 def _to_int4(model: onnx.ModelProto, meta: dict) -> None:
     """Re-type the int8 weight codes of 4-bit linears as INT4 initializers (opset >= 21)."""
     by_name = {t.name: t for t in model.graph.initializer}
+    new: dict[str, onnx.TensorProto] = {}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or not node.name.endswith("/weight_dq"):
             continue
@@ -255,20 +259,22 @@ def _to_int4(model: onnx.ModelProto, meta: dict) -> None:
         t = by_name.get(node.input[0])
         if t is None:
             raise QDQError(f"{key}: weight codes are not an initializer (found no {node.input[0]!r})")
+        if t.data_type == TensorProto.INT4:
+            continue
         arr = numpy_helper.to_array(t).astype(np.int8)
         if arr.min() < -8 or arr.max() > 7:
             raise QDQError(f"{key}: 4-bit weight codes out of [-8, 7]")
         codes = onnx.helper.make_tensor(f"{key}.weight_int4", TensorProto.INT4, arr.shape, arr.flatten().tolist())
         zero = onnx.helper.make_tensor(f"{key}.weight_zero_int4", TensorProto.INT4, [arr.shape[0]], [0] * arr.shape[0])
-        model.graph.initializer.extend([codes, zero])
+        new[codes.name], new[zero.name] = codes, zero
         node.input[0], node.input[2] = codes.name, zero.name
     used = {i for n in model.graph.node for i in n.input}
     nodes = [n for n in model.graph.node if n.op_type != "Constant" or n.output[0] in used]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    keep = [t for t in model.graph.initializer if t.name in used]
+    keep = [t for t in model.graph.initializer if t.name in used and t.name not in new]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(keep + list(new.values()))
 
 
 def quant_metadata(model: onnx.ModelProto) -> dict:
