@@ -1,0 +1,166 @@
+"""`ouro-export` end to end (in-process): FP / plugin / QDQ exports, --check, output naming and safety."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ouro.calib.models import VimConfig, build_model
+from ouro.exporter.cli import main
+from ouro.exporter.outputs import OutputError, atomic_write
+
+SMALL = VimConfig(embed_dim=64, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10, name="small")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    ckpt = d / "small.pth"
+    torch.save({"model": build_model(SMALL).state_dict()}, ckpt)
+    calib = d / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    return d, ckpt, calib
+
+
+def _run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_fp_export_check_report(files, capsys, tmp_path):
+    _, ckpt, _ = files
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    rc, stdout, err = _run([ckpt, "-o", out, "--check", "--report", rep], capsys)
+    assert rc == 0, err
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert "Polygraphy PASSED" in stdout
+    r = json.loads(rep.read_text())["check"][str(out)]
+    assert r["polygraphy_passed"] and r["stage"] == "fp" and r["vs_fp"]["top1_agreement"] == 1.0
+    assert stat.S_IMODE(out.stat().st_mode) & 0o044  # readable like any other file (not mkstemp's 0600)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_existing_output_needs_force(files, capsys, tmp_path):
+    _, ckpt, _ = files
+    out = tmp_path / "m.onnx"
+    out.write_text("old")
+    rc, _, err = _run([ckpt, "-o", out], capsys)
+    assert rc == 2 and "already exists; pass --force" in err and out.read_text() == "old"
+    rc, _, err = _run([ckpt, "-o", out, "--force"], capsys)
+    assert rc == 0, err
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+@pytest.mark.parametrize("name,msg", [("m.txt", "cannot tell the output format"), ("missing_dir/m.onnx", "does not exist")])
+def test_bad_output_path(files, capsys, tmp_path, name, msg):
+    _, ckpt, _ = files
+    rc, _, err = _run([ckpt, "-o", tmp_path / name], capsys)
+    assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_folder(files, capsys, tmp_path):
+    _, ckpt, _ = files
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    rc, _, err = _run([ckpt, "-o", ro / "m.onnx"], capsys)
+    assert rc == 2 and "not writable" in err
+
+
+def test_quantized_outputs_need_a_recipe(files, capsys, tmp_path):
+    _, ckpt, _ = files
+    rc, _, err = _run([ckpt, "-o", tmp_path / "m.qdq.onnx"], capsys)
+    assert rc == 2 and "needs a quantized model" in err
+
+
+def test_unknown_pass_and_opset_fail_before_work(files, capsys, tmp_path):
+    _, ckpt, calib = files
+    rc, _, err = _run([ckpt, "--w8a8", "--calib-dir", calib, "-o", tmp_path / "m.onnx", "--passes", "cleanup,nope"], capsys)
+    assert rc == 2 and "unknown graph pass" in err and "nope" in err
+    rc, _, err = _run([ckpt, "--w8a8", "--calib-dir", calib, "-o", tmp_path / "m.onnx", "--opset", "17"], capsys)
+    assert rc == 2 and "unsupported --opset 17" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_print_passes(capsys):
+    rc, out, _ = _run(["--print-passes"], capsys)
+    assert rc == 0 and "fuse_outlier_linear" in out and "quantize_selective_scan" in out
+
+
+def test_w4a4_plugin_and_qdq(files, capsys, tmp_path):
+    _, ckpt, calib = files
+    state = tmp_path / "q.safetensors"
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    rc, stdout, err = _run([ckpt, "--w4a4", "--calib-dir", calib, "--save-calib", state, "-o", out, "--check", "--report", rep], capsys)
+    assert rc == 0, err
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("OutlierLinear") == 6 * SMALL.depth and ops.count("SelectiveScan") == 2 * SMALL.depth
+    assert json.loads(rep.read_text())["check"][str(out)]["polygraphy_passed"]
+    # resume from the QuantState: the QDQ graph
+    qdq = tmp_path / "m.qdq.onnx"
+    rc, stdout, err = _run([ckpt, "--load-calib", state, "-o", qdq, "--check"], capsys)
+    assert rc == 0, err
+    assert "Polygraphy PASSED" in stdout
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(qdq)).graph.node}
+
+
+def test_plan_without_tensorrt_writes_onnx_then_explains(files, capsys, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    _, ckpt, _ = files
+    rc, _, err = _run([ckpt, "-o", tmp_path / "m.plan"], capsys)
+    assert rc == 2
+    assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.plan").exists()
+    assert "tensorrt" in err.lower() and "trtexec" in err
+
+
+def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
+    target = tmp_path / "x.onnx"
+
+    def writer(tmp):
+        tmp.write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, writer, force=False)
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("keep")
+    with pytest.raises(OutputError, match="--force"):
+        atomic_write(target, lambda t: t.write_text("new"), force=False)
+    assert target.read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_demo_w4a4_check(capsys, tmp_path):
+    """The issue's acceptance command: `ouro-export --demo --w4a4 -o demo.onnx --check`."""
+    from ouro.calib import data
+
+    try:
+        files = data.demo_files()
+        present = all(p.is_file() for p in files)
+    except Exception:
+        present = False
+    if not present:
+        pytest.skip("the demo checkpoint is not built yet (tools/train_demo.py)")
+    out = tmp_path / "demo.onnx"
+    rc, stdout, err = _run(["--demo", "--w4a4", "-o", out, "--check"], capsys)
+    assert rc == 0, err
+    assert "Polygraphy PASSED" in stdout
