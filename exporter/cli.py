@@ -184,6 +184,8 @@ def run_compare(argv: Sequence[str]) -> int:
     p.add_argument("--eval-dir")
     p.add_argument("--calib", default=None)
     p.add_argument("-o", "--output", default="compare", help="output prefix for .json, .md and .png")
+    p.add_argument("--methods", help="comma-separated subset (default: ouromamba,ptq4vm,qmamba,percentile,minmax)")
+    p.add_argument("--presets", help="comma-separated subset (default: w8a8,w6a6,w4a8,w4a4,w6a4; each method runs those it ships)")
     a = p.parse_args(argv)
     from ouro.calib.compare import compare_main
 
