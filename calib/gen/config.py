@@ -2,7 +2,17 @@
 
 Defaults marked [paper] come from the OuroMamba paper/supplementary (ALGORITHMS.md §1.1); the
 ones marked [sweep] were chosen by measurement on the demo model with `tools/sweep_gen.py`
-(the paper does not publish them)."""
+(the paper does not publish them). What was measured (demo model, 16 images, seed 0; "scale gap" =
+mean |log2| ratio of per-token, per-channel RMS of the mixer inputs vs the real calibration split):
+
+    real subset (16 images)   0.12        Gaussian noise (G = 0)   0.66
+    tau 0.1, lr 0.1:  G = 25  0.59 (LC 0.55, LO 0.096)   G = 50  0.60   G = 100  0.62 (LC 0.19, LO 0.069)
+
+More iterations keep lowering L^C but do not bring the activation statistics closer to real data,
+and L^O is already below 0.1 at G = 25; hence G = 25. Only tau = 0.1, lr = 0.1 was measured
+before the deadline (the tau and lr arms of the sweep did not finish on the shared 2-core
+machine): tau and lr are the first such point, not a measured optimum. The paper's G (~1000,
+unverified) is for ImageNet models."""
 from __future__ import annotations
 
 import tomllib
@@ -37,9 +47,9 @@ class GenConfig:
                  [(0 - mean) / std, (1 - mean) / std]; None = ask the model's data module
     """
 
-    iterations: int = 200
+    iterations: int = 25
     lr: float = 0.1
-    tau: float = 0.2
+    tau: float = 0.1
     topk: int = 12
     neighbourhood: int = 5
     w_contrastive: float = 1.0
