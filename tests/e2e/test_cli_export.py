@@ -164,3 +164,19 @@ def test_demo_w4a4_check(capsys, tmp_path):
     rc, stdout, err = _run(["--demo", "--w4a4", "-o", out, "--check"], capsys)
     assert rc == 0, err
     assert "Polygraphy PASSED" in stdout
+
+
+def test_polygraphy_run_extension(files, capsys, tmp_path):
+    """`polygraphy run model.onnx --ouro-onnxrt` loads the custom ops (the stock --onnxrt cannot)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("polygraphy")
+    if exe is None:
+        pytest.skip("polygraphy CLI not on PATH")
+    _, ckpt, _ = files
+    out = tmp_path / "m.onnx"
+    assert _run([ckpt, "-o", out], capsys)[0] == 0
+    r = subprocess.run([exe, "run", str(out), "--ouro-onnxrt"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "PASSED" in r.stdout + r.stderr
