@@ -37,6 +37,9 @@ as the kernel receives it), B, C (uniform), Abar (LtSQ or uniform), h (TGQ) and 
 (uniform, min/max). The SSM output y is quantized as out_proj's input. Deviations, chosen to keep the
 comparison on the same tensors as the other methods: conv1d stays FP (the shared exclusion list);
 QDrop's random drop of activation quantization is not used (unknown in the paper).
+Bits: every activation (h and Abar included) at the recipe's a_bits; weights, A and D at w_bits.
+Method outputs: `qmodel.ouro_method_info["abar_quantizers"]` lists, per layer and direction, the
+quantizer the skewness condition chose and its statistic (QuantState header and report).
 """
 from __future__ import annotations
 
