@@ -42,8 +42,10 @@ SCALE_BYTES = 4  # scales and thresholds are stored as fp32
 
 # ------------------------------------------------------------------------------------ metrics
 def predict(model: nn.Module, images: Tensor, batch: int = EVAL_BATCH) -> Tensor:
+    from ouro.calib.quant.calibrate import intra_op_threads, small_work_threads
+
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), intra_op_threads(small_work_threads(model, batch)):
         for i in range(0, images.shape[0], batch):
             outs.append(model(images[i : i + batch]).argmax(-1))
     return torch.cat(outs)

@@ -16,6 +16,7 @@ Deterministic under `seed` (minibatches are drawn from a seeded generator; CPU a
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from ouro.recipes import Recipe
 from ..models.vim import VisionMamba
 from .base import LOSSES, QuantMode, get_method, iter_quantizers, quantize_model, set_quant_mode
 
-__all__ = ["calibrate", "capture_block_inputs", "ForwardLoop"]
+__all__ = ["calibrate", "capture_block_inputs", "ForwardLoop", "intra_op_threads", "small_work_threads"]
 
 ForwardLoop = Callable[[nn.Module], None]
 CHUNK = 64  # images per no-grad forward chunk (memory bound, not numerics)
@@ -60,6 +61,31 @@ def _run_block(blk: nn.Module, h: Tensor, r: Tensor | None) -> tuple[Tensor, Ten
     return torch.cat(outs), torch.cat(ress)
 
 
+SMALL_WORK_NUMEL = 1 << 22
+"""Below this many activation elements per chunk the calibration runs with one intra-op thread:
+its many small ops lose more to thread hand-offs than they gain (measured 10x on a loaded 2-core
+host with the demo model). The choice depends only on the model and CHUNK, so a run stays
+deterministic; different thread counts may differ in the last bits of fp32 reductions."""
+
+
+def small_work_threads(model: VisionMamba, batch: int = CHUNK) -> int | None:
+    """1 for a model whose per-chunk activations are small (see SMALL_WORK_NUMEL), else None (keep)."""
+    cfg = model.cfg
+    return 1 if batch * cfg.seq_len * cfg.embed_dim * cfg.expand < SMALL_WORK_NUMEL else None
+
+
+@contextmanager
+def intra_op_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def calibrate(
     model: VisionMamba,
     recipe: Recipe,
@@ -81,6 +107,12 @@ def calibrate(
     loss_fn = LOSSES[spec.loss or recipe.calib.loss]
     c = recipe.calib
     x0 = capture_block_inputs(model, forward_loop)
+    with intra_op_threads(small_work_threads(model)):
+        return _calibrate(model, recipe, x0, gen, loss_fn, spec, progress)
+
+
+def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> VisionMamba:
+    c = recipe.calib
     qmodel = quantize_model(model, recipe)
     qmodel.eval()
     n = x0.shape[0]
