@@ -1,7 +1,6 @@
 """Native build of trt_plugins (CUDA kernels + TensorRT plugin library) and its CPU plugin tests.
 
-Builds with CMake against TensorRT *headers* only (env TensorRT_ROOT, else ../shared/sdk/tensorrt
-beside the repository), runs the C++ plugin tests through CTest, and checks the library's link
+Builds with CMake against TensorRT *headers* only (env TensorRT_ROOT or TRT_ROOT), runs the C++ plugin tests through CTest, and checks the library's link
 contract: `nm -D` shows getCreators/setLoggerFinder, and it needs no libnvinfer.
 
 Reuses an existing configured build at $OURO_TRT_BUILD_DIR or build/trt (what CI and the README
@@ -27,7 +26,7 @@ REQUIRED_EXPORTS = ("getCreators", "setLoggerFinder")
 
 
 def _tensorrt_root() -> Path | None:
-    for cand in (os.environ.get("TensorRT_ROOT"), os.environ.get("TRT_ROOT"), REPO.parent / "shared" / "sdk" / "tensorrt"):
+    for cand in (os.environ.get("TensorRT_ROOT"), os.environ.get("TRT_ROOT")):
         if cand and (Path(cand) / "include" / "NvInferRuntime.h").is_file():
             return Path(cand)
     return None
@@ -38,7 +37,7 @@ def _missing_prerequisite() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not on PATH"
     if _tensorrt_root() is None:
-        return "TensorRT headers not found (set TensorRT_ROOT, or provide ../shared/sdk/tensorrt)"
+        return "TensorRT headers not found (set TensorRT_ROOT to a TensorRT SDK or its headers)"
     return None
 
 
