@@ -30,10 +30,14 @@ FP_TOL = (1e-4, 1e-4)
 """(rtol, atol) of an FP32 graph vs the PyTorch model (issue 3: logits within 1e-4)."""
 FP16_TOL = (2e-2, 2e-2)
 """(rtol, atol) of an FP16 graph vs the FP32 PyTorch model."""
-PLUGIN_TOL = (1e-3, 1e-3)
-"""(rtol, atol) of a quantized graph vs its fake-quant PyTorch twin: the integer codes are the same
-(bit-exact by construction, the same `_ref` functions); the float paths differ in summation order
-(integer GEMM vs float GEMM, sequential vs chunked scan), measured ~2e-7 relative on the logits."""
+PLUGIN_TOL = (1e-2, 1e-2)
+"""(rtol, atol) of a quantized graph vs its PyTorch twin. Given the same input, every quantizer
+produces bit-identical integer codes (same `_ref` functions; tests/unit/test_onnx_quant.py). But the
+graph's standard ops (RMSNorm as Pow/ReduceMean/Sqrt/Div, MatMul, Conv) round differently from
+torch's in the last bit, and an input that lands within an ulp of a rounding boundary flips one code
+by one step downstream. Measured on the logits (max |diff| / max |logit|): demo W4A4 2.6e-7, demo
+W8A8 2.4e-3 (the 8-bit grid is 16x finer, so flips are more frequent); a wrong scale or packing
+shows up as > 1e-1."""
 CHECK_IMAGES = 32
 BATCH = 8
 

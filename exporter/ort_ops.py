@@ -30,7 +30,7 @@ from ouro.calib.quantizers import (
     outlier_quant_ref,
     unpack_int4,
 )
-from ouro.calib.scan import TemporalGroupQuant, selective_scan_ref
+from ouro.calib.scan import TemporalGroupQuant, selective_scan, selective_scan_ref
 
 __all__ = [
     "OpSpec",
@@ -97,20 +97,21 @@ def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_re
 def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale=None, delta_theta=None, b_scale=None,
                             b_theta=None, c_scale=None, c_theta=None, h_scale=None, h_zero=None, **attrs) -> torch.Tensor:
     """`ouro::SelectiveScan` in PyTorch: operand quantization (delta, Bm, Cm: OuroMamba outlier
-    quantizer with per-token static inlier scales; bits 0 = off), then `selective_scan_ref` with the
-    TGQ h-quantizer when h_bits > 0. Returns fp32 (B, L, D)."""
+    quantizer with per-token static inlier scales; bits 0 = off), then the scan: `selective_scan_ref`
+    with the TGQ h-quantizer when h_bits > 0, else the model's own dispatch `selective_scan`.
+    Returns fp32 (B, L, D)."""
     a = {**OPS["SelectiveScan"].attrs, **attrs}
     nr, pol = int(a["n_refresh"]), int(a["threshold_policy"])
     d = _act_quant(_t(delta), a["delta_bits"], a["delta_bits_outlier"], delta_scale, delta_theta, nr, pol, a["delta_k_sigma"])
     b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"])
     c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"])
-    hq = None
-    if a["h_bits"]:
-        hq = TemporalGroupQuant(int(a["h_bits"]), int(a["h_group"]), _t(h_scale).float(), _t(h_zero).float())
-    return selective_scan_ref(
-        _t(u), d, _t(A), b, c, _t(Dskip), _t(z),
-        delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]), h_quant=hq,
-    )
+    kw = dict(delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]))
+    if not a["h_bits"]:
+        # the dispatch the PyTorch model itself calls (chunked for L >= 16, matching _ref to fp32
+        # tolerance): identical floats keep the next quantizer's codes identical (no rounding flips)
+        return selective_scan(_t(u), d, _t(A), b, c, _t(Dskip), _t(z), **kw)
+    hq = TemporalGroupQuant(int(a["h_bits"]), int(a["h_group"]), _t(h_scale).float(), _t(h_zero).float())
+    return selective_scan_ref(_t(u), d, _t(A), b, c, _t(Dskip), _t(z), h_quant=hq, **kw)
 
 
 def outlier_linear_node_ref(x, weight, w_scale, inlier_scale, theta, bias, **attrs):
