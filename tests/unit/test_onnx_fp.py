@@ -146,3 +146,27 @@ def test_vim_tiny_logits_match(batch):
     with torch.no_grad():
         ref = m(x).numpy()
     assert _rel_err(out, ref) < LOGITS_RTOL
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from ouro.calib import data
+
+    try:
+        m = data.load_demo_model().eval()
+    except Exception as e:  # ships with the package; absent only mid-development
+        pytest.skip(f"demo model unavailable: {e}")
+    return m, export_fp(m).model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_demo_logits_match(demo, batch):
+    m, model = demo
+    from ouro.calib.data import load_digits_split
+
+    x = load_digits_split("test")[0][:batch].float()
+    out = onnxruntime_session(model).run(None, {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert _rel_err(out, ref) < LOGITS_RTOL
+    assert (out.argmax(1) == ref.argmax(1)).all()
