@@ -7,7 +7,8 @@
 All methods see the same calibration images (drawn once, seeded) and the same evaluation images.
 Each (method, preset) runs `ouro.calib.quant.calibrate` with the preset as shipped (no per-method
 tuning here), then top-1 on the evaluation images. Output: a printed table shaped like the seeds'
-tables (method, data, #images, W/A, top-1, delta vs FP), and `<prefix>.json`, `<prefix>.md`,
+tables (method, data, #images, W/A, top-1, delta vs FP; plus the SQNR of the logits vs FP, which
+still separates methods when top-1 saturates on a small test set), and `<prefix>.json`, `<prefix>.md`,
 `<prefix>.png` (top-1 vs activation bits, one line per method and weight width).
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class CompareRow:
     top1: float | None
     delta: float | None
     calib_seconds: float
+    logit_sqnr_db: float | None = None
     method_info: dict = field(default_factory=dict)
     error: str | None = None
 
@@ -86,6 +88,22 @@ def method_presets(method: str, presets: tuple[str, ...] = COMPARE_PRESETS) -> l
     return [p for p in presets if p in have]
 
 
+@torch.no_grad()
+def _logits(model, images: Tensor, batch_size: int = 128) -> Tensor:
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]).float() for i in range(0, images.shape[0], batch_size)])
+
+
+def _top1(logits: Tensor, labels: Tensor) -> float:
+    return 100.0 * float((logits.argmax(-1) == labels).float().mean())
+
+
+def logit_sqnr_db(fp: Tensor, q: Tensor) -> float:
+    """20 log10(||fp|| / ||fp - q||) over all evaluation logits (top-1 saturates on small test sets)."""
+    err = (fp - q).norm()
+    return float("inf") if float(err) == 0.0 else float(20.0 * torch.log10(fp.norm() / err))
+
+
 def _summarise_info(info: dict) -> dict:
     """Method info as stored in the JSON (QMamba's per-SSM LtSQ choices are counted, and kept)."""
     out = dict(info)
@@ -111,14 +129,16 @@ def run_comparison(
     """Calibrate and evaluate every (method, preset); a failing run is a row with its error."""
     from tqdm.auto import tqdm
 
-    from ouro.calib.data import evaluate_top1
     from ouro.calib.imagefolder import make_forward_loop
     from ouro.calib.quant import calibrate
     from ouro.recipes import get_preset
 
     t_all = time.perf_counter()
     model.eval()
-    fp = evaluate_top1(model, eval_images, eval_labels, desc="FP top-1", progress=progress)
+    if len(eval_images) != len(eval_labels) or len(eval_images) == 0:
+        raise ValueError(f"need a non-empty evaluation set with one label per image; got {len(eval_images)} images, {len(eval_labels)} labels")
+    fp_logits = _logits(model, eval_images)
+    fp = _top1(fp_logits, eval_labels)
     runs = [(m, p) for m in methods for p in method_presets(m, presets)]
     if not runs:
         raise ValueError(f"no (method, preset) pair to run: methods {list(methods)}, presets {list(presets)}")
@@ -132,10 +152,12 @@ def run_comparison(
         try:
             qmodel = calibrate(model, recipe, loop, seed=seed, progress=False)
             secs = time.perf_counter() - t0
-            top1 = evaluate_top1(qmodel, eval_images, eval_labels, desc=f"{method} {preset}", progress=False)
+            q_logits = _logits(qmodel, eval_images)
+            top1 = _top1(q_logits, eval_labels)
             info = _summarise_info(getattr(qmodel, "ouro_method_info", {}) or {})
             rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
-                                   round(top1, 2), round(top1 - fp, 2), round(secs, 1), info))
+                                   round(top1, 2), round(top1 - fp, 2), round(secs, 1),
+                                   round(logit_sqnr_db(fp_logits, q_logits), 2), info))
             del qmodel
         except Exception as e:  # one broken method must not hide the others' numbers
             rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
@@ -152,20 +174,21 @@ def run_comparison(
 
 
 def format_table(res: CompareResult) -> str:
-    """Markdown table: method, data, #images, W/A, top-1, delta vs FP (plus calibration seconds)."""
+    """Markdown table: method, data, #images, W/A, top-1, delta vs FP (plus logit SQNR and calibration seconds)."""
     lines = [
         f"Model {res.model}; FP top-1 {res.fp_top1:.2f} % on {res.eval_images} evaluation images; "
         f"{res.calib_images} calibration images; seed {res.seed}; total {res.total_seconds:.0f} s "
         f"({res.torch_threads} torch threads, {res.cpu_count} CPUs).",
         "",
-        "| method | data | #images | W/A | top-1 (%) | Δ vs FP | calib (s) |",
-        "|---|---|---|---|---|---|---|",
-        f"| FP | – | – | 32/32 | {res.fp_top1:.2f} | – | – |",
+        "| method | data | #images | W/A | top-1 (%) | Δ vs FP | logit SQNR (dB) | calib (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| FP | – | – | 32/32 | {res.fp_top1:.2f} | – | – | – |",
     ]
     for r in res.rows:
         t1 = f"{r.top1:.2f}" if r.top1 is not None else f"error: {r.error}"
         d = f"{r.delta:+.2f}" if r.delta is not None else "–"
-        lines.append(f"| {r.method} | {r.data} | {r.images} | {r.w_bits}/{r.a_bits} | {t1} | {d} | {r.calib_seconds:.1f} |")
+        sq = f"{r.logit_sqnr_db:.1f}" if r.logit_sqnr_db is not None else "–"
+        lines.append(f"| {r.method} | {r.data} | {r.images} | {r.w_bits}/{r.a_bits} | {t1} | {d} | {sq} | {r.calib_seconds:.1f} |")
     return "\n".join(lines)
 
 

@@ -259,12 +259,20 @@ def test_compare_outputs(tmp_path):
     assert method_presets("qmamba") == ["w8a8", "w6a6", "w4a8", "w4a4", "w6a4"]
     assert method_presets("minmax") == ["w8a8", "w6a6", "w4a8", "w4a4"]
     rows = [
-        CompareRow("ptq4vm", "w4a4", "real", 128, 4, 4, 90.5, -7.5, 1.0),
+        CompareRow("ptq4vm", "w4a4", "real", 128, 4, 4, 90.5, -7.5, 1.0, 21.3),
         CompareRow("minmax", "w4a4", "real", 128, 4, 4, None, None, 0.1, error="RuntimeError: boom"),
     ]
     res = CompareResult("demo", "real", 128, 497, 98.0, 0, rows, 3.0)
     md = format_table(res)
-    assert "| ptq4vm | real | 128 | 4/4 | 90.50 | -7.50 |" in md and "error: RuntimeError: boom" in md
+    assert "| ptq4vm | real | 128 | 4/4 | 90.50 | -7.50 | 21.3 |" in md and "error: RuntimeError: boom" in md
     paths = write_outputs(res, tmp_path / "cmp")
     assert [p.suffix for p in paths] == [".json", ".md", ".png"] and all(p.stat().st_size > 0 for p in paths)
     assert json.loads(paths[0].read_text())["rows"][0]["wa"] == "W4A4"
+
+
+def test_logit_sqnr():
+    from ouro.calib.compare import logit_sqnr_db
+
+    fp = torch.tensor([[3.0, 4.0]])
+    assert logit_sqnr_db(fp, fp) == float("inf")
+    assert logit_sqnr_db(fp, fp + torch.tensor([[0.05, 0.0]])) == pytest.approx(40.0, abs=1e-4)  # ||fp|| = 5, ||err|| = 0.05
