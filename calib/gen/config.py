@@ -19,10 +19,12 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-__all__ = ["GenConfig", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["GenConfig", "IMAGENET_MEAN", "IMAGENET_STD", "CHECKPOINT_AUTO_BYTES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_AUTO_BYTES = 4 << 30
+"""checkpoint=None turns checkpointing on above this estimated activation memory per mini-batch."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class GenConfig:
     init_std     std of the Gaussian-noise initialisation (normalised pixel units)  [paper: noise]
     batch_size   images optimised together; images are independent under L^gen, so
                  mini-batches are exact, not an approximation
-    checkpoint   activation checkpointing per block and per channel chunk
+    checkpoint   activation checkpointing per block and per channel chunk; None = when the
+                 estimated activation memory of a mini-batch exceeds CHECKPOINT_AUTO_BYTES
+                 (off for the demo model, where it costs ~50 % more time; on for Vim-T/S/B)
     attn_chunk_elems  element budget of one channel chunk of the implicit attention
     mean, std    the model's input normalisation; pixels are kept in
                  [(0 - mean) / std, (1 - mean) / std]; None = ask the model's data module
@@ -56,7 +60,7 @@ class GenConfig:
     w_output: float = 1.0
     init_std: float = 1.0
     batch_size: int = 16
-    checkpoint: bool = True
+    checkpoint: bool | None = None
     attn_chunk_elems: int = 1 << 25
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .attention import contrastive_loss, effective_topk, implicit_attention, neighbourhood_weights, patch_token_index
-from .config import IMAGENET_MEAN, IMAGENET_STD, GenConfig
+from .config import CHECKPOINT_AUTO_BYTES, IMAGENET_MEAN, IMAGENET_STD, GenConfig
 from .instrument import ScanRecord, hook_mixer
 
 __all__ = [
@@ -117,6 +117,16 @@ def layer_contrastive_loss(records: list[ScanRecord], grid: int, cls_position: i
     return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)
 
 
+def use_checkpoint(model: nn.Module, batch: int, cfg: GenConfig) -> bool:
+    """cfg.checkpoint, or when None: whether the activations of a mini-batch without checkpointing
+    (about 12 fp32 tensors of B*L*d_inner*d_state per layer and direction, measured on the demo
+    model) would exceed CHECKPOINT_AUTO_BYTES."""
+    if cfg.checkpoint is not None:
+        return cfg.checkpoint
+    m = model.cfg
+    return 12 * 2 * m.depth * batch * m.seq_len * m.d_inner * m.d_state * 4 > CHECKPOINT_AUTO_BYTES
+
+
 def _block_step(blk: nn.Module, layer: int, hidden: Tensor, residual: Tensor | None, grid: int, cls: int, cfg: GenConfig, want_c: bool):
     records: list[ScanRecord] = []
     with hook_mixer(blk.mixer, layer, records):
@@ -130,11 +140,13 @@ def gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> 
     block (and its L^C) checkpointed; tests check the logits equal model(x)."""
     mcfg = model.cfg
     want_c = cfg.w_contrastive > 0
+    ck = use_checkpoint(model, x.shape[0], cfg)
+    cfg = cfg.replace(checkpoint=ck)
     hidden, residual = model.embed(x), None
     lcs = []
     for i, blk in enumerate(model.layers):
         args = (blk, i, hidden, residual, mcfg.grid, mcfg.cls_position, cfg, want_c)
-        if cfg.checkpoint and torch.is_grad_enabled():
+        if ck and torch.is_grad_enabled():
             hidden, residual, lc = checkpoint(_block_step, *args, use_reentrant=False)
         else:
             hidden, residual, lc = _block_step(*args)

@@ -312,3 +312,17 @@ def test_gen_main_writes_folder_and_refuses_overwrite(tmp_path):
         assert z["images"].shape == (2, 3, 32, 32) and z["targets"].shape == (2,)
     with pytest.raises(UserError, match="--force"):
         gen_main(_tiny_model(), args)
+
+
+def test_checkpointing_is_automatic_by_activation_size():
+    from ouro.calib.gen.generate import use_checkpoint
+    from ouro.calib.models.vim import ARCHS
+
+    class _M:  # only .cfg is read
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+    assert not use_checkpoint(_M(TINY), 16, GenConfig())
+    assert use_checkpoint(_M(ARCHS["vim_small"]), 16, GenConfig())
+    assert use_checkpoint(_M(TINY), 16, GenConfig(checkpoint=True))
+    assert not use_checkpoint(_M(ARCHS["vim_small"]), 16, GenConfig(checkpoint=False))
