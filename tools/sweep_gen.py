@@ -61,8 +61,8 @@ def main() -> int:
 
     model = load_model(a.checkpoint)
     base = GenConfig(batch_size=a.n)
-    taus = [float(v) for v in a.taus.split(",")]
-    lrs = [float(v) for v in a.lrs.split(",")]
+    taus = [float(v) for v in a.taus.split(",") if v]
+    lrs = [float(v) for v in a.lrs.split(",") if v]
     snaps = sorted(int(v) for v in a.snapshots.split(","))
     runs = [(t, base.lr) for t in taus] + [(base.tau, lr) for lr in lrs if lr != base.lr]
     runs = list(dict.fromkeys(runs))
