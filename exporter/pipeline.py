@@ -201,7 +201,7 @@ def quantize(ctx) -> nn.Module:
     ctx.report["method"] = ctx.recipe.method.value
     ctx.report["method_info"] = getattr(ctx.qmodel, "ouro_method_info", {})
     quantized_metrics(ctx)
-    print(format_table(ctx.report))
+    print(format_table({**ctx.report, "timings": dict(ctx.timings)}))
     return ctx.qmodel
 
 
