@@ -5,8 +5,8 @@ For every ONNX file written this run, a Polygraphy `Comparator` runs
 and prints Polygraphy's pass/fail; then the ONNX outputs are scored against the FP PyTorch model
 (cosine similarity, SNR in dB, top-1 agreement). The PyTorch twin of each stage:
 
-    fp      the FP model                                      tolerance FP_TOL (FP16_TOL for --fp16)
-    plugin  the fake-quant model (dynamic outliers)           tolerance PLUGIN_TOL
+    fp      the FP model                                      tolerance FP_TOL (FP16_TOL for --fp16), max error
+    plugin  the fake-quant model (dynamic outliers)           tolerance PLUGIN_TOL, mean error
     qdq     the fake-quant model restricted to the static     tolerance PLUGIN_TOL
             Q/DQ numerics (no outliers), i.e. what QDQ means
 
@@ -37,7 +37,9 @@ graph's standard ops (RMSNorm as Pow/ReduceMean/Sqrt/Div, MatMul, Conv) round di
 torch's in the last bit, and an input that lands within an ulp of a rounding boundary flips one code
 by one step downstream. Measured on the logits (max |diff| / max |logit|): demo W4A4 2.6e-7, demo
 W8A8 2.4e-3 (the 8-bit grid is 16x finer, so flips are more frequent); a wrong scale or packing
-shows up as > 1e-1."""
+shows up as > 1e-1. Because a flip moves single logits, quantized graphs are judged on Polygraphy's
+mean error statistic (check_error_stat "mean"; FP graphs on the max): on random-noise inputs to the
+demo W8A8 graph the max |diff| reached 1.1e-2 while the mean was 1.6e-3."""
 CHECK_IMAGES = 32
 BATCH = 8
 
@@ -54,9 +56,10 @@ class CheckResult:
     tolerance: tuple[float, float]
     max_abs_err: float
     metrics_vs_fp: dict
+    error_stat: str = "max"
 
     def to_dict(self) -> dict:
-        return {"polygraphy_passed": self.passed, "rtol": self.tolerance[0], "atol": self.tolerance[1],
+        return {"polygraphy_passed": self.passed, "rtol": self.tolerance[0], "atol": self.tolerance[1], "error_stat": self.error_stat,
                 "max_abs_err_vs_torch": self.max_abs_err, "vs_fp": self.metrics_vs_fp}
 
 
@@ -84,7 +87,7 @@ def _twin(stage: Stage, fp_model, qmodel):
 
 
 def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: torch.Tensor, *,
-                  tol: tuple[float, float], fp16: bool = False) -> CheckResult:
+                  tol: tuple[float, float], fp16: bool = False, error_stat: str | None = None) -> CheckResult:
     """Polygraphy Comparator: onnxruntime (ouro ops) vs the PyTorch twin; then metrics vs FP."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -97,12 +100,14 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
     ort_runner = OnnxrtRunner(SessionFromOuroOnnx(onnx_model_or_path), name="onnxrt-ouro")
     with hooks:
         results = Comparator.run([ort_runner, TorchRunner(twin, name="torch-twin")], data_loader=feeds)
-    passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(rtol=tol[0], atol=tol[1])))
+    error_stat = error_stat or ("max" if stage is Stage.FP else "mean")
+    cmp = SimpleCompareFunc(rtol=tol[0], atol=tol[1], check_error_stat=error_stat)
+    passed = bool(Comparator.compare_accuracy(results, compare_func=cmp))
     ort_out = np.concatenate([it["logits"] for it in results[ort_runner.name]]).astype(np.float32)
     twin_out = np.concatenate([it["logits"] for it in results["torch-twin"]])
     with torch.no_grad():
         fp_out = torch.cat([fp_model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]).numpy()
-    return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), graph_metrics(ort_out, fp_out))
+    return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), graph_metrics(ort_out, fp_out), error_stat)
 
 
 def _check_images(ctx) -> torch.Tensor:
@@ -132,7 +137,7 @@ def run_check(ctx, outputs) -> dict:
         report[str(out.onnx_path)] = {"stage": stage.value, "images": int(len(images)), **res.to_dict()}
         m = res.metrics_vs_fp
         print(f"check {out.onnx_path} ({stage.value}): Polygraphy {'PASSED' if res.passed else 'FAILED'} "
-              f"(rtol {tol[0]:g}, atol {tol[1]:g}, max |err| {res.max_abs_err:.3g}); vs FP: cosine {m['cosine']}, "
+              f"({res.error_stat} error, rtol {tol[0]:g}, atol {tol[1]:g}; max |err| {res.max_abs_err:.3g}); vs FP: cosine {m['cosine']}, "
               f"SNR {m['snr_db']} dB, top-1 agreement {m['top1_agreement']:.2%}")
         if not res.passed:
             failed.append(str(out.onnx_path))
