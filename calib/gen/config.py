@@ -16,7 +16,8 @@ inputs vs the real calibration split; lower = closer to real data):
 
 Every arm is closest to real at G = 25 (more steps keep lowering L^C but drift away from real
 statistics; L^O is already ~0.1 at G = 25), lr 0.25 is best at every G, and tau changes the gap by
-less than 0.003 (not identifiable on the demo: the middle value 0.2 is kept). The paper's G (~1000,
+less than 0.003 (not identifiable on the demo: the middle value 0.2 is kept). The arms were
+varied one at a time; lr 0.25 with tau 0.2 together is what tools/gen_table.py measured. The paper's G (~1000,
 unverified) is for ImageNet models; expect to raise G there."""
 from __future__ import annotations
 
