@@ -22,13 +22,7 @@ W8A8_MIN_COSINE = 0.99  # logits cosine of W8A8 vs FP on the random tiny model
 FAST = {"steps": 2, "batch_size": 4, "grid_points": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on a loaded 2-core CI host)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ W4_COMPRESSION_MIN = 2.0  # 4-bit codes + fp32 scales vs fp16 on the quantized t
 SQNR_ATOL_DB = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ TINY = VimConfig(embed_dim=16, depth=2, img_size=16, patch_size=4, stride=4, num
 FAST = {"steps": 2, "batch_size": 4, "grid_points": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on a loaded 2-core CI host)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
