@@ -7,7 +7,7 @@ references, shared by the onnxruntime kernels below and the tests.
 onnxruntime-extensions registers one Python kernel per (domain, op type) with a fixed arity and
 fixed dtypes (no float16), and needs every declared attribute present. The files we write follow
 the TensorRT plugin contract instead (7-input FP scans, 15-input quantized scans, int8 or
-packed-uint8 weights, fp16 or fp32 activations), so `onnxruntime_session` adapts an in-memory copy
+packed-int4 weights stored as int8 bytes, fp16 or fp32 activations), so `onnxruntime_session` adapts an in-memory copy
 before creating the session: it pads omitted inputs with empty tensors, fills absent attributes
 with their neutral defaults, casts float operands to float32 and integer weights to int32, and
 casts the output back to the dtype of input 0 (`CastLike`, opset >= 15). The file on disk is untouched.
@@ -121,7 +121,7 @@ def outlier_linear_node_ref(x, weight, w_scale, inlier_scale, theta, bias, **att
     outlier list outgrows max_outliers yields NaN rows, as the CUDA kernel does."""
     a = {**OPS["OutlierLinear"].attrs, **attrs}
     w = _t(weight)
-    codes = unpack_int4(w.to(torch.uint8)) if int(a["w_bits"]) == 4 else w.to(torch.int8)
+    codes = unpack_int4((w.to(torch.int16) & 0xFF).to(torch.uint8)) if int(a["w_bits"]) == 4 else w.to(torch.int8)
     pol = POLICIES[int(a["threshold_policy"])]
     th = _t(theta) if pol is ThresholdPolicy.CALIBRATED else None
     xf = _t(x).float()

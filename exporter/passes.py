@@ -254,9 +254,11 @@ def toposort(graph: gs.Graph) -> gs.Graph:
 
 
 def pack_int4_np(codes: np.ndarray) -> np.ndarray:
+    """Packed int4 weight bytes stored as INT8 (same bits as `pack_int4`'s uint8): TensorRT plugins
+    take INT8 inputs, not UINT8."""
     import torch
 
-    return pack_int4(torch.from_numpy(codes)).numpy()
+    return pack_int4(torch.from_numpy(codes)).numpy().view(np.int8)
 
 
 # ------------------------------------------------------------------------------ driver

@@ -90,8 +90,8 @@ def test_fuse_outlier_linear():
     assert (a["in_features"], a["out_features"], a["seq_len"], a["w_bits"], a["a_bits"], a["o_bits"]) == (K, N, L, 4, 4, 8)
     assert (a["n_refresh"], a["threshold_policy"], a["plugin_version"], a["plugin_namespace"]) == (5, 0, "1", "ouro")
     weight = node.inputs[1].values
-    assert weight.dtype == np.uint8 and weight.shape == (N, K // 2)
-    np.testing.assert_array_equal(weight, pack_int4(torch.from_numpy(p["codes"])).numpy())  # bit-exact packing
+    assert weight.dtype == np.int8 and weight.shape == (N, K // 2)
+    np.testing.assert_array_equal(weight.view(np.uint8), pack_int4(torch.from_numpy(p["codes"])).numpy())  # bit-exact packing
     np.testing.assert_array_equal(node.inputs[3].values, p["s_in"])
     np.testing.assert_array_equal(node.inputs[5].values, p["bias"])
     # runs under onnxruntime and equals the node reference on the same input
