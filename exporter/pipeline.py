@@ -284,11 +284,20 @@ def _plots(rep: dict, path: Path) -> None:
         fig.savefig(path.with_suffix(".sqnr.png"))
         plt.close(fig)
     if rep.get("outlier_rate"):
-        fig, ax = plt.subplots(figsize=(8, 3))
-        names = list(rep["outlier_rate"])
-        ax.bar(range(len(names)), [100 * rep["outlier_rate"][n] for n in names])
-        ax.set_ylabel("outlier rate (%)")
-        ax.set_xlabel("quantizer (layer order)")
+        # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per layer
+        cells: dict[str, dict[int, float]] = {}
+        for name, rate in rep["outlier_rate"].items():
+            _, layer, kind = name.split(".", 2) if name.startswith("layers.") else ("", "0", name)
+            cells.setdefault(kind, {})[int(layer)] = 100 * rate
+        kinds = list(cells)
+        depth = 1 + max(i for row in cells.values() for i in row)
+        grid = [[cells[k].get(i, float("nan")) for i in range(depth)] for k in kinds]
+        fig, ax = plt.subplots(figsize=(max(4, 0.6 * depth + 3), 0.3 * len(kinds) + 1.2))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        ax.set_xticks(range(depth))
+        ax.set_xlabel("layer")
+        fig.colorbar(im, ax=ax, label="outlier rate (%)")
         fig.tight_layout()
         fig.savefig(path.with_suffix(".outliers.png"))
         plt.close(fig)
