@@ -18,14 +18,14 @@ import contextlib
 import io
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx
 import torch
 from torch import Tensor, nn
 
+from ouro.calib.models.vim import override_ops
 from ouro.calib.scan import selective_scan
 
 __all__ = [
@@ -87,28 +87,21 @@ def _default_scan(direction: str, **kw: Tensor) -> Tensor:
                           delta_softplus=True, reverse=direction == "bwd")
 
 
-@contextmanager
-def scan_export_hooks(model: nn.Module) -> Iterator[None]:
+def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Route every mixer's scan through `SelectiveScanFn` (numerics unchanged); restore on exit."""
-    saved = []
-    for i, blk in enumerate(model.layers):
-        mixer = blk.mixer
-        inner = mixer.ops.scan or _default_scan
-        prefix = f"layers.{i}.mixer"
 
-        def hook(direction, *, _inner=inner, _prefix=prefix, **kw):
+    def make(i: int, mixer: nn.Module) -> dict:
+        inner, prefix = mixer.ops.scan or _default_scan, f"layers.{i}.mixer"
+
+        def hook(direction, **kw):
             return SelectiveScanFn.apply(
-                _inner, f"{_prefix}.scan_{direction}", direction == "bwd",
+                inner, f"{prefix}.scan_{direction}", direction == "bwd",
                 kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
             )
 
-        saved.append((mixer, mixer.ops))
-        mixer.ops = replace(mixer.ops, scan=hook)
-    try:
-        yield
-    finally:
-        for mixer, ops in saved:
-            mixer.ops = ops
+        return {"scan": hook}
+
+    return override_ops(model, make)
 
 
 class _Fp16Head(nn.Module):
@@ -124,26 +117,21 @@ class _Fp16Head(nn.Module):
         return self.model.head(feats.to(self.model.head.weight.dtype))
 
 
-@contextmanager
-def _fp16_linears(model: nn.Module) -> Iterator[None]:
-    saved = []
-    for blk in model.layers:
-        mixer = blk.mixer
+def _fp16_linears(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Cast each linear layer's input to its (fp16) weight dtype, wrapping any installed hook."""
+
+    def make(_i: int, mixer: nn.Module) -> dict:
         inner = mixer.ops.linear
 
-        def linear(name, module, x, _inner=inner):
+        def linear(name, module, x):
             x = x.to(module.weight.dtype)
-            if _inner is not None:
-                return _inner(name, module, x)
+            if inner is not None:
+                return inner(name, module, x)
             return nn.functional.linear(x, module.weight, module.bias)
 
-        saved.append((mixer, mixer.ops))
-        mixer.ops = replace(mixer.ops, linear=linear)
-    try:
-        yield
-    finally:
-        for mixer, ops in saved:
-            mixer.ops = ops
+        return {"linear": linear}
+
+    return override_ops(model, make)
 
 
 def _finish_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -174,21 +174,18 @@ class _QuantHooks:
         if len(self.ops) != len(qmodel.layers):
             raise QDQError("this model is not calibrated: some mixers carry no quantizers (use ouro.calib.quant.calibrate or load_quant_state)")
         self.meta: dict = {"linears": {}, "scans": {}}
-        self.saved: list = []
 
     def __enter__(self):
-        from ouro.calib.models.vim import MixerOps
+        from ouro.calib.models.vim import override_ops
 
-        for i, blk in enumerate(self.qmodel.layers):
-            mixer = blk.mixer
-            self.saved.append((mixer, mixer.ops))
-            mixer.ops = MixerOps(linear=self._linear_hook(i), scan=self._scan_hook(i, mixer))
+        self._override = override_ops(
+            self.qmodel, lambda i, mixer: {"linear": self._linear_hook(i), "scan": self._scan_hook(i, mixer)}
+        )
+        self._override.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for mixer, ops in self.saved:
-            mixer.ops = ops
-        return False
+        return bool(self._override.__exit__(*exc))
 
     def _linear_hook(self, i: int):
         ops = self.ops[i]

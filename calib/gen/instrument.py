@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.vim import override_ops
 from ..scan import selective_scan_chunked, selective_scan_ref
 
 __all__ = ["ScanRecord", "record_scans", "hook_mixer"]
@@ -81,11 +82,5 @@ def record_scans(model: nn.Module, *, states: bool = True) -> Iterator[list[Scan
     if layers is None or not all(hasattr(b, "mixer") for b in layers):
         raise TypeError(f"record_scans needs a Vim model with .layers[i].mixer (a MambaMixer); got {type(model).__name__}")
     sink: list[ScanRecord] = []
-    olds = [b.mixer.ops.scan for b in layers]
-    for i, b in enumerate(layers):
-        b.mixer.ops.scan = _Recorder(i, sink, states)
-    try:
+    with override_ops(model, lambda i, _mixer: {"scan": _Recorder(i, sink, states)}):
         yield sink
-    finally:
-        for b, old in zip(layers, olds):
-            b.mixer.ops.scan = old

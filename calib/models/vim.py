@@ -16,7 +16,9 @@ ONNX export and OuroMamba-Gen swap them without touching this file's arithmetic.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from ..scan import selective_scan
 
-__all__ = ["VimConfig", "ARCHS", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "build_model", "MixerOps"]
+__all__ = ["VimConfig", "ARCHS", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "build_model", "MixerOps", "override_ops"]
 
 OFFICIAL_NAME = "vim_{size}_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2"
 
@@ -114,6 +116,22 @@ class MixerOps:
 
     linear: object = field(default=None)
     scan: object = field(default=None)
+
+
+@contextmanager
+def override_ops(model: nn.Module, make: Callable[[int, "MambaMixer"], dict]) -> Iterator[None]:
+    """Temporarily replace fields of every mixer's `MixerOps`; restore the previous ops on exit.
+
+    `make(layer_index, mixer)` returns the fields to replace, e.g. {"scan": hook}; it sees the
+    mixer's current ops, so hooks can wrap what is already installed."""
+    saved = [(blk.mixer, blk.mixer.ops) for blk in model.layers]
+    try:
+        for i, (mixer, ops) in enumerate(saved):
+            mixer.ops = replace(ops, **make(i, mixer))
+        yield
+    finally:
+        for mixer, ops in saved:
+            mixer.ops = ops
 
 
 class MambaMixer(nn.Module):
