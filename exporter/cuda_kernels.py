@@ -34,6 +34,7 @@ __all__ = [
     "KernelError",
     "Status",
     "GemmPath",
+    "Epilogue",
     "ActQuant",
     "OutlierLinearResult",
     "library_path",
@@ -57,7 +58,9 @@ BUILD_HINT = (
     f"(from the repository root), or point {LIB_ENV} at an existing {LIB_NAME}"
 )
 STEP_NAMES = ("detect+extract", "inlier quant", "inlier GEMM", "outlier GEMM", "dequant+combine")
-"""The five pipeline steps timed by `outlier_linear_profiled` (seed section E)."""
+"""The five pipeline steps timed by `outlier_linear_profiled` (seed section E). With the fused epilogue,
+"inlier GEMM" includes the inlier dequantization, "outlier GEMM" the outlier dequantization and the
+combination, and "dequant+combine" is 0."""
 MAX_K = 16384
 """Largest K (channels per token) the kernels accept (one thread block holds a token's channel mask)."""
 MAX_STATE = 16
@@ -86,6 +89,20 @@ class Status(IntEnum):
     WORKSPACE = 5
     CUDA = 6
     UNSUPPORTED_ARCH = 7
+
+
+class Epilogue(IntEnum):
+    """Where the dequantization runs: FUSED in the GEMM epilogue (fp16 y, no int32 M x N buffers), SEPARATE
+    in a fifth kernel (y equals the reference's fp32 expression rounded once; needed for debug accumulators).
+    AUTO: fused when possible."""
+
+    AUTO = 0
+    FUSED = 1
+    SEPARATE = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
 
 class GemmPath(IntEnum):
@@ -177,10 +194,10 @@ _PROTOTYPES = {
     "ouroOutlierLinearWithPath": (
         ctypes.c_int, [ctypes.POINTER(_LinearParamsC), ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
     ),
-    "ouroOutlierLinearProfiledWithPath": (
+    "ouroOutlierLinearEx": (
         ctypes.c_int,
-        [ctypes.POINTER(_LinearParamsC), ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
-         ctypes.POINTER(ctypes.c_float)],
+        [ctypes.POINTER(_LinearParamsC), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+         ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_float)],
     ),
     "ouroOutlierLinearCheck": (ctypes.c_int, [ctypes.POINTER(_LinearParamsC), ctypes.c_void_p]),
     "ouroOutlierFakeQuant": (
@@ -342,10 +359,11 @@ def _stream() -> ctypes.c_void_p:
 # --------------------------------------------------------------------------- outlier-split linear
 @dataclass
 class OutlierLinearResult:
-    """y (B, L, N) in x's dtype; path: the GEMM path that ran; debug tensors when requested."""
+    """y (B, L, N) in x's dtype; path / epilogue: what ran; debug tensors when requested."""
 
     y: Tensor
     path: str
+    epilogue: str = "none"
     acc_inlier: Tensor | None = None  # int32 (B, L, N)
     acc_outlier: Tensor | None = None  # int32 (B, L, N), integer outliers only
     inlier_codes: Tensor | None = None  # int8 (B, L, K)
@@ -359,7 +377,10 @@ def workspace_size(M: int, L: int, K: int, N: int, w_bits: int, act: ActQuant, m
                                                   max_outliers))
 
 
-def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath) -> str:
+def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath, epilogue: Epilogue) -> str:
+    if epilogue is Epilogue.FUSED and status in (Status.UNSUPPORTED_SHAPE, Status.INVALID_ARGUMENT):
+        return (f"the fused epilogue needs a tensor-core path, fp16 x, N % 8 == 0 (N={N}), 16-byte aligned "
+                "w_scale and bias, and no debug accumulators; use epilogue='auto'")
     if status is Status.UNSUPPORTED_SHAPE:
         if K > MAX_K:
             return f"K={K} exceeds the kernels' limit {MAX_K}"
@@ -383,12 +404,13 @@ class _PreparedLinear:
     keep: list  # tensors the params point into (workspace, debug mask)
     sizes: str
     path: GemmPath
+    epilogue: Epilogue
     K: int
     N: int
     w_bits: int
 
 
-def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug) -> _PreparedLinear:
+def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug) -> _PreparedLinear:
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, K), got shape {tuple(x.shape)}")
     B, L, K = x.shape
@@ -413,6 +435,7 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
     if bias is not None:
         _check_tensor(bias, "bias", (N,), (torch.float32,), device=dev)
     path = GemmPath[path.upper()] if isinstance(path, str) else GemmPath(path)
+    epilogue = Epilogue[epilogue.upper()] if isinstance(epilogue, str) else Epilogue(epilogue)
     c_act = act.to_c(L, "act", dev)
     y = torch.empty(B, L, N, dtype=x.dtype, device=dev)
     ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers), 1), dtype=torch.uint8, device=dev)
@@ -433,38 +456,50 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
         outlier_mask=_ptr(mask_u8),
     )
     sizes = (f"B={B}, L={L}, M={M}, K={K}, N={N}, w_bits={w_bits}, act bits={act.bits}/{act.bits_outlier}, "
-             f"n_refresh={act.n_refresh}, max_outliers={max_outliers}, path={path.label}")
-    return _PreparedLinear(p, res, keep, sizes, path, K, N, w_bits)
+             f"n_refresh={act.n_refresh}, max_outliers={max_outliers}, path={path.label}, epilogue={epilogue.label}")
+    return _PreparedLinear(p, res, keep, sizes, path, epilogue, K, N, w_bits)
 
 
-def _record_path(ran: ctypes.c_int, res: OutlierLinearResult) -> None:
+def _record_path(ran: ctypes.c_int, epi: ctypes.c_int, res: OutlierLinearResult) -> None:
     global _LAST_PATH
     if ran.value:
         _LAST_PATH = GemmPath(ran.value)
         res.path = _LAST_PATH.label
+    if epi.value:
+        res.epilogue = Epilogue(epi.value).label
 
 
-def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled) -> OutlierLinearResult:
+def _call_linear(lib, pl: _PreparedLinear, ran: ctypes.c_int, epi: ctypes.c_int, steps=None) -> int:
+    return lib.ouroOutlierLinearEx(ctypes.byref(pl.params), int(pl.path), int(pl.epilogue), _stream(),
+                                   ctypes.byref(ran), ctypes.byref(epi), steps)
+
+
+def _raise_linear(pl: _PreparedLinear, st: int) -> None:
+    _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path, pl.epilogue))
+
+
+def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug,
+                    profiled) -> OutlierLinearResult:
     lib = _require_gpu()
     with _on_device(x):
-        return _outlier_linear_on_device(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled)
+        pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug)
+        return _outlier_linear_on_device(lib, pl, debug, profiled)
 
 
-def _outlier_linear_on_device(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled):
-    pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug)
-    p, res = pl.params, pl.result
-    ran = ctypes.c_int(0)
+def _outlier_linear_on_device(lib, pl: _PreparedLinear, debug: bool, profiled: bool) -> OutlierLinearResult:
+    res = pl.result
+    ran, epi = ctypes.c_int(0), ctypes.c_int(0)
     if profiled:
         steps = (ctypes.c_float * 5)()
-        st = lib.ouroOutlierLinearProfiledWithPath(ctypes.byref(p), int(pl.path), _stream(), ctypes.byref(ran), steps)
+        st = _call_linear(lib, pl, ran, epi, steps)
         res.step_ms = [float(v) for v in steps]
     else:
-        st = lib.ouroOutlierLinearWithPath(ctypes.byref(p), int(pl.path), _stream(), ctypes.byref(ran))
+        st = _call_linear(lib, pl, ran, epi)
         if st == Status.OK:
-            st = lib.ouroOutlierLinearCheck(ctypes.byref(p), _stream())
-    _record_path(ran, res)
+            st = lib.ouroOutlierLinearCheck(ctypes.byref(pl.params), _stream())
+    _record_path(ran, epi, res)
     if st != Status.OK:
-        _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path))
+        _raise_linear(pl, st)
     if debug:
         res.outlier_mask = pl.keep[1].bool()
     return res
@@ -473,21 +508,22 @@ def _outlier_linear_on_device(lib, x, w, w_scale, act, w_bits, bias, max_outlier
 def outlier_linear_launcher(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
     max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
+    epilogue: Epilogue | str = Epilogue.AUTO,
 ) -> tuple[Callable[[], None], OutlierLinearResult]:
     """Validate and allocate once; return (launch, result): launch() enqueues one asynchronous call on the
     current stream writing result.y (no synchronisation, no capacity check), for benchmarks.
     Call `outlier_linear` once first to check the capacity and the numerics."""
     lib = _require_gpu()
-    pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, False)
-    ran = ctypes.c_int(0)
-    ref_p = ctypes.byref(pl.params)
+    with _on_device(x):
+        pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, False)
+    ran, epi = ctypes.c_int(0), ctypes.c_int(0)
 
     def launch() -> None:
         with _on_device(x):
-            st = lib.ouroOutlierLinearWithPath(ref_p, int(pl.path), _stream(), ctypes.byref(ran))
+            st = _call_linear(lib, pl, ran, epi)
         if st != Status.OK:
-            _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path))
-        _record_path(ran, pl.result)
+            _raise_linear(pl, st)
+        _record_path(ran, epi, pl.result)
 
     launch.keep = (pl, x, w, w_scale, bias, act)  # keep every tensor the params point into alive
     return launch, pl.result
@@ -495,22 +531,25 @@ def outlier_linear_launcher(
 
 def outlier_linear(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
-    max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO, debug: bool = False,
+    max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
+    epilogue: Epilogue | str = Epilogue.AUTO, debug: bool = False,
 ) -> OutlierLinearResult:
     """Outlier-split linear Y = X W^T on the GPU (numerics: ouro.calib.quantizers.outlier_linear_ref).
 
     x: (B, L, K) fp16/fp32 CUDA; w: int8 codes (N, K) (w_bits=8) or `pack_int4` output (N, K/2) (w_bits=4);
     w_scale, bias: (N,) fp32. max_outliers defaults to K (the window can never overflow).
-    debug=True also returns the exact integer accumulators, inlier codes and outlier masks."""
-    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, debug, profiled=False)
+    epilogue: see `Epilogue` (result.epilogue says which ran).
+    debug=True also returns the exact integer accumulators, inlier codes and outlier masks (separate epilogue)."""
+    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug, profiled=False)
 
 
 def outlier_linear_profiled(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
     max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
+    epilogue: Epilogue | str = Epilogue.AUTO,
 ) -> OutlierLinearResult:
     """As `outlier_linear`, synchronising after each of the five steps; result.step_ms follows STEP_NAMES."""
-    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, False, profiled=True)
+    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, False, profiled=True)
 
 
 # --------------------------------------------------------------------------- fake quant, scan

@@ -4,10 +4,13 @@ Prints one table per shape set: the ouro pipeline (W4A4 by default) vs `torch.ma
 `torch._int_mm` (INT8 x INT8 -> INT32, no quantization work), with TOPS, % of the GPU's dense INT8
 tensor-core peak, the speed-up over FP16, the time share of the five pipeline steps (seed Fig. 1, from
 `outlier_linear_profiled`) and the outlier rate (fraction of (token, channel) entries in the outlier list).
+One row per epilogue: `fused` (dequantization in the CUTLASS GEMM epilogue, outlier GEMM + combine in one
+kernel) and `separate` (the five-kernel pipeline with int32 accumulators in memory).
 
     python tools/bench_gemm.py                      # Vim-T/S/B linear shapes, batch 1 and 32
     python tools/bench_gemm.py --model vim_b --batch 32 --outlier-frac 0.013
     python tools/bench_gemm.py --peak-tops 1979     # override the INT8 peak used for the % column
+    python tools/bench_gemm.py --epilogue fused     # only the fused epilogue
 
 Needs a CUDA GPU and the built library (see ouro.exporter.cuda_kernels). Timings: CUDA events,
 median of --iters runs after --warmup runs.
@@ -72,6 +75,7 @@ class Row:
     K: int
     N: int
     path: str
+    epilogue: str
     outlier_rate: float
     ouro_ms: float
     fp16_ms: float
@@ -79,7 +83,7 @@ class Row:
     steps_ms: list[float]
 
 
-def bench_shape(B: int, K: int, N: int, args) -> Row:
+def bench_shape(B: int, K: int, N: int, args) -> list[Row]:
     g = torch.Generator().manual_seed(K * 31 + N)
     x = torch.randn(B, L_VIM, K, generator=g)
     n_out = round(args.outlier_frac * K)
@@ -95,14 +99,16 @@ def bench_shape(B: int, K: int, N: int, args) -> Row:
     act = ck.ActQuant(args.act_bits, args.bits_outlier, args.n_refresh, scale)
     rate = float(outlier_quant_ref(x, scale, args.act_bits, args.bits_outlier, args.n_refresh).outlier_mask.float().mean())
 
-    ck.outlier_linear(x, w, w_scale, act, w_bits=args.w_bits)  # checks capacity once
-    launch, res = ck.outlier_linear_launcher(x, w, w_scale, act, w_bits=args.w_bits)
-    ouro_ms = time_ms(launch, args.warmup, args.iters)
-    path = ck.last_gemm_path() or "?"
-    steps = [0.0] * 5
-    for _ in range(args.profile_iters):
-        prof = ck.outlier_linear_profiled(x, w, w_scale, act, w_bits=args.w_bits)
-        steps = [s + t / args.profile_iters for s, t in zip(steps, prof.step_ms)]
+    runs = []
+    for epi in (["fused", "separate"] if args.epilogue == "both" else [args.epilogue]):
+        ck.outlier_linear(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)  # checks capacity once
+        launch, res = ck.outlier_linear_launcher(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)
+        ouro_ms = time_ms(launch, args.warmup, args.iters)
+        steps = [0.0] * 5
+        for _ in range(args.profile_iters):
+            prof = ck.outlier_linear_profiled(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)
+            steps = [s + t / args.profile_iters for s, t in zip(steps, prof.step_ms)]
+        runs.append((res.path, res.epilogue, ouro_ms, steps))
 
     x2 = x.reshape(-1, K)
     wf = torch.randn(N, K, device="cuda", dtype=torch.float16)
@@ -114,13 +120,13 @@ def bench_shape(B: int, K: int, N: int, args) -> Row:
         int8_ms = time_ms(lambda: torch._int_mm(a8, b8.t()), args.warmup, args.iters)
     except RuntimeError as e:  # shape constraints of cuBLASLt int8 (M > 16, K, N multiples of 8)
         print(f"  torch._int_mm unavailable for M={B * L_VIM}, K={K}, N={N}: {e}", file=sys.stderr)
-    return Row(B, K, N, path, rate, ouro_ms, fp16_ms, int8_ms, steps)
+    return [Row(B, K, N, path, epi, rate, ms, fp16_ms, int8_ms, steps) for path, epi, ms, steps in runs]
 
 
 def print_table(rows: list[Row], peak: float | None) -> None:
     steps_hdr = " / ".join(ck.STEP_NAMES)
     print(f"\nINT8 peak used: {peak if peak else 'unknown (pass --peak-tops)'} TOPS; step shares: {steps_hdr}")
-    hdr = (f"{'B':>3} {'K':>5} {'N':>5} {'M':>6} {'path':>18} {'outl%':>6} {'ouro ms':>8} {'fp16 ms':>8} "
+    hdr = (f"{'B':>3} {'K':>5} {'N':>5} {'M':>6} {'path':>18} {'epilogue':>8} {'outl%':>6} {'ouro ms':>8} {'fp16 ms':>8} "
            f"{'int8 ms':>8} {'ouro TOPS':>9} {'%peak':>6} {'vs fp16':>7}  step shares %")
     print(hdr)
     print("-" * len(hdr))
@@ -132,7 +138,7 @@ def print_table(rows: list[Row], peak: float | None) -> None:
         total = sum(r.steps_ms) or 1.0
         shares = " ".join(f"{100 * s / total:4.1f}" for s in r.steps_ms)
         i8 = f"{r.int8_ms:8.4f}" if r.int8_ms is not None else f"{'-':>8}"
-        print(f"{r.B:>3} {r.K:>5} {r.N:>5} {M:>6} {r.path:>18} {100 * r.outlier_rate:6.2f} {r.ouro_ms:8.4f} "
+        print(f"{r.B:>3} {r.K:>5} {r.N:>5} {M:>6} {r.path:>18} {r.epilogue:>8} {100 * r.outlier_rate:6.2f} {r.ouro_ms:8.4f} "
               f"{r.fp16_ms:8.4f} {i8} {tops:9.1f} {pct} {r.fp16_ms / r.ouro_ms:6.2f}x  {shares}")
 
 
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--profile-iters", type=int, default=5)
     ap.add_argument("--peak-tops", type=float, default=None)
+    ap.add_argument("--epilogue", choices=("both", "fused", "separate", "auto"), default="both")
     args = ap.parse_args(argv)
     if not ck.available():
         try:
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_shape(B, K, N, args) for _, B, K, N in tqdm(jobs, desc="shapes", leave=False)]
     for m in models:
         print(f"\n== {m} ==", end="")
-        print_table([r for (mm, *_), r in zip(jobs, rows) if mm == m], peak)
+        print_table([r for (mm, *_), rs in zip(jobs, rows) if mm == m for r in rs], peak)
     return 0
 
 

@@ -88,6 +88,7 @@ def make_linear_case(B: int, L: int, K: int, N: int, *, w_bits: int = 4, act_bit
 @dataclass
 class LinearRef:
     y: Tensor  # fp32 (B, L, N)
+    y_inlier: Tensor  # fp32 (B, L, N): the inlier term + bias, what the fused GEMM epilogue writes
     acc_in: Tensor  # int64
     acc_out: Tensor  # int64, or fp32 for fp16 outliers
     inlier_codes: Tensor  # int8 (B, L, K)
@@ -107,7 +108,27 @@ def linear_ref(c: LinearCase) -> LinearRef:
     s_in = c.scale.float().reshape(1, L, 1)
     sw = c.w_scale.float().reshape(1, 1, -1)
     y = acc_in.float() * (s_in * sw) + acc_out.float() * (r.outlier_scale.unsqueeze(-1) * sw)
+    y_inlier = acc_in.float() * (s_in * sw)
     if c.bias is not None:
         y = y + c.bias.float()
-    return LinearRef(y, acc_in, acc_out, r.inlier_codes.to(torch.int8), r.outlier_mask,
+        y_inlier = y_inlier + c.bias.float()
+    return LinearRef(y, y_inlier, acc_in, acc_out, r.inlier_codes.to(torch.int8), r.outlier_mask,
                      float(r.outlier_mask.float().mean()))
+
+
+FUSED_Y_REL = 2.0 ** -10
+"""Fused epilogue vs the reference's y. The GEMM epilogue rounds the inlier term (+ bias) to fp16 and the
+outlier kernel adds the outlier term and rounds again: two fp16 roundings of at most 2**-11 relative each,
+one of |inlier term| and one of |y|, plus fp32 reassociation (~2**-24). FUSED_Y_REL = 2 * 2**-11 bounds
+both with a factor-2 margin: |y - ref| <= FUSED_Y_REL * (|y_inlier| + |y_ref|) + 2**-24."""
+
+
+def assert_fused_close(y: Tensor, ref: LinearRef, rows: Tensor | None = None) -> None:
+    """y (B, L, N) from the fused epilogue within FUSED_Y_REL of the reference (on `rows` (B, L) if given)."""
+    got, want, inl = y.float(), ref.y, ref.y_inlier
+    if rows is not None:
+        got, want, inl = got[rows], want[rows], inl[rows]
+    err = (got - want).abs()
+    bound = FUSED_Y_REL * (inl.abs() + want.abs()) + 2.0 ** -24
+    worst = float((err - bound).max()) if err.numel() else 0.0
+    assert bool((err <= bound).all()), f"fused y off by up to {float(err.max()):.3g} (bound exceeded by {worst:.3g})"

@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 import torch
-from kernel_cases import BATCHES, L_VIM, VIM_KN, LinearCase, linear_ref, make_linear_case
+from kernel_cases import BATCHES, L_VIM, VIM_KN, LinearCase, assert_fused_close, linear_ref, make_linear_case
 
 from ouro.calib.quantizers import ThresholdPolicy
 from ouro.exporter import cuda_kernels as ck
@@ -52,6 +52,37 @@ def test_vim_shapes_w4a4(B, K, N):
     major, minor = torch.cuda.get_device_capability()
     expected = "sm80_s4_tensorcore" if (major, minor) in ((8, 0), (8, 6)) else "s8_tensorcore"
     assert res.path == expected == ck.last_gemm_path()
+
+
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("K,N", VIM_KN)
+def test_vim_shapes_fused_epilogue(B, K, N):
+    """The default call (no debug buffers) runs the CUTLASS epilogue-visitor GEMM + fused outlier kernel."""
+    c = make_linear_case(B, L_VIM, K, N, seed=K + N + B).to("cuda")
+    res = ck.outlier_linear(c.x, c.w, c.w_scale, c.act(), w_bits=c.w_bits, bias=c.bias)
+    assert res.epilogue == "fused"
+    ref = linear_ref(c)
+    assert_fused_close(res.y, ref)
+    clean = ~ref.outlier_mask.any(-1)  # rows without outliers: half(inlier term + bias), bit for bit
+    assert torch.equal(res.y[clean], ref.y_inlier.half()[clean])
+
+
+@pytest.mark.parametrize("bits_outlier", [8, 16])
+def test_fused_epilogue_w8a8_and_capacity(bits_outlier):
+    c = make_linear_case(2, L_VIM, 768, 384, w_bits=8, act_bits=8, bits_outlier=bits_outlier, seed=5).to("cuda")
+    res = ck.outlier_linear(c.x, c.w, c.w_scale, c.act(), w_bits=8, bias=c.bias, epilogue="fused")
+    assert_fused_close(res.y, linear_ref(c))
+    with pytest.raises(ck.KernelError, match="max_outliers=1") as e:
+        ck.outlier_linear(c.x, c.w, c.w_scale, c.act(), w_bits=8, max_outliers=1, epilogue="fused")
+    assert e.value.status is ck.Status.OUTLIER_CAPACITY
+
+
+def test_fused_epilogue_refused_where_it_cannot_run():
+    c = make_linear_case(1, 17, 64, 30).to("cuda")  # N % 8 != 0
+    with pytest.raises(ck.KernelError, match=r"N % 8 == 0 \(N=30\)") as e:
+        ck.outlier_linear(c.x, c.w, c.w_scale, c.act(), w_bits=4, epilogue="fused")
+    assert e.value.status is ck.Status.UNSUPPORTED_SHAPE
+    assert ck.outlier_linear(c.x, c.w, c.w_scale, c.act(), w_bits=4).epilogue == "separate"
 
 
 @pytest.mark.parametrize("K,N", [(384, 1536), (1536, 768)])
@@ -152,10 +183,13 @@ def test_bad_launches_name_the_sizes():
 
 def test_profiled_reports_five_steps():
     c = make_linear_case(2, L_VIM, 384, 768).to("cuda")
-    res = ck.outlier_linear_profiled(c.x, c.w, c.w_scale, c.act(), w_bits=4, bias=c.bias)
-    assert len(res.step_ms) == len(ck.STEP_NAMES) and all(t >= 0 for t in res.step_ms)
-    assert sum(res.step_ms) > 0
-    torch.testing.assert_close(res.y.float(), linear_ref(c).y, rtol=Y_FP16_RTOL, atol=1e-2)
+    for epilogue in ("fused", "separate"):
+        res = ck.outlier_linear_profiled(c.x, c.w, c.w_scale, c.act(), w_bits=4, bias=c.bias, epilogue=epilogue)
+        assert res.epilogue == epilogue
+        assert len(res.step_ms) == len(ck.STEP_NAMES) and all(t >= 0 for t in res.step_ms)
+        assert sum(res.step_ms) > 0
+        assert (res.step_ms[4] == 0) == (epilogue == "fused")  # fused: nothing left for step 5
+        assert_fused_close(res.y, linear_ref(c))
 
 
 def test_launcher_matches_checked_call():

@@ -5,7 +5,9 @@ fiber, and `__syncthreads` is a real barrier. Only the CUTLASS GEMMs are replace
 with the same operand layouts. So these tests check what cannot be checked without a GPU:
 - the indexing, the barriers and the window/slot logic of the detection, extraction, quantization,
   outlier-GEMM, combine, SIMT-GEMM, fake-quant and scan kernels;
-- the host pipeline: workspace layout, path dispatch by compute capability, the capacity flag.
+- the fused epilogue: the per-element `dequant_inlier` the CUTLASS epilogue visitor calls (the stand-in
+  GEMM applies it), and the fused outlier-GEMM + combine kernel;
+- the host pipeline: workspace layout, path and epilogue dispatch, the capacity flag.
 
 They do not exercise CUTLASS, the GPU's memory model, or warp-synchronous behaviour beyond the
 block-wide barrier. The GPU tests in tests/gpu cover those.
@@ -109,7 +111,9 @@ class Guarded:
         return bool((self.full[:GUARD] == 77).all() and (self.full[GUARD + n:] == 77).all())
 
 
-def run_linear(lib, c, *, path=ck.GemmPath.AUTO, max_outliers=None, check=True):
+def run_linear(lib, c, *, path=ck.GemmPath.AUTO, max_outliers=None, check=True, epilogue=ck.Epilogue.AUTO,
+               debug=True, expect=ck.Status.OK):
+    """Runs ouroOutlierLinearEx; debug=False passes no debug buffers (so AUTO may pick the fused epilogue)."""
     B, L, K = c.x.shape
     N = c.w_codes.shape[0]
     M = B * L
@@ -119,25 +123,30 @@ def run_linear(lib, c, *, path=ck.GemmPath.AUTO, max_outliers=None, check=True):
                 acc_in=Guarded((B, L, N), torch.int32), acc_out=Guarded((B, L, N), torch.int32),
                 codes=Guarded((B, L, K), torch.int8), mask=Guarded((B, L, K), torch.uint8))
     ws, y, acc_in, acc_out, codes, mask = (bufs[k].t for k in ("ws", "y", "acc_in", "acc_out", "codes", "mask"))
+    dbg = (lambda t: t.data_ptr()) if debug else (lambda t: None)
     p = ck._LinearParamsC(M=M, L=L, K=K, N=N, x=c.x.data_ptr(), x_is_fp32=int(c.x.dtype == torch.float32),
                           w=c.w.data_ptr(), w_bits=c.w_bits, w_scale=c.w_scale.data_ptr(),
                           bias=None if c.bias is None else c.bias.data_ptr(), act=_act_c(c), max_outliers=mo,
                           y=y.data_ptr(), workspace=ws.data_ptr(), workspace_size=ws.numel(),
-                          acc_inlier=acc_in.data_ptr(), acc_outlier=acc_out.data_ptr(), inlier_codes=codes.data_ptr(),
-                          outlier_mask=mask.data_ptr())
-    ran = ctypes.c_int(0)
-    st = lib.ouroOutlierLinearWithPath(ctypes.byref(p), int(path), None, ctypes.byref(ran))
-    assert st == ck.Status.OK, ck.Status(st)
+                          acc_inlier=dbg(acc_in), acc_outlier=dbg(acc_out), inlier_codes=dbg(codes),
+                          outlier_mask=dbg(mask))
+    ran, epi = ctypes.c_int(0), ctypes.c_int(0)
+    st = lib.ouroOutlierLinearEx(ctypes.byref(p), int(path), int(epilogue), None, ctypes.byref(ran), ctypes.byref(epi),
+                                 None)
+    assert st == expect, ck.Status(st)
+    if st != ck.Status.OK:
+        return None
     cap = ck.Status(lib.ouroOutlierLinearCheck(ctypes.byref(p), None))
     if check:
         assert cap == ck.Status.OK
     for name, b in bufs.items():
         assert b.intact(), f"out-of-bounds write next to {name}"
     return dict(y=y, acc_in=acc_in, acc_out=acc_out, codes=codes, mask=mask.bool(), path=ck.GemmPath(ran.value),
-                capacity=cap)
+                epilogue=ck.Epilogue(epi.value), capacity=cap)
 
 
 def assert_linear_matches(c, got):
+    assert got["epilogue"] is ck.Epilogue.SEPARATE  # debug accumulators requested
     ref = kc.linear_ref(c)
     assert torch.equal(got["mask"], ref.outlier_mask)
     assert torch.equal(got["codes"], ref.inlier_codes)
@@ -209,6 +218,73 @@ def test_capacity_overflow_gives_nan_rows_and_status(emu, cc):
     y = got["y"].float()
     assert torch.isnan(y[bad]).all()
     assert torch.equal(y[~bad], ref.y.half().float()[~bad])
+
+
+FUSED_CASES = [
+    (90, dict(B=2, L=23, K=64, N=48), ck.GemmPath.S8_TENSORCORE),
+    (80, dict(B=2, L=23, K=64, N=48), ck.GemmPath.SM80_S4_TENSORCORE),
+    (89, dict(B=1, L=13, K=96, N=32, w_bits=8, act_bits=8), ck.GemmPath.S8_TENSORCORE),
+    (90, dict(B=2, L=7, K=128, N=16, n_refresh=50, bits_outlier=16, bias=False), ck.GemmPath.S8_TENSORCORE),
+    (90, dict(B=1, L=1, K=64, N=8), ck.GemmPath.S8_TENSORCORE),
+]
+
+
+@pytest.mark.parametrize("cc_value, kw, expected_path", FUSED_CASES)
+def test_fused_epilogue(emu, cc, cc_value, kw, expected_path):
+    """AUTO without debug buffers picks the fused epilogue; y within the named fused tolerance of the
+    reference, and equal to the separate epilogue's y wherever a row has no outliers (same roundings)."""
+    cc(cc_value)
+    kw = dict(kw)
+    c = kc.make_linear_case(kw.pop("B"), kw.pop("L"), kw.pop("K"), kw.pop("N"), outlier_frac=0.06, seed=cc_value,
+                            **kw)
+    got = run_linear(emu, c, debug=False)
+    assert (got["path"], got["epilogue"]) == (expected_path, ck.Epilogue.FUSED)
+    ref = kc.linear_ref(c)
+    kc.assert_fused_close(got["y"], ref)
+    clean = ~ref.outlier_mask.any(-1)  # (B, L) rows without outliers: y = half(inlier term + bias), exactly
+    assert torch.equal(got["y"][clean], ref.y_inlier.half()[clean])
+    if c.x.shape[1] > 1:
+        assert ref.outlier_rate > 0 and not clean.all()
+
+
+def test_fused_without_outliers_is_exact(emu, cc):
+    c = kc.make_linear_case(2, 13, 64, 32, scale_mult=100.0)
+    got = run_linear(emu, c, debug=False, epilogue=ck.Epilogue.FUSED)
+    assert got["epilogue"] is ck.Epilogue.FUSED
+    assert torch.equal(got["y"], kc.linear_ref(c).y.half())
+
+
+def test_fused_capacity_overflow_gives_nan_rows(emu, cc):
+    c = kc.make_linear_case(2, 13, 64, 32, outlier_frac=0.1, n_refresh=5)
+    ref = kc.linear_ref(c)
+    per_window = torch.nn.functional.pad(ref.outlier_mask, (0, 0, 0, 2)).reshape(2, 3, 5, 64).any(2).sum(-1)
+    cap = int(per_window.min())  # the smallest window fits, the others overflow
+    got = run_linear(emu, c, max_outliers=cap, check=False, debug=False)
+    assert got["epilogue"] is ck.Epilogue.FUSED and got["capacity"] is ck.Status.OUTLIER_CAPACITY
+    bad = (per_window > cap).repeat_interleave(5, dim=1)[:, :13]
+    assert bad.any() and not bad.all()
+    assert torch.isnan(got["y"].float()[bad]).all()
+    kc.assert_fused_close(got["y"], ref, rows=~bad)
+
+
+@pytest.mark.parametrize(
+    "kw, debug, expected",
+    [
+        (dict(B=1, L=11, K=32, N=8, dtype=torch.float32), False, ck.Status.UNSUPPORTED_SHAPE),  # fp32 y
+        (dict(B=2, L=13, K=64, N=20), False, ck.Status.UNSUPPORTED_SHAPE),  # N % 8 != 0
+        (dict(B=2, L=13, K=40, N=24), False, ck.Status.UNSUPPORTED_SHAPE),  # SIMT path (K % 16 != 0)
+        (dict(B=2, L=13, K=64, N=32), True, ck.Status.INVALID_ARGUMENT),  # debug accumulators requested
+    ],
+)
+def test_fused_refusals_and_auto_fallback(emu, cc, kw, debug, expected):
+    """Forcing FUSED where it cannot run is an error status, never a silent fallback; AUTO then runs the
+    separate epilogue."""
+    kw = dict(kw)
+    c = kc.make_linear_case(kw.pop("B"), kw.pop("L"), kw.pop("K"), kw.pop("N"), outlier_frac=0.06, **kw)
+    assert run_linear(emu, c, debug=debug, epilogue=ck.Epilogue.FUSED, expect=expected) is None
+    got = run_linear(emu, c, debug=debug)
+    assert got["epilogue"] is ck.Epilogue.SEPARATE
+    assert torch.equal(got["y"], kc.linear_ref(c).y.to(got["y"].dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -42,6 +42,7 @@ set(OURO_KERNEL_SOURCES
   ${_ouro_src}/common/outlier_fake_quant.cu
   ${_ouro_src}/outlier_linear/outlier_linear.cu
   ${_ouro_src}/outlier_linear/gemm_s8_sm80.cu
+  ${_ouro_src}/outlier_linear/gemm_s8_dequant_sm80.cu
   ${_ouro_src}/outlier_linear/gemm_simt.cu
   ${_ouro_src}/selective_scan/selective_scan.cu
 )
@@ -70,7 +71,8 @@ endfunction()
 find_package(CUDAToolkit REQUIRED)
 
 # Every source is compiled once (object libraries), then archived and linked twice.
-add_library(ouro_kernels_s4 OBJECT ${_ouro_src}/outlier_linear/gemm_s4_sm80.cu)
+add_library(ouro_kernels_s4 OBJECT ${_ouro_src}/outlier_linear/gemm_s4_sm80.cu
+  ${_ouro_src}/outlier_linear/gemm_s4_dequant_sm80.cu)
 _ouro_kernel_flags(ouro_kernels_s4)
 if(_ouro_s4_archs)
   set_target_properties(ouro_kernels_s4 PROPERTIES CUDA_ARCHITECTURES "${_ouro_s4_archs}")

@@ -79,6 +79,13 @@ __device__ __forceinline__ void store_f(void* p, int is_fp32, size_t i, float v)
         static_cast<__half*>(p)[i] = __float2half_rn(v);
 }
 
+// Inlier dequantization: float(acc) * (s_row * s_col) + bias, two roundings per product as in the
+// reference (`outlier_linear_ref`). Shared by the combine kernel's inlier term and the fused CUTLASS epilogue.
+__device__ __forceinline__ float dequant_inlier(float acc, float s_row, float s_col, float bias)
+{
+    return __fadd_rn(__fmul_rn(acc, __fmul_rn(s_row, s_col)), bias);
+}
+
 // clamp(round_half_even(x / s), -q, q) with IEEE division.
 __device__ __forceinline__ float quant_code(float x, float s, float q)
 {

@@ -163,6 +163,33 @@ OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOutlierLinearP
                                                         cudaStream_t stream, ouroGemmPath_t* path_out,
                                                         float step_ms[5]);
 
+// ---------------------------------------------------------------------------------------------
+// Additions (v1.2, additive): the fused epilogue
+// ---------------------------------------------------------------------------------------------
+// OURO_EPILOGUE_FUSED: the inlier dequantization acc * S_I(t) * s_w[n] (+ bias) runs in the CUTLASS GEMM's
+// epilogue (an epilogue visitor tree), which writes fp16 y directly; the outlier GEMM then adds
+// float(acc_out) * S_O[m] * s_w[n] to y in the same kernel, only for windows that have outliers. No int32
+// M x N buffer goes through memory. y differs from the reference by the extra fp16 rounding of the inlier
+// term (within the fp16 tolerance of the tests); the integer codes and accumulators are unchanged.
+// Needs a tensor-core path, fp16 x and y, N % 8 == 0, 16-byte aligned w_scale and bias.
+// OURO_EPILOGUE_SEPARATE: the five-kernel pipeline whose y equals the reference's fp32 expression
+// rounded once; the only epilogue that can write the debug accumulators.
+// OURO_EPILOGUE_AUTO (what ouroOutlierLinear uses): fused when possible and no debug accumulator is requested.
+typedef enum
+{
+    OURO_EPILOGUE_AUTO = 0,
+    OURO_EPILOGUE_FUSED = 1,
+    OURO_EPILOGUE_SEPARATE = 2
+} ouroEpilogue_t;
+
+// The general entry point: forced path and epilogue (AUTO for either = automatic), the path and epilogue
+// that ran (outputs may be NULL), and per-step timings when step_ms (float[5]) is non-NULL, in which case
+// the call synchronises and returns OURO_ERR_OUTLIER_CAPACITY itself. Forcing FUSED where it cannot run
+// returns OURO_ERR_UNSUPPORTED_SHAPE (or OURO_ERR_INVALID_ARGUMENT with debug accumulators requested).
+OURO_API ouroStatus_t ouroOutlierLinearEx(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested_path,
+                                          ouroEpilogue_t requested_epilogue, cudaStream_t stream,
+                                          ouroGemmPath_t* path_out, ouroEpilogue_t* epilogue_out, float* step_ms);
+
 // Name of a GEMM path (static string), e.g. "s8_tensorcore".
 OURO_API const char* ouroGemmPathString(ouroGemmPath_t p);
 

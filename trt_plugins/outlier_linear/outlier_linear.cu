@@ -10,12 +10,12 @@ namespace
 
 struct LinearSizes
 {
-    size_t a_in, w8, acc_in, acc_out, a_out, s_out, slot, count, flag;
+    size_t a_in, w8, acc_in, acc_out, a_out, s_out, row_s, slot, count, flag;
 
     size_t total() const
     {
         return align_up(a_in) + align_up(w8) + align_up(acc_in) + align_up(acc_out) + align_up(a_out)
-            + align_up(s_out) + 2 * align_up(slot) + align_up(count) + align_up(flag);
+            + align_up(s_out) + align_up(row_s) + 2 * align_up(slot) + align_up(count) + align_up(flag);
     }
 };
 
@@ -35,6 +35,7 @@ LinearSizes sizes_of(int M, int L, int K, int N, int w_bits, int bits_outlier, i
     s.acc_out = MN * sizeof(int32_t); // int32 or fp32
     s.a_out = static_cast<size_t>(M) * max_outliers * (bits_outlier >= 16 ? 2 : 1);
     s.s_out = static_cast<size_t>(M) * sizeof(float);
+    s.row_s = static_cast<size_t>(M) * sizeof(float);
     s.slot = BW * max_outliers * sizeof(int32_t);
     s.count = BW * sizeof(int32_t);
     s.flag = sizeof(int32_t);
@@ -115,6 +116,7 @@ LinearDev make_dev(const ouroOutlierLinearParams_t* p, ouroGemmPath_t path)
     d.acc_out = ws.take(s.acc_out);
     d.a_out = ws.take(s.a_out);
     d.s_out = static_cast<float*>(ws.take(s.s_out));
+    d.row_s_in = static_cast<float*>(ws.take(s.row_s));
     d.slot_chan = static_cast<int32_t*>(ws.take(s.slot));
     d.slot_first = static_cast<int32_t*>(ws.take(s.slot));
     d.count = static_cast<int32_t*>(ws.take(s.count));
@@ -166,13 +168,40 @@ ouroStatus_t choose_path(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requ
     return OURO_ERR_INVALID_ARGUMENT;
 }
 
+// Epilogue selection. The fused epilogue (inlier dequantization inside the CUTLASS GEMM, outlier GEMM +
+// dequantization + combination in one kernel) needs a tensor-core path, fp16 x/y, N % 8 == 0 and 16-byte
+// aligned w_scale / bias (vector loads in the epilogue); it has no int32 accumulators to report, so the
+// debug accumulator outputs select the separate (exact) epilogue.
+ouroStatus_t choose_epilogue(const ouroOutlierLinearParams_t* p, ouroGemmPath_t path, ouroEpilogue_t requested,
+                             ouroEpilogue_t* epi)
+{
+    const bool tensor_core = path == OURO_PATH_SM80_S4_TENSORCORE || path == OURO_PATH_S8_TENSORCORE;
+    const bool shape_ok = tensor_core && p->x_is_fp32 == 0 && p->N % 8 == 0 && is_aligned(p->w_scale, 16)
+        && (p->bias == nullptr || is_aligned(p->bias, 16));
+    const bool wants_acc = p->acc_inlier != nullptr || p->acc_outlier != nullptr;
+    switch (requested)
+    {
+    case OURO_EPILOGUE_AUTO: *epi = shape_ok && !wants_acc ? OURO_EPILOGUE_FUSED : OURO_EPILOGUE_SEPARATE; return OURO_OK;
+    case OURO_EPILOGUE_SEPARATE: *epi = requested; return OURO_OK;
+    case OURO_EPILOGUE_FUSED:
+        if (wants_acc)
+            return OURO_ERR_INVALID_ARGUMENT;
+        if (!shape_ok)
+            return OURO_ERR_UNSUPPORTED_SHAPE;
+        *epi = requested;
+        return OURO_OK;
+    }
+    return OURO_ERR_INVALID_ARGUMENT;
+}
+
 ouroStatus_t launched()
 {
     return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
 }
 
-// One pipeline step (0..4, numbering of ouroOutlierLinearProfiled).
-ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStream_t stream)
+// One pipeline step (0..4, numbering of ouroOutlierLinearProfiled). With the fused epilogue, step 2 also
+// dequantizes the inlier term, step 3 also adds the outlier term, and step 4 has nothing left to do.
+ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, bool fused, cudaStream_t stream)
 {
     const unsigned BW = static_cast<unsigned>(num_windows(d.M, d.L, d.n_refresh));
     switch (step)
@@ -192,6 +221,13 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
         }
         return launched();
     case 2:
+        if (fused)
+        {
+            const InlierDequant e{d.row_s_in, d.w_scale, d.bias, static_cast<__half*>(d.y)};
+            if (path == OURO_PATH_SM80_S4_TENSORCORE)
+                return gemm_s4_tensorcore_dequant(d.M, d.N, d.K, d.a_in, d.w, e, stream);
+            return gemm_s8_tensorcore_dequant(d.M, d.N, d.K, d.a_in, d.w_bits == 4 ? d.w8 : d.w, e, stream);
+        }
         switch (path)
         {
         case OURO_PATH_SM80_S4_TENSORCORE: return gemm_s4_tensorcore(d.M, d.N, d.K, d.a_in, d.w, d.acc_in, stream);
@@ -203,14 +239,16 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
     case 3:
     {
         const dim3 grid(BW, static_cast<unsigned>(ceil_div(d.N, kOutGemmThreads)));
-        if (d.bits_out >= 16)
-            launch_kernel(outlier_gemm_kernel<true>, grid, dim3(kOutGemmThreads), 0, stream, d);
-        else
-            launch_kernel(outlier_gemm_kernel<false>, grid, dim3(kOutGemmThreads), 0, stream, d);
+        const bool fp16_out = d.bits_out >= 16;
+        auto* kernel = fused ? (fp16_out ? outlier_gemm_kernel<true, true> : outlier_gemm_kernel<false, true>)
+                             : (fp16_out ? outlier_gemm_kernel<true, false> : outlier_gemm_kernel<false, false>);
+        launch_kernel(kernel, grid, dim3(kOutGemmThreads), 0, stream, d);
         return launched();
     }
     case 4:
     {
+        if (fused)
+            return OURO_OK;
         const dim3 grid(static_cast<unsigned>(ceil_div(d.N, kCombineThreads)), static_cast<unsigned>(std::min(d.M, 65535)));
         launch_kernel(combine_kernel, grid, dim3(kCombineThreads), 0, stream, d);
         return launched();
@@ -219,11 +257,13 @@ ouroStatus_t run_step(int step, const LinearDev& d, ouroGemmPath_t path, cudaStr
     return OURO_ERR_INVALID_ARGUMENT;
 }
 
-ouroStatus_t run_pipeline(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested, cudaStream_t stream,
-                          ouroGemmPath_t* path_out, float* step_ms)
+ouroStatus_t run_pipeline(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested, ouroEpilogue_t requested_epi,
+                          cudaStream_t stream, ouroGemmPath_t* path_out, ouroEpilogue_t* epi_out, float* step_ms)
 {
     if (path_out)
         *path_out = OURO_PATH_NONE;
+    if (epi_out)
+        *epi_out = OURO_EPILOGUE_AUTO;
     ouroStatus_t st = validate(p);
     if (st != OURO_OK)
         return st;
@@ -231,6 +271,11 @@ ouroStatus_t run_pipeline(const ouroOutlierLinearParams_t* p, ouroGemmPath_t req
     st = choose_path(p, requested, &path);
     if (st != OURO_OK)
         return st;
+    ouroEpilogue_t epi = OURO_EPILOGUE_AUTO;
+    st = choose_epilogue(p, path, requested_epi, &epi);
+    if (st != OURO_OK)
+        return st;
+    const bool fused = epi == OURO_EPILOGUE_FUSED;
     const LinearDev d = make_dev(p, path);
     cudaEvent_t ev[6] = {};
     if (step_ms)
@@ -241,7 +286,7 @@ ouroStatus_t run_pipeline(const ouroOutlierLinearParams_t* p, ouroGemmPath_t req
     {
         if (step_ms)
             cudaEventRecord(ev[s], stream);
-        st = run_step(s, d, path, stream);
+        st = run_step(s, d, path, fused, stream);
     }
     if (step_ms)
     {
@@ -267,6 +312,8 @@ ouroStatus_t run_pipeline(const ouroOutlierLinearParams_t* p, ouroGemmPath_t req
     }
     if (path_out)
         *path_out = path;
+    if (epi_out)
+        *epi_out = epi;
     return st;
 }
 
@@ -287,14 +334,14 @@ extern "C" OURO_API size_t ouroOutlierLinearWorkspaceSize(int M, int L, int K, i
 extern "C" OURO_API ouroStatus_t ouroOutlierLinear(const ouroOutlierLinearParams_t* p, cudaStream_t stream,
                                                    ouroGemmPath_t* path_out)
 {
-    return run_pipeline(p, OURO_PATH_NONE, stream, path_out, nullptr);
+    return run_pipeline(p, OURO_PATH_NONE, OURO_EPILOGUE_AUTO, stream, path_out, nullptr, nullptr);
 }
 
 extern "C" OURO_API ouroStatus_t ouroOutlierLinearWithPath(const ouroOutlierLinearParams_t* p,
                                                            ouroGemmPath_t requested, cudaStream_t stream,
                                                            ouroGemmPath_t* path_out)
 {
-    return run_pipeline(p, requested, stream, path_out, nullptr);
+    return run_pipeline(p, requested, OURO_EPILOGUE_AUTO, stream, path_out, nullptr, nullptr);
 }
 
 extern "C" OURO_API ouroStatus_t ouroOutlierLinearProfiled(const ouroOutlierLinearParams_t* p, cudaStream_t stream,
@@ -302,7 +349,7 @@ extern "C" OURO_API ouroStatus_t ouroOutlierLinearProfiled(const ouroOutlierLine
 {
     if (step_ms == nullptr)
         return OURO_ERR_INVALID_ARGUMENT;
-    return run_pipeline(p, OURO_PATH_NONE, stream, path_out, step_ms);
+    return run_pipeline(p, OURO_PATH_NONE, OURO_EPILOGUE_AUTO, stream, path_out, nullptr, step_ms);
 }
 
 extern "C" OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOutlierLinearParams_t* p,
@@ -311,7 +358,15 @@ extern "C" OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOut
 {
     if (step_ms == nullptr)
         return OURO_ERR_INVALID_ARGUMENT;
-    return run_pipeline(p, requested, stream, path_out, step_ms);
+    return run_pipeline(p, requested, OURO_EPILOGUE_AUTO, stream, path_out, nullptr, step_ms);
+}
+
+extern "C" OURO_API ouroStatus_t ouroOutlierLinearEx(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested_path,
+                                                     ouroEpilogue_t requested_epilogue, cudaStream_t stream,
+                                                     ouroGemmPath_t* path_out, ouroEpilogue_t* epilogue_out,
+                                                     float* step_ms)
+{
+    return run_pipeline(p, requested_path, requested_epilogue, stream, path_out, epilogue_out, step_ms);
 }
 
 extern "C" OURO_API ouroStatus_t ouroOutlierLinearCheck(const ouroOutlierLinearParams_t* p, cudaStream_t stream)

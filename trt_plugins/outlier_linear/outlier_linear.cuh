@@ -11,6 +11,7 @@
 //               outliers are not written (the combine step uses 0 there)
 //   a_out       outlier codes, compacted along K: int8 [M, max_outliers] (fp16 for bits_outlier 16)
 //   s_out       fp32 [M] dynamic outlier scale S_O per token
+//   row_s_in    fp32 [M] static inlier scale S_I(t) of each row (the fused epilogue's row vector)
 //   slot_chan   int32 [BW, max_outliers]: channel k of each compacted slot (ascending k)
 //   slot_first  int32 [BW, max_outliers]: window position at which that channel joined the list
 //   count       int32 [BW]: number of outlier channels of the window (may exceed max_outliers)
@@ -45,6 +46,7 @@ struct LinearDev
     void* acc_out;
     void* a_out;
     float* s_out;
+    float* row_s_in;
     int32_t* slot_chan;
     int32_t* slot_first;
     int32_t* count;
@@ -185,6 +187,8 @@ __global__ void __launch_bounds__(kQuantThreads) inlier_quant_kernel(LinearDev d
     const int bw = b * d.W + t / d.n_refresh;
     const float s = d.s_in[t];
     const float qi = static_cast<float>(qmax_of(d.bits_in));
+    if (threadIdx.x == 0)
+        d.row_s_in[m] = s;
     const size_t xrow = static_cast<size_t>(m) * K;
     for (int c = threadIdx.x; c < K; c += blockDim.x)
     {
@@ -241,7 +245,10 @@ constexpr int kOutGemmThreads = 128;
 // Step 4: outlier GEMM on the compacted outliers. grid = (BW, ceil(N / 128)), block = 128.
 // acc_out[m, n] = sum_j a_out[m, j] * w[n, slot_chan[j]]: int32 for integer outliers (exact); for fp16
 // outliers accumulated in float64 and rounded once to fp32, like the reference's float64 einsum.
-template <bool kFp16Outliers>
+// kFused (fused epilogue): instead of storing acc_out, steps 4 and 5 are one kernel that adds the outlier
+// term to the y the fused GEMM epilogue already wrote, y[m, n] += float(acc_out) * (S_O[m] * s_w[n]), and
+// writes NaN into the rows of windows that overflowed max_outliers. Windows without outliers are untouched.
+template <bool kFp16Outliers, bool kFused>
 __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev d)
 {
     using AccT = typename std::conditional<kFp16Outliers, double, int>::type;
@@ -252,6 +259,13 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
     const int n = blockIdx.y * kOutGemmThreads + threadIdx.x;
     const int maxO = d.max_outliers;
     const int cnt = min(d.count[bw], maxO);
+    if (kFused && d.count[bw] > maxO)
+    {
+        if (n < d.N)
+            for (int i = 0; i < wp.nt; ++i)
+                store_f(d.y, d.x_is_fp32, (wp.row0 + i) * static_cast<size_t>(d.N) + n, __int_as_float(0x7fc00000));
+        return; // the whole block leaves together (the condition is uniform over the block)
+    }
     if (cnt == 0)
         return; // the combine step reads no accumulator for windows without outliers
     for (int i = 0; i < wp.nt; ++i)
@@ -279,7 +293,13 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
         if (n < d.N)
         {
             const size_t o = m * static_cast<size_t>(d.N) + n;
-            if (kFp16Outliers)
+            if (kFused)
+            {
+                const float ao = kFp16Outliers ? static_cast<float>(acc) : __int2float_rn(static_cast<int>(acc));
+                const float y = __fadd_rn(load_f(d.y, d.x_is_fp32, o), __fmul_rn(ao, __fmul_rn(d.s_out[m], d.w_scale[n])));
+                store_f(d.y, d.x_is_fp32, o, y);
+            }
+            else if (kFp16Outliers)
                 static_cast<float*>(d.acc_out)[o] = static_cast<float>(acc);
             else
                 static_cast<int32_t*>(d.acc_out)[o] = static_cast<int32_t>(acc);
