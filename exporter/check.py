@@ -7,6 +7,8 @@ and prints Polygraphy's pass/fail; then the ONNX outputs are scored against the 
 
     fp      the FP model                                      tolerance FP_TOL (FP16_TOL for --fp16), max error
     plugin  the fake-quant model (dynamic outliers)           tolerance PLUGIN_TOL, mean error
+            (+ fp16 rounding of the input and output of every OutlierLinear node the graph feeds fp16,
+            i.e. after the opt-in `fp16_linear_io` pass)
     qdq     the fake-quant model restricted to the static     tolerance PLUGIN_TOL
             Q/DQ numerics (no outliers), i.e. what QDQ means
 
@@ -24,7 +26,8 @@ import torch
 
 from .outputs import Stage
 
-__all__ = ["FP_TOL", "FP16_TOL", "PLUGIN_TOL", "CHECK_IMAGES", "CheckFailed", "compare_graph", "graph_metrics", "run_check"]
+__all__ = ["FP_TOL", "FP16_TOL", "PLUGIN_TOL", "CHECK_IMAGES", "CheckFailed", "compare_graph", "fp16_linear_names", "graph_metrics",
+           "run_check"]
 
 FP_TOL = (1e-4, 1e-4)
 """(rtol, atol) of an FP32 graph vs the PyTorch model (issue 3: logits within 1e-4)."""
@@ -73,12 +76,45 @@ def graph_metrics(out: np.ndarray, fp: np.ndarray) -> dict:
     return {"cosine": round(cos, 6), "snr_db": round(snr, 3) if math.isfinite(snr) else "inf", "top1_agreement": round(agree, 4)}
 
 
-def _twin(stage: Stage, fp_model, qmodel):
+def fp16_linear_names(onnx_model) -> set[str]:
+    """Names of the ouro OutlierLinear nodes whose activation arrives through a Cast to fp16."""
+    import onnx
+
+    from .onnx_export import DOMAIN
+    from .passes import OUTLIER_LINEAR_OP
+
+    m = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model), load_external_data=False)
+    fp16_casts = {n.output[0] for n in m.graph.node if n.op_type == "Cast"
+                  and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)}
+    return {n.name for n in m.graph.node
+            if n.domain == DOMAIN and n.op_type == OUTLIER_LINEAR_OP and n.input[0] in fp16_casts}
+
+
+def _fp16_linear_io(qmodel, names: set[str]):
+    """Twin of the `fp16_linear_io` pass: round the named linears' input and output to fp16."""
+    from ouro.calib.models.vim import override_ops
+
+    def make(i: int, mixer) -> dict:
+        inner = mixer.ops.linear
+
+        def linear(name, module, x):
+            run = inner or (lambda _n, mod, v: torch.nn.functional.linear(v, mod.weight, mod.bias))
+            if f"layers.{i}.mixer.{name}" not in names:
+                return run(name, module, x)
+            return run(name, module, x.half().float()).half().float()
+
+        return {"linear": linear}
+
+    return override_ops(qmodel, make)
+
+
+def _twin(stage: Stage, fp_model, qmodel, onnx_model_or_path=None):
     """(module, context manager) that computes what the graph of `stage` means, in PyTorch."""
     if stage is Stage.FP:
         return fp_model, nullcontext()
     if stage is Stage.PLUGIN:
-        return qmodel, nullcontext()
+        names = fp16_linear_names(onnx_model_or_path) if onnx_model_or_path is not None else set()
+        return qmodel, (_fp16_linear_io(qmodel, names) if names else nullcontext())
     if stage is Stage.QDQ:
         from .qdq import _QuantHooks
 
@@ -94,7 +130,7 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
 
     from .polygraphy_ext import SessionFromOuroOnnx, TorchRunner
 
-    twin, hooks = _twin(stage, fp_model, qmodel)
+    twin, hooks = _twin(stage, fp_model, qmodel, onnx_model_or_path)
     dtype = np.float16 if fp16 else np.float32
     feeds = [{"images": images[i : i + BATCH].numpy().astype(dtype)} for i in range(0, len(images), BATCH)]
     ort_runner = OnnxrtRunner(SessionFromOuroOnnx(onnx_model_or_path), name="onnxrt-ouro")

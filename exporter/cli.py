@@ -86,7 +86,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("export")
     e.add_argument("--stage", choices=["fp", "qdq", "plugin", "engine"], help="force the output stage instead of inferring it from -o")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for FP, 21 for quantized)")
-    e.add_argument("--passes", help="comma-separated graph passes to apply (default: all, in order)")
+    e.add_argument("--passes", help="comma-separated graph passes to apply, in order (default: the passes --print-passes lists "
+                        "as default; add fp16_linear_io before cleanup for fp16 plugin activations)")
     e.add_argument("--print-passes", action="store_true", help="list the registered graph passes and exit")
     e.add_argument("--check", action="store_true", help="Polygraphy comparison of the exported graph vs PyTorch (and vs FP)")
     t = p.add_argument_group("TensorRT engine")

@@ -243,6 +243,27 @@ def quantize_selective_scan(graph: gs.Graph) -> gs.Graph:
     return graph.cleanup().toposort()
 
 
+@register_pass("fp16_linear_io", "opt-in: run each OutlierLinear on fp16 activations (Cast in, Cast back out), so "
+               "TensorRT picks the kernels' fused fp16 epilogue; y is rounded to fp16 once more")
+def fp16_linear_io(graph: gs.Graph) -> gs.Graph:
+    for node in [n for n in graph.nodes if n.op == OUTLIER_LINEAR_OP and n.domain == DOMAIN]:
+        x, y = node.inputs[0], node.outputs[0]
+        if x.dtype == np.float16:
+            continue
+        if x.dtype not in (None, np.float32):
+            raise PassError(f"{node.name}: OutlierLinear activation has dtype {x.dtype}; expected float32 or float16")
+        x16 = gs.Variable(f"{node.name}/x_fp16", dtype=np.float16, shape=x.shape)
+        y16 = gs.Variable(f"{node.name}/y_fp16", dtype=np.float16, shape=y.shape)
+        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_x_fp16", attrs={"to": onnx.TensorProto.FLOAT16},
+                                   inputs=[x], outputs=[x16]))
+        node.inputs[0] = x16
+        node.outputs.clear()
+        node.outputs.append(y16)
+        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_y_fp32", attrs={"to": onnx.TensorProto.FLOAT},
+                                   inputs=[y16], outputs=[y]))
+    return graph.toposort()
+
+
 @register_pass("cleanup", "remove dead nodes and tensors, then sort topologically")
 def cleanup(graph: gs.Graph) -> gs.Graph:
     return graph.cleanup().toposort()

@@ -12,10 +12,10 @@ from ouro.calib.models import VimConfig, build_model
 from ouro.calib.quant import calibrate, iter_quant_ops
 from ouro.calib.quantizers import outlier_quant_ref, unpack_int4
 from ouro.exporter import onnxruntime_session
-from ouro.exporter.check import PLUGIN_TOL, compare_graph
+from ouro.exporter.check import PLUGIN_TOL, compare_graph, fp16_linear_names
 from ouro.exporter.onnx_export import example_input
 from ouro.exporter.outputs import PORTABLE_QDQ_PASSES, Stage
-from ouro.exporter.passes import apply_passes
+from ouro.exporter.passes import DEFAULT_PASSES, apply_passes
 from ouro.exporter.qdq import QDQError, _QuantHooks, export_qdq, quant_metadata
 from ouro.recipes import get_preset
 
@@ -161,6 +161,21 @@ def test_polygraphy_comparison_in_process(exported, tmp_path):
         res = compare_graph(str(path), stage, model, q, images, tol=PLUGIN_TOL)
         assert res.passed, (stage, res)
         assert -1.0 <= res.metrics_vs_fp["cosine"] <= 1.0 and 0.0 <= res.metrics_vs_fp["top1_agreement"] <= 1.0
+
+
+def test_fp16_linear_io_graph_and_its_twin(exported, tmp_path):
+    """After the opt-in fp16_linear_io pass, every OutlierLinear takes fp16; the check's PyTorch twin
+    rounds exactly those linears' inputs and outputs to fp16, and the comparison passes."""
+    _, model, q, qdq, plugin = exported
+    g16 = apply_passes(qdq, (*DEFAULT_PASSES[:-1], "fp16_linear_io", DEFAULT_PASSES[-1]))
+    linears = {n.name for n in g16.graph.node if n.op_type == "OutlierLinear"}
+    assert linears and fp16_linear_names(g16) == linears and not fp16_linear_names(plugin)
+    cfg = model.cfg
+    images = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "plugin_fp16io.onnx"
+    onnx.save(g16, str(path))
+    res = compare_graph(str(path), Stage.PLUGIN, model, q, images, tol=PLUGIN_TOL)
+    assert res.passed, res
 
 
 def test_bad_inputs_fail_clearly():

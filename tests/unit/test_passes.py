@@ -107,6 +107,25 @@ def test_fuse_outlier_linear():
     np.testing.assert_allclose(out, fq, rtol=1e-4, atol=1e-4)
 
 
+def test_fp16_linear_io_feeds_the_plugin_fp16():
+    g, p = _linear_graph()
+    g = PASSES["fp16_linear_io"].fn(PASSES["fuse_outlier_linear"].fn(g))
+    assert [n.op for n in g.nodes] == ["Cast", "OutlierLinear", "Cast"]
+    node = g.nodes[1]
+    assert node.inputs[0].dtype == np.float16 and node.outputs[0].dtype == np.float16
+    assert g.outputs[0].name == "y" and g.outputs[0].inputs[0].op == "Cast"
+    assert PASSES["fp16_linear_io"].fn(g).nodes == g.nodes  # idempotent: an fp16 node is left alone
+    x = np.random.default_rng(1).normal(size=(B, L, K)).astype(np.float32) * 0.5
+    x[:, :, 3] *= 20
+    out = onnxruntime_session(_export(g)).run(None, {"x": x})[0]
+    assert out.dtype == np.float32
+    a = {k: v for k, v in node.attrs.items() if not isinstance(v, str)}
+    ref = outlier_linear_node_ref(x.astype(np.float16).astype(np.float32), node.inputs[1].values, p["w_scale"],
+                                  p["s_in"], np.zeros(L, np.float32), p["bias"], **a)[0].numpy()
+    # the node sees the fp16-rounded x and its y is rounded to fp16 (ORT: same reference, then CastLike)
+    np.testing.assert_allclose(out, ref.astype(np.float16).astype(np.float32), rtol=OUT_TOL, atol=OUT_TOL)
+
+
 def _scan_graph():
     rng = np.random.default_rng(2)
     names = ("u", "delta", "Bm", "Cm", "z")
