@@ -410,6 +410,15 @@ class _PreparedLinear:
     w_bits: int
 
 
+def _enum_arg(enum: type[IntEnum], value, what: str):
+    """`value` as a member of `enum` (a member, its value, or its name in any case); else ValueError."""
+    try:
+        return enum[value.upper()] if isinstance(value, str) else enum(value)
+    except (KeyError, ValueError):
+        names = ", ".join(repr(m.name.lower()) for m in enum)
+        raise ValueError(f"unknown {what} {value!r}; choose one of {names}") from None
+
+
 def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug) -> _PreparedLinear:
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, K), got shape {tuple(x.shape)}")
@@ -434,8 +443,8 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilog
     _check_tensor(w_scale, "w_scale", (N,), (torch.float32,), device=dev)
     if bias is not None:
         _check_tensor(bias, "bias", (N,), (torch.float32,), device=dev)
-    path = GemmPath[path.upper()] if isinstance(path, str) else GemmPath(path)
-    epilogue = Epilogue[epilogue.upper()] if isinstance(epilogue, str) else Epilogue(epilogue)
+    path = _enum_arg(GemmPath, path, "path")
+    epilogue = _enum_arg(Epilogue, epilogue, "epilogue")
     c_act = act.to_c(L, "act", dev)
     y = torch.empty(B, L, N, dtype=x.dtype, device=dev)
     ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers), 1), dtype=torch.uint8, device=dev)

@@ -210,3 +210,12 @@ def test_fake_quant_validation_codes(native_lib):
     assert lib.ouroOutlierFakeQuant(FAKE + 1, FAKE, 0, 2, 197, 384, ctypes.byref(q), None) == ck.Status.MISALIGNED
     q.n_refresh = 0
     assert lib.ouroOutlierFakeQuant(FAKE, FAKE, 0, 2, 197, 384, ctypes.byref(q), None) == ck.Status.INVALID_ARGUMENT
+
+
+def test_path_and_epilogue_arguments():
+    assert ck._enum_arg(ck.Epilogue, "Fused", "epilogue") is ck.Epilogue.FUSED
+    assert ck._enum_arg(ck.GemmPath, 2, "path") is ck.GemmPath.S8_TENSORCORE
+    with pytest.raises(ValueError, match=r"unknown epilogue 'fast'; choose one of 'auto', 'fused', 'separate'"):
+        ck._enum_arg(ck.Epilogue, "fast", "epilogue")
+    with pytest.raises(ValueError, match="unknown path 9"):
+        ck._enum_arg(ck.GemmPath, 9, "path")
