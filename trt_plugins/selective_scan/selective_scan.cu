@@ -117,29 +117,26 @@ extern "C" OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams
     float* dq = static_cast<float*>(ws.take(sz.delta));
     float* bq = static_cast<float*>(ws.take(sz.bc));
     float* cq = static_cast<float*>(ws.take(sz.bc));
-    if (p->delta_q.bits)
+    // Each quantized operand is replaced by its fp32 fake-quantized copy.
+    struct Operand
     {
-        st = launch_outlier_fake_quant(p->delta, io32, dq, 1, p->B, p->L, p->D, p->delta_q, stream);
+        const ouroActQuant_t& q;
+        int C;
+        float* copy;
+        const void*& ptr;
+        int& is_fp32;
+    };
+    const Operand operands[] = {{p->delta_q, p->D, dq, d.delta, d.delta_fp32}, {p->b_q, p->S, bq, d.Bm, d.b_fp32},
+                                {p->c_q, p->S, cq, d.Cm, d.c_fp32}};
+    for (const Operand& o : operands)
+    {
+        if (!o.q.bits)
+            continue;
+        st = launch_outlier_fake_quant(o.ptr, io32, o.copy, 1, p->B, p->L, o.C, o.q, stream);
         if (st != OURO_OK)
             return st;
-        d.delta = dq;
-        d.delta_fp32 = 1;
-    }
-    if (p->b_q.bits)
-    {
-        st = launch_outlier_fake_quant(p->Bm, io32, bq, 1, p->B, p->L, p->S, p->b_q, stream);
-        if (st != OURO_OK)
-            return st;
-        d.Bm = bq;
-        d.b_fp32 = 1;
-    }
-    if (p->c_q.bits)
-    {
-        st = launch_outlier_fake_quant(p->Cm, io32, cq, 1, p->B, p->L, p->S, p->c_q, stream);
-        if (st != OURO_OK)
-            return st;
-        d.Cm = cq;
-        d.c_fp32 = 1;
+        o.ptr = o.copy;
+        o.is_fp32 = 1;
     }
     const dim3 grid(static_cast<unsigned>(ceil_div(p->D, kScanThreads)), static_cast<unsigned>(p->B));
     launch_kernel(selective_scan_kernel, grid, dim3(kScanThreads), 0, stream, d);

@@ -4,6 +4,7 @@
 // ONNX contract says each input and attribute means. No GPU, no TensorRT runtime.
 #include "OutlierLinearPlugin.h"
 #include "SelectiveScanPlugin.h"
+#include "check.h"
 #include "kernel_abi_recorder.h"
 
 #include <cstdint>
@@ -18,19 +19,8 @@ using ouro_test::recorder;
 
 namespace
 {
-int gFailures = 0;
-int gChecks = 0;
-
-#define CHECK(cond)                                                                                                    \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        ++gChecks;                                                                                                     \
-        if (!(cond))                                                                                                   \
-        {                                                                                                              \
-            ++gFailures;                                                                                               \
-            std::fprintf(stderr, "  FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond);                                   \
-        }                                                                                                              \
-    } while (0)
+using ouro_test::gChecks;
+using ouro_test::gFailures;
 
 constexpr int32_t kL = 197, kK = 384, kN = 1536, kD = 768, kS = 16, kBatch = 3;
 

@@ -12,6 +12,7 @@
 //   ouro_plugin_tests --print-fields   list every plugin field and its type (contract cross-check)
 #include "OutlierLinearPlugin.h"
 #include "SelectiveScanPlugin.h"
+#include "check.h"
 #include "ouro_kernels.h"
 #include "plugin_utils.h"
 
@@ -54,39 +55,13 @@ struct Register
         registry().push_back({name, std::move(fn)});
     }
 };
-int gFailures = 0;
-int gChecks = 0;
+using ouro_test::gChecks;
+using ouro_test::gFailures;
 
 #define TEST(name)                                                                                                     \
     void test_##name();                                                                                                \
     Register reg_##name(#name, test_##name);                                                                           \
     void test_##name()
-
-#define CHECK(cond)                                                                                                    \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        ++gChecks;                                                                                                     \
-        if (!(cond))                                                                                                   \
-        {                                                                                                              \
-            ++gFailures;                                                                                               \
-            std::fprintf(stderr, "  FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond);                                   \
-        }                                                                                                              \
-    } while (0)
-
-#define CHECK_EQ(a, b)                                                                                                 \
-    do                                                                                                                 \
-    {                                                                                                                  \
-        ++gChecks;                                                                                                     \
-        auto const va_ = (a);                                                                                          \
-        auto const vb_ = (b);                                                                                          \
-        if (!(va_ == vb_))                                                                                             \
-        {                                                                                                              \
-            ++gFailures;                                                                                               \
-            std::ostringstream os_;                                                                                    \
-            os_ << va_ << " != " << vb_;                                                                               \
-            std::fprintf(stderr, "  FAILED %s:%d: %s == %s (%s)\n", __FILE__, __LINE__, #a, #b, os_.str().c_str());   \
-        }                                                                                                              \
-    } while (0)
 
 bool contains(std::string const& s, std::string const& sub)
 {
