@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor
 from .quantizers import fake_quant_asym
 
 __all__ = [
+    "ScanInputs",
     "TemporalGroupQuant",
     "ScanStates",
     "selective_scan_ref",
@@ -64,6 +66,20 @@ class TemporalGroupQuant:
     def __call__(self, h: Tensor, step: int) -> Tensor:
         g = step // self.group
         return fake_quant_asym(h, self.scale[g], self.zero[g], self.bits)
+
+
+class ScanInputs(NamedTuple):
+    """The operands of one selective scan, token-major (shape legend above). `delta` is
+    pre-softplus with any dt bias already added; the field order is `selective_scan`'s argument
+    order, so `selective_scan(*inputs, reverse=...)` runs it. Replace operands with `_replace`."""
+
+    u: Tensor
+    delta: Tensor
+    A: Tensor
+    Bm: Tensor
+    Cm: Tensor
+    Dskip: Tensor | None = None
+    z: Tensor | None = None
 
 
 @dataclass

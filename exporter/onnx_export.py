@@ -1,6 +1,6 @@
 """torch -> ONNX: the FP graph, and the hook that turns each selective scan into one custom node.
 
-The Vim model calls its scan through `MambaMixer.ops.scan(direction, **tensors)`. During export
+The Vim model calls its scan through `MambaMixer.ops.scan(direction, inputs)`. During export
 that hook is wrapped in `SelectiveScanFn`, an autograd.Function whose forward runs the model's own
 scan (FP, or the quantized model's fake-quant scan) and whose ONNX `symbolic` emits
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ouro.calib.models.vim import override_ops
-from ouro.calib.scan import selective_scan
+from ouro.calib.scan import ScanInputs, selective_scan
 
 __all__ = [
     "DOMAIN",
@@ -67,7 +67,7 @@ class SelectiveScanFn(torch.autograd.Function):
             # ops and made a Vim-T export take minutes. The graph is checked against the model after.
             return torch.zeros_like(u)
         direction = "bwd" if reverse else "fwd"
-        y = inner(direction, u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, Dskip=Dskip, z=z)
+        y = inner(direction, ScanInputs(u, delta, A, Bm, Cm, Dskip, z))
         return y.to(u.dtype)
 
     @staticmethod
@@ -81,10 +81,9 @@ class SelectiveScanFn(torch.autograd.Function):
         return y
 
 
-def _default_scan(direction: str, **kw: Tensor) -> Tensor:
+def _default_scan(direction: str, inputs: ScanInputs) -> Tensor:
     """The model's default scan (MambaMixer._scan without hooks)."""
-    return selective_scan(kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
-                          delta_softplus=True, reverse=direction == "bwd")
+    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
 
 
 def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -93,11 +92,8 @@ def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager[Non
     def make(i: int, mixer: nn.Module) -> dict:
         inner, prefix = mixer.ops.scan or _default_scan, f"layers.{i}.mixer"
 
-        def hook(direction, **kw):
-            return SelectiveScanFn.apply(
-                inner, f"{prefix}.scan_{direction}", direction == "bwd",
-                kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
-            )
+        def hook(direction: str, inputs: ScanInputs) -> Tensor:
+            return SelectiveScanFn.apply(inner, f"{prefix}.scan_{direction}", direction == "bwd", *inputs)
 
         return {"scan": hook}
 

@@ -38,6 +38,7 @@ from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
 from ouro.calib.quantizers import FP_PASSTHROUGH_BITS, ThresholdPolicy, qmax
+from ouro.calib.scan import ScanInputs
 
 from .onnx_export import _NAME_ATTR, ExportError, ExportResult, example_input, export_onnx
 
@@ -215,15 +216,14 @@ class _QuantHooks:
         ops = self.ops[i]
         operands = {"delta": "delta", "B": "Bm", "C": "Cm"}
 
-        def scan(direction: str, **kw: Tensor) -> Tensor:
+        def scan(direction: str, inputs: ScanInputs) -> Tensor:
             key = f"layers.{i}.mixer.scan_{direction}"
             if f"h_{direction}" in ops.ssm:
                 raise QDQError(f"{key}: h quantization inside the recurrence is not exported (QDQ/plugin) yet")
-            kw = dict(kw)
             for op, arg in (("A", "A"), ("D", "Dskip")):
                 q = ops.ssm[f"{op}_{direction}"] if f"{op}_{direction}" in ops.ssm else None
                 if q is not None:
-                    kw[arg] = q(kw[arg])  # constants: folded into the graph
+                    inputs = inputs._replace(**{arg: q(getattr(inputs, arg))})  # constants: folded into the graph
             meta = {}
             for op, arg in operands.items():
                 q = ops.ssm[f"{op}_{direction}"] if f"{op}_{direction}" in ops.ssm else None
@@ -232,12 +232,9 @@ class _QuantHooks:
                 _check_act(q, f"{key}.{op}")
                 meta[op] = _act_meta(q)
                 L = self.qmodel.cfg.seq_len
-                kw[arg] = ActQDQFn.apply(kw[arg], _token_scale(q, L), ActSpec(f"{key}.{op}", int(q.bits_inlier)))
+                inputs = inputs._replace(**{arg: ActQDQFn.apply(getattr(inputs, arg), _token_scale(q, L), ActSpec(f"{key}.{op}", int(q.bits_inlier)))})
             self.meta["scans"][key] = meta
-            return SelectiveScanFn.apply(
-                _default_scan, key, direction == "bwd",
-                kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
-            )
+            return SelectiveScanFn.apply(_default_scan, key, direction == "bwd", *inputs)
 
         return scan
 

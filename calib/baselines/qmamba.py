@@ -51,9 +51,9 @@ from torch import Tensor, nn
 
 from ouro.recipes import CalibConfig, LossKind, Method, Recipe, RecipeError, register_method_params
 
-from ..quant.base import MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
+from ..quant.base import SCAN_OPERANDS, MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
 from ..quantizers import fake_quant_asym, round_ste
-from ..scan import TemporalGroupQuant, selective_scan
+from ..scan import ScanInputs, TemporalGroupQuant, selective_scan
 from ._common import EPS_SCALE, MIN_SCALE_MULT, TensorAsymQuant, asym_qparams, fold_scale_mult_, quantile_range
 
 __all__ = [
@@ -304,27 +304,22 @@ def quantized_scan(
     return y
 
 
-_SCAN_ARGS = {"u": "u", "delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip"}
-
-
 def _get(d: nn.ModuleDict, key: str):
     return d[key] if key in d else None
 
 
-def _qmamba_scan(ops: QuantizedMixerOps, direction: str, kw: dict[str, Tensor]) -> Tensor:
+def _qmamba_scan(ops: QuantizedMixerOps, direction: str, inputs: ScanInputs) -> Tensor:
     """Quantize the scan operands, then the sequential scan (`quantized_scan`, the twin of
     `selective_scan_ref` with its hooks) with LtSQ/uniform on Abar and TGQ on h inside the recurrence
     (the fast FP scan when neither is quantized)."""
-    kw = dict(kw)
-    for op, arg in _SCAN_ARGS.items():
+    for op, arg in SCAN_OPERANDS.items():
         q = _get(ops.ssm, f"{op}_{direction}")
         if q is not None:
-            kw[arg] = q(kw[arg])
+            inputs = inputs._replace(**{arg: q(getattr(inputs, arg))})
     abar, hq = _get(ops.ssm, f"abar_{direction}"), _get(ops.ssm, f"h_{direction}")
-    args = (kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"])
     if abar is None and hq is None:
-        return selective_scan(*args, delta_softplus=True, reverse=direction == "bwd")
-    return quantized_scan(*args, reverse=direction == "bwd", abar_quant=abar, h_quant=None if hq is None else hq.hook)
+        return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
+    return quantized_scan(*inputs, reverse=direction == "bwd", abar_quant=abar, h_quant=None if hq is None else hq.hook)
 
 
 def _make_act(site: Site, recipe: Recipe) -> Quantizer:

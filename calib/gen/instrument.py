@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vim import override_ops
-from ..scan import selective_scan_chunked, selective_scan_ref
+from ..scan import ScanInputs, selective_scan_chunked, selective_scan_ref
 
 __all__ = ["ScanRecord", "record_scans", "hook_mixer"]
 
@@ -35,27 +35,26 @@ class ScanRecord:
     h: Tensor | None  # (B, L, D, S)
 
 
-def _scan(direction: str, kw: dict[str, Tensor], states: bool):
+def _scan(direction: str, inputs: ScanInputs, states: bool):
     """The reference scan when states are wanted, else the chunked scan (same numerics to fp32
     tolerance, stable for any dt*A, with a much cheaper backward)."""
-    args = (kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"])
     fn = selective_scan_ref if states else selective_scan_chunked
     extra = {"return_states": True} if states else {}
-    return fn(*args, delta_softplus=True, reverse=direction == "bwd", **extra)
+    return fn(*inputs, delta_softplus=True, reverse=direction == "bwd", **extra)
 
 
 class _Recorder:
     def __init__(self, layer: int, sink: list[ScanRecord], states: bool) -> None:
         self.layer, self.sink, self.states = layer, sink, states
 
-    def __call__(self, direction: str, **kw: Tensor) -> Tensor:
-        out = _scan(direction, kw, self.states)
+    def __call__(self, direction: str, inputs: ScanInputs) -> Tensor:
+        out = _scan(direction, inputs, self.states)
         if self.states:
             y, st = out
             dt, h = st.dt, st.h
         else:
-            y, dt, h = out, F.softplus(kw["delta"].float()), None
-        self.sink.append(ScanRecord(self.layer, direction, kw["u"], dt, kw["A"], kw["Bm"], kw["Cm"], h))
+            y, dt, h = out, F.softplus(inputs.delta.float()), None
+        self.sink.append(ScanRecord(self.layer, direction, inputs.u, dt, inputs.A, inputs.Bm, inputs.Cm, h))
         return y
 
 

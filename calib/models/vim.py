@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..scan import selective_scan
+from ..scan import ScanInputs, selective_scan
 
 __all__ = ["VimConfig", "ARCHS", "VisionMamba", "MambaMixer", "Block", "RMSNorm", "build_model", "MixerOps", "override_ops"]
 
@@ -111,7 +111,7 @@ class MixerOps:
     """The replaceable operations of a mixer. Default: plain FP linear and the dispatching scan.
 
     linear(name, module, x) -> y   with name in {in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj}
-    scan(direction, **tensors) -> y with direction "fwd" | "bwd"
+    scan(direction, inputs) -> y   with direction "fwd" | "bwd" and inputs a `ScanInputs`
     """
 
     linear: object = field(default=None)
@@ -163,13 +163,10 @@ class MambaMixer(nn.Module):
             return self.ops.linear(name, mod, x)
         return F.linear(x, mod.weight, mod.bias)
 
-    def _scan(self, direction: str, **kw: Tensor) -> Tensor:
+    def _scan(self, direction: str, inputs: ScanInputs) -> Tensor:
         if self.ops.scan is not None:
-            return self.ops.scan(direction, **kw)
-        return selective_scan(
-            kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"],
-            delta_softplus=True, reverse=direction == "bwd",
-        )
+            return self.ops.scan(direction, inputs)
+        return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
 
     # -- arithmetic ------------------------------------------------------------------------
     def conv(self, x: Tensor, direction: str) -> Tensor:
@@ -183,7 +180,7 @@ class MambaMixer(nn.Module):
             y = F.conv1d(F.pad(xt, (0, k - 1)), conv.weight.flip(-1), conv.bias, groups=xt.shape[1])
         return F.silu(y).transpose(1, 2)
 
-    def ssm_inputs(self, x: Tensor, z: Tensor, direction: str) -> dict[str, Tensor]:
+    def ssm_inputs(self, x: Tensor, z: Tensor, direction: str) -> ScanInputs:
         """Everything the selective scan of one direction consumes, token-major."""
         sfx = "" if direction == "fwd" else "_b"
         cfg = self.cfg
@@ -193,13 +190,13 @@ class MambaMixer(nn.Module):
         delta = self._linear("dt_proj" + sfx, dt_low)  # bias included, softplus in the scan
         A = -torch.exp(getattr(self, "A_log" if direction == "fwd" else "A_b_log").float())
         Dskip = getattr(self, "D" + sfx).float()
-        return dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, Dskip=Dskip, z=z)
+        return ScanInputs(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, Dskip=Dskip, z=z)
 
     def forward(self, hidden: Tensor) -> Tensor:
         xz = self._linear("in_proj", hidden)
         x, z = xz.chunk(2, dim=-1)
-        y_f = self._scan("fwd", **self.ssm_inputs(x, z, "fwd"))
-        y_b = self._scan("bwd", **self.ssm_inputs(x, z, "bwd"))
+        y_f = self._scan("fwd", self.ssm_inputs(x, z, "fwd"))
+        y_b = self._scan("bwd", self.ssm_inputs(x, z, "bwd"))
         return self._linear("out_proj", (y_f + y_b) / 2)
 
 

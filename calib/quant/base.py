@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ouro.recipes import CalibConfig, LossKind, Method, Recipe
 
 from ..models.vim import MambaMixer, MixerOps, VisionMamba
-from ..scan import selective_scan
+from ..scan import ScanInputs, selective_scan
 
 __all__ = [
     "QuantMode",
@@ -146,27 +146,27 @@ def _default_linear(ops: "QuantizedMixerOps", name: str, module: nn.Linear, x: T
     return F.linear(xq, w, module.bias)
 
 
-def _default_scan(ops: "QuantizedMixerOps", direction: str, kw: dict[str, Tensor]) -> Tensor:
+SCAN_OPERANDS = {"delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip", "u": "u"}
+"""Quantizer site name of a scan operand -> its `ScanInputs` field."""
+
+
+def _default_scan(ops: "QuantizedMixerOps", direction: str, inputs: ScanInputs) -> Tensor:
     """Quantize the scan operands present in `ops.ssm` (delta pre-softplus, B, C, A, D), FP scan."""
-    names = {"delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip", "u": "u"}
-    kw = dict(kw)
-    for op, arg in names.items():
+    for op, arg in SCAN_OPERANDS.items():
         k = f"{op}_{direction}"
         if k in ops.ssm and not getattr(ops.ssm[k], "applied_in_linear", False):
-            kw[arg] = ops.ssm[k](kw[arg])
+            inputs = inputs._replace(**{arg: ops.ssm[k](getattr(inputs, arg))})
     for inner in ("h", "abar"):
         if f"{inner}_{direction}" in ops.ssm:
             raise NotImplementedError(f"quantizing {inner} inside the recurrence needs a method-specific scan (MethodSpec.scan)")
-    return selective_scan(
-        kw["u"], kw["delta"], kw["A"], kw["Bm"], kw["Cm"], kw["Dskip"], kw["z"], delta_softplus=True, reverse=direction == "bwd"
-    )
+    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """How a method quantizes a mixer. Builders return None to leave a site in FP.
 
-    linear(ops, name, module, x) and scan(ops, direction, tensors) default to: quantize the input
+    linear(ops, name, module, x) and scan(ops, direction, inputs: ScanInputs) default to: quantize the input
     and the weight / the SSM operands with the site quantizers, then run the FP op.
     lr(group, calib) gives each optimizer group its learning rate.
     loss: None = the recipe's calib.loss.
@@ -271,8 +271,8 @@ class QuantizedMixerOps(nn.Module):
     def linear(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:
         return self.spec.linear(self, name, module, x)
 
-    def scan(self, direction: str, **kw: Tensor) -> Tensor:
-        return self.spec.scan(self, direction, kw)
+    def scan(self, direction: str, inputs: ScanInputs) -> Tensor:
+        return self.spec.scan(self, direction, inputs)
 
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
         for d, prefix in ((self.act, "act"), (self.weight, "weight"), (self.ssm, "ssm")):
