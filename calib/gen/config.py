@@ -49,10 +49,11 @@ class GenConfig:
     init_std     std of the Gaussian-noise initialisation (normalised pixel units)  [paper: noise]
     batch_size   images optimised together; images are independent under L^gen, so
                  mini-batches are exact, not an approximation
-    checkpoint   activation checkpointing per block and per channel chunk; None = when the
-                 estimated activation memory of a mini-batch exceeds CHECKPOINT_AUTO_BYTES
-                 (off for the demo model, where it costs ~50 % more time; on for Vim-T/S/B)
-    attn_chunk_elems  element budget of one channel chunk of the implicit attention
+    checkpoint   activation checkpointing per block (model block and L^C readout; the state
+                 attention is kept); None = when the estimated activation memory of a mini-batch
+                 exceeds CHECKPOINT_AUTO_BYTES (off for the demo model; on for Vim-T/S/B)
+    attn_chunk_elems  element budget of one channel chunk of the implicit attention (the `_ref` path)
+    attn_block   largest token block of the fast path's blocked attention (features.BLOCK)
     mean, std    the model's input normalisation; pixels are kept in
                  [(0 - mean) / std, (1 - mean) / std]; None = ask the model's data module
     """
@@ -68,6 +69,7 @@ class GenConfig:
     batch_size: int = 16
     checkpoint: bool | None = None
     attn_chunk_elems: int = 1 << 25
+    attn_block: int = 64
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -77,7 +79,7 @@ class GenConfig:
         for k in ("lr", "tau", "init_std"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"GenConfig.{k} must be > 0, got {getattr(self, k)}")
-        for k in ("topk", "batch_size", "attn_chunk_elems"):
+        for k in ("topk", "batch_size", "attn_chunk_elems", "attn_block"):
             if getattr(self, k) < 1:
                 raise ValueError(f"GenConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:

@@ -7,8 +7,11 @@ For each mini-batch of noise images X and random target labels T, G Adam steps o
     L^O = cross-entropy(model(X), T)
 after each step the pixels are clamped to the model's normalised input range.
 
-Every term is per image, so mini-batches are exact. Blocks run under activation checkpointing (and
-so do the channel chunks of the implicit attention): only the block inputs stay in memory.
+Every term is per image and the loss is their SUM, so each image's gradient is its own: an image
+depends only on the seed and its global index (its noise and target come from a generator seeded
+with both), never on which other images share its mini-batch. Mini-batches are fixed global ranges
+of indices, so resuming a run, or sharding it over torchrun processes (`dist`), computes every
+mini-batch exactly as one uninterrupted process does. The losses are in losses.py.
 """
 from __future__ import annotations
 
@@ -19,27 +22,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .attention import contrastive_loss, effective_topk, implicit_attention, neighbourhood_weights, patch_token_index
-from .config import CHECKPOINT_AUTO_BYTES, IMAGENET_MEAN, IMAGENET_STD, GenConfig
-from .instrument import ScanRecord, hook_mixer
+from ..distributed import SINGLE, DistContext
+
+from .config import IMAGENET_MEAN, IMAGENET_STD, GenConfig
+from .losses import gen_losses
+from .storage import NPZ_NAME, GenFolder, atomic_save, load_synthetic_dir, model_fingerprint, write_pngs
 
 __all__ = [
     "GenResult",
-    "gen_losses",
+    "LossFn",
     "generate",
     "generate_calibration",
+    "generate_to_folder",
+    "image_seed",
+    "initial_images",
     "input_normalization",
-    "layer_contrastive_loss",
+    "batch_ranges",
     "save_synthetic_dir",
-    "load_synthetic_dir",
 ]
 
-NPZ_NAME = "images.npz"
+LossFn = Callable[[nn.Module, Tensor, Tensor, GenConfig], tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -100,173 +105,182 @@ def _range(mean, std, like: Tensor) -> tuple[Tensor, Tensor]:
     return (0 - m) / s, (1 - m) / s
 
 
-# ------------------------------------------------------------------------------------------ losses
-def layer_contrastive_loss(records: list[ScanRecord], grid: int, cls_position: int, cfg: GenConfig) -> Tensor:
-    """L^C of one layer (B,): InfoNCE on the enhanced attention rows of the patches, averaged over
-    channels and the two scan directions. The neighbour weights come from each direction's own Delta."""
-    feats = None
-    rows = patch_token_index(grid, cls_position).to(records[0].dt.device)
-    for r in records:
-        W = neighbourhood_weights(r.dt, grid, cls_position, cfg.neighbourhood)
-        a = implicit_attention(
-            r.dt, r.A, r.Bm, r.Cm, reverse=r.direction == "bwd", mix=W, rows=rows,
-            chunk_elems=cfg.attn_chunk_elems, use_checkpoint=cfg.checkpoint,
-        )
-        feats = a if feats is None else feats + a
-    P = grid * grid
-    return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)
+# ---------------------------------------------------------------------------------- per-image init
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a run seeded `seed` (a 63-bit mix of both, platform independent)."""
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(index)]).generate_state(1, np.uint64)[0]) >> 1
 
 
-def use_checkpoint(model: nn.Module, batch: int, cfg: GenConfig) -> bool:
-    """cfg.checkpoint, or when None: whether the activations of a mini-batch without checkpointing
-    (about 12 fp32 tensors of B*L*d_inner*d_state per layer and direction, measured on the demo
-    model) would exceed CHECKPOINT_AUTO_BYTES."""
-    if cfg.checkpoint is not None:
-        return cfg.checkpoint
+def initial_images(model: nn.Module, indices: list[int], seed: int, init_std: float) -> tuple[Tensor, Tensor]:
+    """Gaussian noise images (n, C, H, W) * init_std and random target labels (n,) for the given global
+    indices, each from its own CPU generator seeded by `image_seed` (so the same on every device)."""
     m = model.cfg
-    return 12 * 2 * m.depth * batch * m.seq_len * m.d_inner * m.d_state * 4 > CHECKPOINT_AUTO_BYTES
+    cpu = torch.device("cpu")
+    xs, ts = [], []
+    for i in indices:
+        g = torch.Generator(device=cpu).manual_seed(image_seed(seed, i))
+        xs.append(torch.randn(m.in_chans, m.img_size, m.img_size, generator=g, device=cpu) * init_std)
+        ts.append(torch.randint(m.num_classes, (1,), generator=g, device=cpu))
+    return torch.stack(xs), torch.cat(ts)
 
 
-def _block_step(blk: nn.Module, layer: int, hidden: Tensor, residual: Tensor | None, grid: int, cls: int, cfg: GenConfig, want_c: bool):
-    records: list[ScanRecord] = []
-    with hook_mixer(blk.mixer, layer, records):
-        hidden, residual = blk(hidden, residual)
-    lc = layer_contrastive_loss(records, grid, cls, cfg) if want_c else hidden.new_zeros(hidden.shape[0])
-    return hidden, residual, lc
-
-
-def gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image (L^C, L^O) (each (B,)) and the logits. Mirrors VisionMamba.forward_features with each
-    block (and its L^C) checkpointed; tests check the logits equal model(x)."""
-    mcfg = model.cfg
-    want_c = cfg.w_contrastive > 0
-    ck = use_checkpoint(model, x.shape[0], cfg)
-    cfg = cfg.replace(checkpoint=ck)
-    hidden, residual = model.embed(x), None
-    lcs = []
-    for i, blk in enumerate(model.layers):
-        args = (blk, i, hidden, residual, mcfg.grid, mcfg.cls_position, cfg, want_c)
-        if ck and torch.is_grad_enabled():
-            hidden, residual, lc = checkpoint(_block_step, *args, use_reentrant=False)
-        else:
-            hidden, residual, lc = _block_step(*args)
-        lcs.append(lc)
-    residual = residual + hidden.float()
-    logits = model.head(model.norm_f(residual)[:, mcfg.cls_position])
-    lo = F.cross_entropy(logits, targets, reduction="none")
-    return torch.stack(lcs).mean(0), lo, logits
+def batch_ranges(n: int, batch_size: int) -> list[range]:
+    """The global mini-batches: consecutive ranges of batch_size image indices (the last may be shorter)."""
+    return [range(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
 
 
 # ------------------------------------------------------------------------------------------ loop
-def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None, *, progress: bool = True,
-             callback: Callable[[int, dict[str, float], Tensor], None] | None = None) -> GenResult:
-    """Run OuroMamba-Gen for n images; deterministic under `seed` (same machine, same threads).
-
-    callback(step, loss_terms, images) after every Adam step (global step over mini-batches; images
-    is the current mini-batch, detached, already clamped)."""
-    cfg = config or GenConfig()
-    if n < 1:
-        raise ValueError(f"number of images must be >= 1, got {n}")
+def _check_model(model: nn.Module, cfg: GenConfig) -> None:
     mcfg = getattr(model, "cfg", None)
     if mcfg is None or not hasattr(model, "layers"):
         raise TypeError(f"OuroMamba-Gen needs a Vim model (ouro.calib.models.vim.VisionMamba), got {type(model).__name__}")
     if cfg.w_contrastive > 0 and mcfg.num_patches < 4:
         raise ValueError(f"L^C needs at least 4 patches (positives and negatives), the model has {mcfg.num_patches}")
-    mean, std = input_normalization(model, cfg)
-    param = next(model.parameters())
-    dev = param.device
-    gen = torch.Generator().manual_seed(int(seed))
-    x_all = torch.randn(n, mcfg.in_chans, mcfg.img_size, mcfg.img_size, generator=gen) * cfg.init_std
-    targets = torch.randint(mcfg.num_classes, (n,), generator=gen)
-    x_all, targets = x_all.to(dev), targets.to(dev)
-    lo_b, hi_b = _range(mean, std, x_all)
-    x_all = torch.maximum(torch.minimum(x_all, hi_b), lo_b)
 
+
+def _run_batch(model: nn.Module, b: int, idx: range, seed: int, cfg: GenConfig, bounds, losses: LossFn, step0: int,
+               on_step: Callable[[int, dict[str, float], Tensor], None]) -> tuple[Tensor, Tensor]:
+    """G Adam steps on the pixels of one mini-batch; returns (images, targets) on the CPU."""
+    from ..device import module_device
+
+    dev = module_device(model)
+    x0, t0 = initial_images(model, list(idx), seed, cfg.init_std)
+    lo_b, hi_b = bounds
+    x = torch.maximum(torch.minimum(x0.to(dev), hi_b), lo_b).requires_grad_(True)
+    tb = t0.to(dev)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    for it in range(cfg.iterations):
+        opt.zero_grad(set_to_none=True)
+        lc, lo, _ = losses(model, x, tb, cfg)
+        per_image = cfg.w_contrastive * lc + cfg.w_output * lo
+        per_image.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, hi_b), lo_b))
+        terms = {"LC": float(lc.detach().mean()), "LO": float(lo.detach().mean()), "L": float(per_image.detach().mean())}
+        on_step(step0 + it, terms, x.detach())
+    return x.detach().cpu(), t0
+
+
+def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None, *, progress: bool = True,
+             callback: Callable[[int, dict[str, float], Tensor], None] | None = None, losses: LossFn = gen_losses,
+             done: dict[int, tuple[Tensor, Tensor]] | None = None,
+             on_batch: Callable[[int, list[int], Tensor, Tensor], None] | None = None,
+             dist: DistContext = SINGLE) -> GenResult:
+    """Run OuroMamba-Gen for n images on the model's device (module docstring); the images come back
+    on the CPU, on every rank.
+
+    callback(step, loss_terms, images) after every Adam step (global step b * G + g over mini-batches;
+    images: the current mini-batch, detached, clamped). losses: `gen_losses` or its twin.
+    done: mini-batches {b: (images, targets)} already finished (a resumed run); they are not rerun.
+    on_batch(b, indices, images, targets) as each mini-batch finishes (on rank 0: it writes).
+    dist: under torchrun each rank runs every world_size-th unfinished mini-batch; rank 0 gathers.
+    LossFn's `mean` per-step terms are averaged over the mini-batch; L^gen is summed over images."""
+    cfg = config or GenConfig()
+    if n < 1:
+        raise ValueError(f"number of images must be >= 1, got {n}")
+    _check_model(model, cfg)
+    from ..device import module_device
+
+    mean, std = input_normalization(model, cfg)
+    dev = module_device(model)
+    bounds = _range(mean, std, torch.zeros((), device=dev))
+    batches = batch_ranges(n, cfg.batch_size)
+    results: dict[int, tuple[Tensor, Tensor]] = dict(done or {})
+    todo = [b for b in range(len(batches)) if b not in results]
+    rounds = -(-len(todo) // dist.world_size)
+    history: list[dict[str, float]] = []
     was_training = model.training
     req = [p.requires_grad for p in model.parameters()]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    history: list[dict[str, float]] = []
-    out = []
     t0 = time.perf_counter()
-    nb = -(-n // cfg.batch_size)
-    bar = tqdm(total=nb * cfg.iterations, desc="OuroMamba-Gen", unit="step", disable=not progress or cfg.iterations == 0)
+    bar = tqdm(total=rounds * cfg.iterations, desc="OuroMamba-Gen", unit="step",
+               disable=not progress or cfg.iterations == 0 or not dist.is_main)
     try:
-        for b in range(nb):
-            x = x_all[b * cfg.batch_size:(b + 1) * cfg.batch_size].clone().requires_grad_(True)
-            tb = targets[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-            for it in range(cfg.iterations):
-                opt.zero_grad(set_to_none=True)
-                lc, lo, _ = gen_losses(model, x, tb, cfg)
-                loss = (cfg.w_contrastive * lc + cfg.w_output * lo).mean()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, hi_b), lo_b))
-                terms = {"LC": float(lc.detach().mean()), "LO": float(lo.detach().mean()), "L": float(loss.detach())}
-                if b == 0:
-                    history.append(terms)
-                if callback is not None:
-                    callback(b * cfg.iterations + it, terms, x.detach())
-                bar.set_postfix(batch=f"{b + 1}/{nb}", **{k: f"{v:.3f}" for k, v in terms.items()})
-                bar.update(1)
-            out.append(x.detach())
+        for r in range(rounds):
+            k = r * dist.world_size + dist.rank
+            item = None
+            if k < len(todo):
+                b = todo[k]
+
+                def on_step(step, terms, x, b=b):
+                    if b == 0:
+                        history.append(terms)
+                    if callback is not None:
+                        callback(step, terms, x)
+                    bar.set_postfix(batch=f"{b + 1}/{len(batches)}", **{kk: f"{v:.3f}" for kk, v in terms.items()})
+                    bar.update(1)
+
+                x, t = _run_batch(model, b, batches[b], seed, cfg, bounds, losses, b * cfg.iterations, on_step)
+                item = (b, x, t, history if b == 0 else None)
+            for got in dist.all_gather(item):
+                if got is None:
+                    continue
+                gb, gx, gt, gh = got
+                results[gb] = (gx, gt)
+                if gh is not None and not history:
+                    history.extend(gh)
+                if on_batch is not None and dist.is_main:
+                    on_batch(gb, list(batches[gb]), gx, gt)
     finally:
         bar.close()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
+        for p, rq in zip(model.parameters(), req):
+            p.requires_grad_(rq)
         model.train(was_training)
-    return GenResult(torch.cat(out), targets, history, time.perf_counter() - t0, mean, std)
+    images = torch.cat([results[b][0] for b in range(len(batches))])
+    targets = torch.cat([results[b][1] for b in range(len(batches))])
+    return GenResult(images, targets, history, time.perf_counter() - t0, mean, std)
 
 
-def generate_calibration(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None) -> Tensor:
-    """Public API: n synthetic calibration images (n, C, H, W) in the model's normalised input space."""
-    return generate(model, n, seed, config).images
+def generate_calibration(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None, *,
+                         dist: DistContext = SINGLE, progress: bool = True) -> Tensor:
+    """Public API: n synthetic calibration images (n, C, H, W) in the model's normalised input space,
+    on the CPU (every rank gets all of them)."""
+    return generate(model, n, seed, config, dist=dist, progress=progress).images
+
+
+def generate_to_folder(model: nn.Module, n: int, out_dir: str | Path, seed: int = 0, config: GenConfig | None = None, *,
+                       force: bool = False, progress: bool = True, dist: DistContext = SINGLE,
+                       losses: LossFn = gen_losses) -> tuple[GenResult, int]:
+    """Generate into a resumable folder (storage.py): each finished mini-batch is written as it
+    comes; rerunning on an interrupted folder of the same run resumes it. Returns the result and
+    how many mini-batches were already there."""
+    cfg = config or GenConfig()
+    _check_model(model, cfg)
+    mean, std = input_normalization(model, cfg)
+    identity = {"model": model_fingerprint(model), "n": int(n), "seed": int(seed), "batch_size": cfg.batch_size,
+                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}}
+    folder, done = (GenFolder.open(out_dir, identity, mean, std, force=force) if dist.is_main else (None, None))
+    done = dist.broadcast(done)
+    if folder is not None and folder.complete():
+        images = torch.cat([done[b][0] for b in sorted(done)])
+        targets = torch.cat([done[b][1] for b in sorted(done)])
+        return GenResult(images, targets, [], 0.0, mean, std), len(done)
+    res = generate(model, n, seed, cfg, progress=progress, dist=dist, losses=losses, done=done,
+                   on_batch=(lambda b, idx, x, t: folder.write_batch(b, idx, x, t)) if folder is not None else None)
+    if folder is not None:
+        folder.finish(res.images, res.targets)
+    dist.barrier()
+    return res, len(done)
 
 
 # --------------------------------------------------------------------------------------- storage
 def save_synthetic_dir(result: GenResult, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write img_00000.png ... (8-bit RGB/grey, denormalised) and images.npz (the exact float
-    images in normalised space, the target labels, mean and std)."""
+    """Write img_00000.png ... (8-bit RGB/grey, denormalised) and images.npz (the exact float images
+    in normalised space, the target labels, mean and std) for a finished result, each file atomically."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"output folder {out} is not empty; pass --force to overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
+    n = result.images.shape[0]
+    write_pngs(out, list(range(n)), result.images, result.mean, result.std)
 
-    x = result.images.detach().float().cpu()
-    m = torch.tensor(result.mean).view(1, -1, 1, 1)
-    s = torch.tensor(result.std).view(1, -1, 1, 1)
-    pix = ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(pix):
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(out / f"img_{i:05d}.png")
-    np.savez(out / NPZ_NAME, images=x.numpy(), targets=result.targets.cpu().numpy(),
-             mean=np.array(result.mean, dtype=np.float32), std=np.array(result.std, dtype=np.float32))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=result.images.detach().float().cpu().numpy(), targets=result.targets.cpu().numpy(),
+                     mean=np.array(result.mean, dtype=np.float32), std=np.array(result.std, dtype=np.float32))
+
+    atomic_save(out / NPZ_NAME, write)
     return out
-
-
-def load_synthetic_dir(path: str | Path, *, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Tensor:
-    """Images (n, C, H, W) in normalised model-input space from a folder written by `ouro-export gen`:
-    images.npz when present (exact floats), else the PNGs normalised with the given mean/std."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"synthetic image folder {p} does not exist")
-    npz = p / NPZ_NAME
-    if npz.is_file():
-        with np.load(npz) as z:
-            return torch.from_numpy(z["images"]).float()
-    pngs = sorted(p.glob("*.png"))
-    if not pngs:
-        raise FileNotFoundError(f"{p} holds neither {NPZ_NAME} nor PNG images")
-    if mean is None or std is None:
-        raise ValueError(f"{p} has PNGs but no {NPZ_NAME}: give mean and std of the model's input transform")
-    from PIL import Image
-
-    arr = np.stack([np.asarray(Image.open(f)) for f in pngs]).astype(np.float32) / 255.0
-    x = torch.from_numpy(arr)
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[1] != len(mean):
-        raise ValueError(f"PNGs in {p} have {x.shape[1]} channels, normalisation has {len(mean)}")
-    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
