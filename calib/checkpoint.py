@@ -52,12 +52,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: unsafe, corrupt, not a Vim, or not the requested arch."""
 
 
-def _read(path: Path) -> object:
+def _read(path: Path, map_location: torch.device | str = "cpu") -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         glob = re.search(r"GLOBAL ([\w.]+)", msg)  # "Unsupported global: GLOBAL x" / "unsupported GLOBAL x whose module"
@@ -212,24 +212,27 @@ def _check_shapes(model: VisionMamba, sd: Mapping[str, Tensor], cfg: VimConfig, 
 
 
 def load_state_dict(sd: Mapping[str, Tensor], arch: str | VimConfig | None = None, *, source: str = "state_dict",
-                    img_size: int | None = None, stride: int | None = None) -> VisionMamba:
-    """Build the Vim for `sd` (inferred, or `arch`) and load it with strict=True."""
+                    img_size: int | None = None, stride: int | None = None, device: torch.device | str | None = None) -> VisionMamba:
+    """Build the Vim for `sd` (inferred, or `arch`) on `device` (default: the CPU) and load it with strict=True."""
     try:
         cfg = infer_config(sd, img_size=img_size, stride=stride) if arch is None else resolve_arch(arch)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    model = VisionMamba(cfg)
+    with torch.device(device or "cpu"):  # the model is built where it will run
+        model = VisionMamba(cfg)
     _check_shapes(model, sd, cfg, source)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
-def load_checkpoint(path: str | Path, arch: str | VimConfig | None = None, *, img_size: int | None = None) -> VisionMamba:
-    """Load a Vim checkpoint file (module doc) into a VisionMamba in eval mode.
+def load_checkpoint(path: str | Path, arch: str | VimConfig | None = None, *, img_size: int | None = None,
+                    device: torch.device | str | None = None) -> VisionMamba:
+    """Load a Vim checkpoint file (module doc) into a VisionMamba in eval mode, on `device` (default:
+    the CPU; the tensors are mapped there as they are read).
 
     arch: None infers the architecture from the shapes; an ARCHS key, an official model name or a
     VimConfig overrides it (a mismatch is a CheckpointError naming the keys and shapes)."""
     path = Path(path)
-    sd, args = _select_state_dict(_read(path), path)
+    sd, args = _select_state_dict(_read(path, torch.device(device or "cpu")), path)
     img_hint, stride_hint = _hints_from_args(args)
-    return load_state_dict(sd, arch, source=str(path), img_size=img_size or img_hint, stride=stride_hint)
+    return load_state_dict(sd, arch, source=str(path), img_size=img_size or img_hint, stride=stride_hint, device=device)

@@ -10,6 +10,9 @@ tuning here), then top-1 on the evaluation images. Output: a printed table shape
 tables (method, data, #images, W/A, top-1, delta vs FP; plus the SQNR of the logits vs FP, which
 still separates methods when top-1 saturates on a small test set), and `<prefix>.json`, `<prefix>.md`,
 `<prefix>.png` (top-1 vs activation bits, one line per method and weight width).
+
+Under torchrun (`dist`), the (method, preset) cells are shared out over the processes (each cell is
+computed exactly as one process computes it); rank 0 gathers the rows and writes the outputs.
 """
 from __future__ import annotations
 
@@ -90,8 +93,12 @@ def method_presets(method: str, presets: tuple[str, ...] = COMPARE_PRESETS) -> l
 
 @torch.no_grad()
 def _logits(model, images: Tensor, batch_size: int = 128) -> Tensor:
+    """Logits on the CPU; the batches run on the model's device."""
+    from ouro.calib.device import module_device
+
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]).float() for i in range(0, images.shape[0], batch_size)])
+    dev = module_device(model)
+    return torch.cat([model(images[i : i + batch_size].to(dev)).float().cpu() for i in range(0, images.shape[0], batch_size)])
 
 
 def _top1(logits: Tensor, labels: Tensor) -> float:
@@ -125,10 +132,15 @@ def run_comparison(
     seed: int = 0,
     progress: bool = True,
     model_name: str = "",
+    dist=None,
 ) -> CompareResult:
-    """Calibrate and evaluate every (method, preset); a failing run is a row with its error."""
+    """Calibrate and evaluate every (method, preset); a failing run is a row with its error.
+    dist: under torchrun, this rank runs every world_size-th cell; every rank returns all rows."""
     from tqdm.auto import tqdm
 
+    from ouro.calib.distributed import SINGLE
+
+    dist = dist or SINGLE
     from ouro.calib.imagefolder import make_forward_loop
     from ouro.calib.quant import calibrate
     from ouro.recipes import get_preset
@@ -143,9 +155,10 @@ def run_comparison(
     if not runs:
         raise ValueError(f"no (method, preset) pair to run: methods {list(methods)}, presets {list(presets)}")
     loop = make_forward_loop(calib_images)
-    rows: list[CompareRow] = []
-    bar = tqdm(runs, desc="compare", unit="run", disable=not progress)
-    for method, preset in bar:
+    mine = dist.shard(list(enumerate(runs)))
+    done: list[tuple[int, CompareRow]] = []
+    bar = tqdm([r for _, r in mine], desc="compare", unit="run", disable=not progress or not dist.is_main)
+    for (k, _), (method, preset) in zip(mine, bar):
         bar.set_postfix_str(f"{method} {preset}")
         recipe = get_preset(preset, method)
         t0 = time.perf_counter()
@@ -155,16 +168,17 @@ def run_comparison(
             q_logits = _logits(qmodel, eval_images)
             top1 = _top1(q_logits, eval_labels)
             info = _summarise_info(getattr(qmodel, "ouro_method_info", {}) or {})
-            rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
-                                   round(top1, 2), round(top1 - fp, 2), round(secs, 1),
-                                   round(logit_sqnr_db(fp_logits, q_logits), 2), info))
+            done.append((k, CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
+                                       round(top1, 2), round(top1 - fp, 2), round(secs, 1),
+                                       round(logit_sqnr_db(fp_logits, q_logits), 2), info)))
             del qmodel
         except Exception as e:  # one broken method must not hide the others' numbers
-            rows.append(CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
-                                   None, None, round(time.perf_counter() - t0, 1),
-                                   error=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+            done.append((k, CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
+                                       None, None, round(time.perf_counter() - t0, 1),
+                                       error=f"{type(e).__name__}: {e}".splitlines()[0][:300])))
             if os.environ.get("OURO_DEBUG"):
                 traceback.print_exc()
+    rows = [row for _, row in sorted((kr for part in dist.all_gather(done) for kr in part), key=lambda kr: kr[0])]
     return CompareResult(
         model=model_name or getattr(model.cfg, "name", "vim"), data=data,
         calib_images=int(calib_images.shape[0]), eval_images=int(eval_images.shape[0]), fp_top1=round(fp, 2),
@@ -233,7 +247,7 @@ def write_outputs(res: CompareResult, prefix: str | Path) -> list[Path]:
     return [pj, pm, pp]
 
 
-def _data(model, args) -> tuple[Tensor, Tensor, Tensor, str]:
+def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
     """(calibration images, evaluation images, labels, data label) for the CLI arguments."""
     from ouro.calib.imagefolder import ImageFolderError, calibration_images, load_image_folder, parse_calib_spec
 
@@ -244,7 +258,7 @@ def _data(model, args) -> tuple[Tensor, Tensor, Tensor, str]:
         raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
                                "(ImageNet-style class folders); or use --demo")
     spec = parse_calib_spec(getattr(args, "calib", None), calib_dir)
-    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=demo, seed=seed)
+    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=demo, seed=seed, dist=dist)
     if eval_dir:
         x, y = load_image_folder(eval_dir, img_size=model.cfg.img_size, seed=seed)
         if y is None:
@@ -267,8 +281,12 @@ def _tuple(v, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(s.strip().lower() for s in items if s.strip())
 
 
-def compare_main(model, args) -> int:
-    """`ouro-export compare`: run, print the table, write <output>.json/.md/.png. Returns the exit code."""
+def compare_main(model, args, *, dist=None) -> int:
+    """`ouro-export compare`: run, print the table, write <output>.json/.md/.png (rank 0 under
+    torchrun). Returns the exit code."""
+    from ouro.calib.distributed import SINGLE
+
+    dist = dist or SINGLE
     from ouro.recipes import Method, RecipeError
 
     methods = _tuple(getattr(args, "methods", None), METHOD_ORDER)
@@ -276,11 +294,12 @@ def compare_main(model, args) -> int:
     if unknown:
         raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
     presets = _tuple(getattr(args, "presets", None), COMPARE_PRESETS)
-    calib, x, y, label = _data(model, args)
+    calib, x, y, label = _data(model, args, dist)
     name = "demo" if getattr(args, "demo", False) else Path(getattr(args, "checkpoint", "") or "model").stem
     res = run_comparison(model, calib, x, y, data=label, methods=methods, presets=presets,
-                         seed=int(getattr(args, "seed", 0)), model_name=name)
-    print(format_table(res))
-    paths = write_outputs(res, getattr(args, "output", None) or "compare")
-    print("wrote " + ", ".join(str(p) for p in paths))
+                         seed=int(getattr(args, "seed", 0)), model_name=name, dist=dist)
+    if dist.is_main:
+        print(format_table(res))
+        paths = write_outputs(res, getattr(args, "output", None) or "compare")
+        print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(r.error is None for r in res.rows) else 1

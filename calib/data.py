@@ -42,15 +42,16 @@ def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = torch.as_tensor(d.images, dtype=torch.float32, device="cpu").unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(DIGITS_IMG_SIZE, DIGITS_IMG_SIZE), mode="bilinear", align_corners=False)
-    y = torch.as_tensor(d.target, dtype=torch.int64)
+    y = torch.as_tensor(d.target, dtype=torch.int64, device="cpu")
     if len(y) != sum(SPLIT_SIZES[k] for k in ("train", "test")):
         raise RuntimeError(f"scikit-learn digits has {len(y)} images, expected 1797; the demo split needs the standard set")
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    perm = torch.randperm(len(y), generator=g)
+    cpu = torch.device("cpu")
+    g = torch.Generator(device=cpu).manual_seed(SPLIT_SEED)
+    perm = torch.randperm(len(y), generator=g, device=cpu)
     train = perm[:N_TRAIN]
-    idx = {"train": train, "test": perm[N_TRAIN:], "calib": train[torch.randperm(N_TRAIN, generator=g)[:N_CALIB]]}
+    idx = {"train": train, "test": perm[N_TRAIN:], "calib": train[torch.randperm(N_TRAIN, generator=g, device=cpu)[:N_CALIB]]}
     mean, std = x[train].mean(), x[train].std()
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
     return x, y, idx
@@ -79,14 +80,15 @@ def demo_card() -> dict:
     return json.loads(card.read_text())
 
 
-def load_demo_model():
-    """The shipped demo Vim (eval mode), loaded through the same checkpoint loader as official files."""
+def load_demo_model(device: torch.device | str | None = None):
+    """The shipped demo Vim (eval mode, on `device`; default the CPU), loaded through the same
+    checkpoint loader as official files."""
     from .checkpoint import load_checkpoint
     from .models.vim import VimConfig
 
     ckpt, _ = demo_files()
     cfg = VimConfig(**demo_card()["config"])
-    return load_checkpoint(ckpt, arch=cfg).eval()
+    return load_checkpoint(ckpt, arch=cfg, device=device).eval()
 
 
 @torch.no_grad()
@@ -99,13 +101,16 @@ def evaluate_top1(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise ValueError("evaluate_top1 needs at least one image")
+    from .device import module_device
+
     was_training = model.training
     model.eval()
+    dev = module_device(model)
     correct = 0
     try:
         for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            logits = model(images[i : i + batch_size])
-            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+            logits = model(images[i : i + batch_size].to(dev))
+            correct += int((logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum())
     finally:
         model.train(was_training)
     return 100.0 * correct / len(images)

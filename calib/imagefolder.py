@@ -58,8 +58,8 @@ def eval_transform(img, img_size: int = 224) -> Tensor:
     img = img.crop((left, top, left + img_size, top + img_size))
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img_size, img_size, 3)
     x = x.permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -75,22 +75,31 @@ def _list_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
     return sorted(p for p in root.iterdir() if p.is_file()), None, []
 
 
+def count_image_files(path: str | Path) -> int:
+    """How many files `load_image_folder` would consider (readable or not), in its order."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ImageFolderError(f"image folder {str(root)!r} does not exist or is not a directory")
+    return len(_list_files(root)[0])
+
+
 def load_image_folder(
-    path: str | Path, *, n: int | None = None, img_size: int = 224, seed: int = 0
+    path: str | Path, *, n: int | None = None, img_size: int = 224, seed: int = 0, select: list[int] | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Images of a folder through `eval_transform`: (N, 3, S, S) and labels (N,) or None (flat folder).
 
-    n: take n files drawn with a seeded permutation (all when None)."""
+    n: take n files drawn with a seeded permutation (all when None).
+    select: only these file positions (in the sorted listing; a shard of an evaluation set)."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
     if not root.is_dir():
         raise ImageFolderError(f"image folder {str(root)!r} does not exist or is not a directory")
     files, labels, _ = _list_files(root)
-    order = list(range(len(files)))
+    order = list(range(len(files))) if select is None else [i for i in select if 0 <= i < len(files)]
     if n is not None:
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(files), generator=g).tolist()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        order = torch.randperm(len(files), generator=g, device="cpu").tolist()
     imgs, labs, skipped = [], [], []
     for i in order:
         f = files[i]
@@ -105,12 +114,14 @@ def load_image_folder(
             break
     if skipped:
         warnings.warn(f"{root}: skipped {len(skipped)} file(s) that are not readable images (e.g. {skipped[:3]})", stacklevel=2)
+    if not imgs and select is not None and not order:
+        return torch.empty(0, 3, img_size, img_size, device="cpu"), (torch.empty(0, dtype=torch.long, device="cpu") if labels is not None else None)
     if not imgs:
         raise ImageFolderError(f"image folder {str(root)!r} contains no readable image ({len(files)} file(s) found)")
     if n is not None and len(imgs) < n:
         raise ImageFolderError(f"image folder {str(root)!r} has {len(imgs)} readable image(s), {n} were asked for")
     x = torch.stack(imgs)
-    return x, (torch.tensor(labs) if labels is not None else None)
+    return x, (torch.tensor(labs, dtype=torch.long, device="cpu") if labels is not None else None)
 
 
 # ----------------------------------------------------------------------------- --calib specs
@@ -125,9 +136,10 @@ DEFAULT_CALIB_IMAGES = 128
 
 
 def parse_calib_spec(spec: str | None, calib_dir: str | None = None) -> CalibSpec:
-    """`real:N` | `synthetic:N` (N defaults to 128), or a folder given by --calib-dir."""
+    """`real:N` | `synthetic:N` (N defaults to 128), or a folder given by --calib-dir. Neither:
+    data-free, OuroMamba-Gen's 128 synthetic images (the paper's count)."""
     if spec is None:
-        return CalibSpec("dir", None) if calib_dir else CalibSpec("real", DEFAULT_CALIB_IMAGES)
+        return CalibSpec("dir", None) if calib_dir else CalibSpec("synthetic", DEFAULT_CALIB_IMAGES)
     m = _SPEC.match(spec.strip().lower())
     if not m:
         raise ImageFolderError(f"--calib {spec!r} is not understood; use real:N or synthetic:N (e.g. real:128)")
@@ -140,8 +152,10 @@ def parse_calib_spec(spec: str | None, calib_dir: str | None = None) -> CalibSpe
     return CalibSpec(kind, n)
 
 
-def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, demo: bool = False, seed: int = 0) -> Tensor:
-    """The calibration images a spec names, (N, C, H, W) normalised model input."""
+def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, demo: bool = False, seed: int = 0,
+                       dist=None, progress: bool = True) -> Tensor:
+    """The calibration images a spec names, (N, C, H, W) normalised model input, on the CPU.
+    Synthetic images are generated on the model's device (sharded over torchrun processes by `dist`)."""
     size = model.cfg.img_size
     if spec.kind == "dir":
         d = Path(calib_dir)
@@ -159,23 +173,29 @@ def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, 
         x, _ = load_digits_split("calib")
         if spec.n > x.shape[0]:
             raise ImageFolderError(f"--calib real:{spec.n}: the demo calibration split has only {x.shape[0]} images")
-        g = torch.Generator().manual_seed(seed)
-        return x[torch.randperm(x.shape[0], generator=g)[: spec.n]]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return x[torch.randperm(x.shape[0], generator=g, device="cpu")[: spec.n]]
     if spec.kind == "synthetic":
         try:
             from ouro.calib.gen import generate_calibration
         except ImportError:
             raise NotImplementedError("--calib synthetic:N is not available yet (OuroMamba-Gen is not installed in this build)") from None
-        return generate_calibration(model, spec.n, seed)
+        from ouro.calib.distributed import SINGLE
+
+        return generate_calibration(model, spec.n, seed, dist=dist or SINGLE, progress=progress)
     raise ImageFolderError(f"unknown calibration source {spec.kind!r}")
 
 
 def make_forward_loop(images: Tensor, batch_size: int = 64):
-    """forward_loop(model) that runs `images` through the model in batches (for `calibrate`)."""
+    """forward_loop(model) that runs `images` through the model in batches (for `calibrate`), each
+    batch moved to the model's device."""
 
     def forward_loop(model) -> None:
+        from ouro.calib.device import module_device
+
+        dev = module_device(model)
         with torch.no_grad():
             for i in range(0, images.shape[0], batch_size):
-                model(images[i : i + batch_size])
+                model(images[i : i + batch_size].to(dev))
 
     return forward_loop

@@ -270,6 +270,29 @@ def outlier_quant_ref(
     )
 
 
+def _outlier_masks(xf: Tensor, s: Tensor, qi: int, n: int, policy: ThresholdPolicy, k_sigma: float,
+                   th_static: Tensor | None) -> Tensor:
+    """The outlier list in force at every token (B, L, C) bool: `outlier_quant_ref`'s mask recurrence,
+    the same operations on the same windows (so the same bits), without the quantization."""
+    B, L, C = xf.shape
+    W = -(-L // n)
+    pad = W * n - L
+    xw = torch.nn.functional.pad(xf, (0, 0, 0, pad)).reshape(B, W, n, C)
+    sw = torch.nn.functional.pad(s, (0, pad), value=1.0).reshape(1, W, n, 1)
+    if policy is ThresholdPolicy.CALIBRATED:
+        thw = torch.nn.functional.pad(th_static, (0, pad), value=float("inf")).reshape(1, W, n)
+    mask = torch.zeros(B, W, C, dtype=torch.bool, device=xf.device)
+    masks = []
+    for i in range(n):
+        xi = xw[:, :, i]
+        a = torch.where(mask, torch.zeros_like(xi), xi).abs()
+        trig = (a.amax(-1) / qi) > sw[:, :, i, 0]
+        th = a.mean(-1) + k_sigma * a.std(-1, correction=0) if policy is ThresholdPolicy.DYNAMIC else thw[:, :, i].expand(B, W)
+        mask = mask | (trig.unsqueeze(-1) & (a > th.unsqueeze(-1)))
+        masks.append(mask)
+    return torch.stack(masks, dim=2).reshape(B, W * n, C)[:, :L]
+
+
 def outlier_fake_quant(
     x: Tensor,
     static_scale: Tensor,
@@ -280,13 +303,45 @@ def outlier_fake_quant(
     *,
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
-) -> Tensor:
-    """OuroMamba fake quantization of x (B, L, C) with static per-token scale (1, L, 1).
-
-    Returns the fp32 fake-quantized tensor; see `outlier_quant_ref` for codes and masks."""
-    return outlier_quant_ref(
-        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta
-    ).x_hat
+    return_mask: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """OuroMamba fake quantization of x (B, L, C) with static per-token scale (1, L, 1): the x_hat of
+    `outlier_quant_ref` (bit for bit), fast. Only the outlier-mask recurrence runs token by token
+    (without gradient: the mask is a detached function of x); x_hat is then one vectorised pass over
+    all tokens, and nothing the caller does not read (codes, per-window stacks) is built.
+    return_mask: also return the outlier mask (B, L, C) (for outlier-rate statistics)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
+    if n_refresh < 1:
+        raise ValueError(f"n_refresh must be >= 1, got {n_refresh}")
+    policy = ThresholdPolicy(threshold_policy)
+    B, L, C = x.shape
+    qi = qmax(bits_inlier)
+    s = static_scale.float().reshape(-1)
+    s = s.expand(L) if s.numel() == 1 else s
+    if s.numel() != L:
+        raise ValueError(f"static_scale must have shape (1, L, 1) with L={L}; got {tuple(static_scale.shape)}")
+    th_static = None
+    if policy is ThresholdPolicy.CALIBRATED:
+        if theta is None:
+            raise ValueError("threshold_policy 'calibrated' needs theta (one value per token)")
+        th_static = _as_token_vector(theta, L, "theta").to(x.device)
+    xf = x.float()
+    with torch.no_grad():
+        mask = _outlier_masks(xf.detach(), s.detach(), qi, n_refresh, policy, k_sigma, th_static)
+    si = s.view(1, L, 1)
+    inl = torch.where(mask, torch.zeros_like(xf), xf)
+    q_in = torch.clamp(round_ste(inl / si), -qi, qi)
+    outl = torch.where(mask, xf, torch.zeros_like(xf))
+    if bits_outlier >= FP_PASSTHROUGH_BITS:
+        o_hat = _fp16_roundtrip(outl)
+    else:
+        qo = qmax(bits_outlier)
+        amax = outl.detach().abs().amax(-1, keepdim=True)
+        s_out = torch.where(amax > 0, amax / qo, torch.ones_like(amax))
+        o_hat = torch.clamp(round_ste(outl / s_out), -qo, qo) * s_out
+    x_hat = q_in * si + o_hat
+    return (x_hat, mask) if return_mask else x_hat
 
 
 def outlier_linear_ref(

@@ -141,20 +141,23 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
     passed = bool(Comparator.compare_accuracy(results, compare_func=cmp))
     ort_out = np.concatenate([it["logits"] for it in results[ort_runner.name]]).astype(np.float32)
     twin_out = np.concatenate([it["logits"] for it in results["torch-twin"]])
+    from ouro.calib.device import module_device
+
+    dev = module_device(fp_model)
     with torch.no_grad():
-        fp_out = torch.cat([fp_model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]).numpy()
+        fp_out = torch.cat([fp_model(images[i : i + BATCH].to(dev)).cpu() for i in range(0, len(images), BATCH)]).numpy()
     return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), graph_metrics(ort_out, fp_out), error_stat)
 
 
 def _check_images(ctx) -> torch.Tensor:
     from .pipeline import evaluation_set
 
-    data = evaluation_set(ctx)
+    data = evaluation_set(ctx, CHECK_IMAGES)
     if data is not None:
         return data[0][:CHECK_IMAGES].float()
     cfg = ctx.model.cfg
-    g = torch.Generator().manual_seed(getattr(ctx.args, "seed", 0))
-    return torch.randn(CHECK_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    g = torch.Generator(device="cpu").manual_seed(getattr(ctx.args, "seed", 0))
+    return torch.randn(CHECK_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, device="cpu")
 
 
 def run_check(ctx, outputs) -> dict:

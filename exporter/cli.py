@@ -1,11 +1,13 @@
 """`ouro-export`: a thin shell that wires the pipeline stages and writes files.
 
     ouro-export CKPT|--demo [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
-                [--calib real:N|synthetic:N] [--calib-dir DIR] -o OUT{.onnx,.qdq.onnx,.safetensors,.plan}
-    ouro-export gen CKPT|--demo -n 128 -o synth/
-    ouro-export compare CKPT|--demo [--calib-dir DIR --eval-dir DIR]
+                [--calib real:N|synthetic:N] [--calib-dir DIR] [--device D] [--dry-run] -o OUT{.onnx,.qdq.onnx,.safetensors,.plan}
+    ouro-export gen CKPT|--demo -n 128 -o synth/ [--device D]
+    ouro-export compare CKPT|--demo [--calib-dir DIR --eval-dir DIR] [--device D]
 
 Stages live in their owner modules (DESIGN.md §1); this file only parses, orders and reports.
+Under torchrun every process runs the same command: Gen, evaluation and compare are sharded
+(ouro.calib.distributed), and rank 0 alone prints the plan and writes files.
 """
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ class RunContext:
     model: object = None  # FP model (torch)
     qmodel: object = None  # calibrated fake-quant model
     recipe: object = None
+    device: object = None  # torch.device of the PyTorch stages (--device)
+    dist: object = None  # ouro.calib.distributed.DistContext (torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
     def stage(self, name: str):
         return _Timer(self, name)
@@ -57,6 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true", help="use the embedded demo model (Vim on scikit-learn digits)")
     p.add_argument("--arch", help="override the architecture inferred from the checkpoint (vim_tiny, vim_small, vim_base)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration, generation and sampling (default 0)")
+    p.add_argument("--device", default="auto", help="where the PyTorch stages run: auto (a CUDA GPU when torch sees one, "
+                   "else the CPU), cpu, cuda, cuda:N (default auto)")
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -78,7 +88,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", help="custom recipe (.toml)")
     q.add_argument("--method", default=None, help="ouromamba (default), ptq4vm, qmamba, minmax, percentile")
     q.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    q.add_argument("--calib", default=None, help="calibration data: real:N (demo calibration split) or synthetic:N")
+    q.add_argument("--calib", default=None, help="calibration data: synthetic:N (OuroMamba-Gen; the default, N=128) or "
+                   "real:N (the demo's calibration split)")
+    q.add_argument("--dry-run", action="store_true", help="print the run plan (with its time estimate) and exit, writing nothing")
     q.add_argument("--calib-dir", help="folder of calibration images (ImageNet eval transform), or of synthetic images")
     q.add_argument("--save-calib", help="also write the QuantState (.safetensors)")
     q.add_argument("--load-calib", help="skip calibration: load a QuantState (.safetensors)")
@@ -99,23 +111,111 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------- stages
+def setup(ctx: RunContext) -> None:
+    """Resolve --device and join torchrun's process group (when there is one)."""
+    from ouro.calib.device import resolve_device
+    from ouro.calib.distributed import env_local_rank, init_distributed
+
+    ctx.device = resolve_device(getattr(ctx.args, "device", "auto"), env_local_rank())
+    ctx.dist = init_distributed(ctx.device)
+
+
 def load_model(ctx: RunContext):
     a = ctx.args
+    if ctx.device is None:
+        setup(ctx)
     with ctx.stage("load"):
         if a.demo:
             if a.checkpoint:
                 raise UserError("give either a checkpoint or --demo, not both")
             from ouro.calib.data import load_demo_model
 
-            ctx.model = load_demo_model()
+            ctx.model = load_demo_model(ctx.device)
         elif a.checkpoint:
             from ouro.calib.checkpoint import load_checkpoint
 
-            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch)
+            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch, device=ctx.device)
         else:
             raise UserError("no model: give a checkpoint path, or --demo for the embedded demo model")
         ctx.model.eval()
     return ctx.model
+
+
+def _model_label(ctx: RunContext) -> str:
+    a, cfg = ctx.args, ctx.model.cfg
+    n = sum(p.numel() for p in ctx.model.parameters())
+    src = "embedded demo" if a.demo else str(a.checkpoint)
+    return f"{cfg.name} ({n / 1e6:.1f}M params, {src})"
+
+
+def run_plan(ctx: RunContext, outputs, quantized: bool):
+    """The RunPlan of the main job (ouro.calib.plan), its estimate measured by a short warm-up."""
+    from ouro.calib.device import describe_device
+    from ouro.calib.gen.cli import gen_config
+    from ouro.calib.imagefolder import parse_calib_spec
+    from ouro.calib.plan import Estimate, RunPlan, estimate_calibration, estimate_eval, estimate_gen
+
+    a, procs = ctx.args, ctx.dist.world_size
+    parts, calib, evaluation, warm = [], None, None, []
+    if quantized and a.load_calib:
+        calib = f"QuantState {a.load_calib} (no calibration)"
+    elif quantized:
+        spec = parse_calib_spec(a.calib, a.calib_dir)
+        n = spec.n
+        if spec.kind == "synthetic":
+            calib = f"OuroMamba-Gen, {n} synthetic images, seed {a.seed}"
+            parts.append(estimate_gen(ctx.model, n, gen_config(None), procs))
+            warm.append("1 Gen step")
+        elif spec.kind == "real":
+            calib = f"demo calibration split, {n} real images, seed {a.seed}"
+        else:
+            from pathlib import Path
+
+            n = n or _folder_count(a.calib_dir)
+            kind = "synthetic images" if (Path(a.calib_dir) / "images.npz").is_file() else "images"
+            calib = f"folder {a.calib_dir} ({n} {kind})"
+        parts.append(estimate_calibration(ctx.model, ctx.recipe, n or 128))
+        warm.append("1 block of calibration")
+    eval_n = _eval_count(ctx)
+    if eval_n and (a.eval or quantized):
+        evaluation = f"{eval_n} images ({'--eval-dir ' + a.eval_dir if a.eval_dir else 'demo test split'})"
+        parts.append(estimate_eval(ctx.model, eval_n, 1 + 2 * int(quantized), procs))
+        warm.append("1 forward")
+    other = []
+    if quantized and not a.load_calib:
+        if not a.calib_dir:
+            other.append("--calib-dir DIR (real images)")
+        if a.calib is None or not a.calib.startswith("synthetic"):
+            other.append("--calib synthetic:N")
+        if a.demo and (a.calib is None or not a.calib.startswith("real")):
+            other.append("--calib real:N (the demo's split)")
+    if ctx.device.type == "cpu":
+        other.append("--device cuda (a GPU)")
+    return RunPlan(model=_model_label(ctx), recipe=(f"{ctx.recipe.name} ({ctx.recipe.method.value})" if quantized and ctx.recipe else
+                                                     ("from the QuantState" if quantized else None)),
+                   calibration=calib, evaluation=evaluation, device=describe_device(ctx.device), processes=procs,
+                   outputs=tuple(str(o.path) for o in outputs), estimate=Estimate(tuple(parts), " + ".join(warm)),
+                   otherwise=", ".join(other))
+
+
+def _folder_count(d) -> int:
+    from ouro.calib.imagefolder import count_image_files
+
+    try:
+        return count_image_files(d)
+    except ValueError:
+        return 0
+
+
+def _eval_count(ctx: RunContext) -> int:
+    a = ctx.args
+    if a.eval_dir:
+        return _folder_count(a.eval_dir)
+    if a.demo:
+        from ouro.calib.data import SPLIT_SIZES
+
+        return SPLIT_SIZES["test"]
+    return 0
 
 
 def run_export(ctx: RunContext) -> int:
@@ -142,6 +242,11 @@ def run_export(ctx: RunContext) -> int:
 
     outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force, passes=a.passes, opset=a.opset)
     load_model(ctx)
+    plan = run_plan(ctx, outputs, quantized)
+    if ctx.is_main:
+        print(plan.line(), flush=True)
+    if a.dry_run:
+        return 0
     if a.eval:
         from ouro.exporter.pipeline import evaluate_fp
 
@@ -150,6 +255,8 @@ def run_export(ctx: RunContext) -> int:
         from ouro.exporter.pipeline import quantize
 
         quantize(ctx)
+    if not ctx.is_main:  # rank 0 writes, checks and reports
+        return 0
     for out in outputs:
         out.write(ctx)
     if a.check:
@@ -168,14 +275,27 @@ def run_gen(argv: Sequence[str]) -> int:
     _add_model_args(p)
     p.add_argument("-n", "--num-images", type=int, default=128)
     p.add_argument("-o", "--output", required=True, help="output folder (PNGs + images.npz)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty output folder")
     p.add_argument("--config", help="generation config (.toml) overriding the defaults")
+    p.add_argument("--dry-run", action="store_true", help="print the run plan (with its time estimate) and exit, writing nothing")
     a = p.parse_args(argv)
-    from ouro.calib.gen.cli import gen_main
+    from ouro.calib.device import describe_device
+    from ouro.calib.gen.cli import gen_config, gen_main
+    from ouro.calib.plan import Estimate, RunPlan, estimate_gen
 
     ctx = RunContext(args=a)
     load_model(ctx)
-    return gen_main(ctx.model, a)
+    cfg = gen_config(a.config)
+    plan = RunPlan(model=_model_label(ctx), device=describe_device(ctx.device), processes=ctx.dist.world_size,
+                   calibration=f"OuroMamba-Gen, {a.num_images} synthetic images, seed {a.seed}, G={cfg.iterations}",
+                   outputs=(f"{a.output}/",), estimate=Estimate((estimate_gen(ctx.model, max(a.num_images, 1), cfg, ctx.dist.world_size),),
+                                                              "1 Gen step"),
+                   otherwise="rerun the same command to resume an interrupted folder; torchrun --nproc-per-node K to share it out")
+    if ctx.is_main:
+        print(plan.line(), flush=True)
+    if a.dry_run:
+        return 0
+    return gen_main(ctx.model, a, dist=ctx.dist)
 
 
 def run_compare(argv: Sequence[str]) -> int:
@@ -192,7 +312,7 @@ def run_compare(argv: Sequence[str]) -> int:
 
     ctx = RunContext(args=a)
     load_model(ctx)
-    return compare_main(ctx.model, a)
+    return compare_main(ctx.model, a, dist=ctx.dist)
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compare": run_compare}
@@ -201,10 +321,18 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compa
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return SUBCOMMANDS[argv[0]](argv[1:])
-        ctx = RunContext(args=build_export_parser().parse_args(argv))
-        return run_export(ctx)
+        try:
+            if argv and argv[0] in SUBCOMMANDS:
+                return SUBCOMMANDS[argv[0]](argv[1:])
+            ctx = RunContext(args=build_export_parser().parse_args(argv))
+            return run_export(ctx)
+        finally:
+            from ouro.calib.distributed import DistContext, shutdown
+
+            import torch.distributed as _dist
+
+            if _dist.is_available() and _dist.is_initialized():
+                shutdown(DistContext(_dist.get_rank(), _dist.get_world_size(), 0, _dist.get_backend()))
     except KeyboardInterrupt:
         print("ouro-export: interrupted; no partial output was left behind", file=sys.stderr)
         return 130

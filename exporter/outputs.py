@@ -98,21 +98,34 @@ def _opset(ctx, default: int) -> int:
     return getattr(ctx.args, "opset", None) or default
 
 
+def _on_cpu(model):
+    """ONNX tracing runs on the CPU, whatever --device the PyTorch stages use: a model on another
+    device is traced from a CPU copy (the graph's initializers are host arrays either way), and the
+    trace runs with the CPU as torch's default device."""
+    import copy
+
+    from ouro.calib.device import module_device
+
+    return model if module_device(model).type == "cpu" else copy.deepcopy(model).to("cpu")
+
+
 def exported_graph(ctx, stage: Stage):
     """The ONNX ModelProto of a stage, exported once per run (and timed in ctx.timings)."""
+    import torch
+
     cache = _cache(ctx)
     if stage in cache:
         return cache[stage]
     if stage is Stage.FP:
         from .onnx_export import FP_OPSET, export_fp
 
-        with ctx.stage("export_fp"):
-            model = export_fp(ctx.model, fp16=bool(getattr(ctx.args, "fp16", False)), opset=_opset(ctx, FP_OPSET)).model
+        with ctx.stage("export_fp"), torch.device("cpu"):
+            model = export_fp(_on_cpu(ctx.model), fp16=bool(getattr(ctx.args, "fp16", False)), opset=_opset(ctx, FP_OPSET)).model
     elif stage is Stage.QDQ:
         from .qdq import QDQ_OPSET, export_qdq
 
-        with ctx.stage("export_qdq"):
-            model = export_qdq(ctx.qmodel, opset=_opset(ctx, QDQ_OPSET)).model
+        with ctx.stage("export_qdq"), torch.device("cpu"):
+            model = export_qdq(_on_cpu(ctx.qmodel), opset=_opset(ctx, QDQ_OPSET)).model
     elif stage is Stage.QDQ_FILE:
         from .passes import apply_passes
 

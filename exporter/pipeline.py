@@ -6,7 +6,9 @@
 
 Report keys: recipe, method, calibration (source, images), fp_top1, quant_top1, top1_delta,
 top1_agreement, sqnr_db (per block), outlier_rate (per quantizer), compression (vs FP16), timings.
-Metrics are measured here; the numerics live in ouro.calib.
+Metrics are measured here; the numerics live in ouro.calib. Every PyTorch stage runs on the model's
+device (ctx.device); top-1 over the evaluation set is sharded over torchrun processes (ctx.dist,
+ouro.calib.evaluation) and identical to one process's.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ __all__ = [
     "write_report",
 ]
 
-EVAL_BATCH = 64
+EVAL_BATCH = 64  # = ouro.calib.evaluation.EVAL_BATCH
 SQNR_MAX_IMAGES = 256  # images used for the per-block SQNR and the outlier rates
 FP16_BYTES = 2
 SCALE_BYTES = 4  # scales and thresholds are stored as fp32
@@ -42,13 +44,10 @@ SCALE_BYTES = 4  # scales and thresholds are stored as fp32
 
 # ------------------------------------------------------------------------------------ metrics
 def predict(model: nn.Module, images: Tensor, batch: int = EVAL_BATCH) -> Tensor:
-    from ouro.calib.quant.calibrate import intra_op_threads, small_work_threads
+    """argmax predictions (N,) on the CPU; the batches run on the model's device."""
+    from ouro.calib.evaluation import predict as _predict
 
-    outs = []
-    with torch.no_grad(), intra_op_threads(small_work_threads(model, batch)):
-        for i in range(0, images.shape[0], batch):
-            outs.append(model(images[i : i + batch]).argmax(-1))
-    return torch.cat(outs)
+    return _predict(model, images, batch)
 
 
 def top1(pred: Tensor, labels: Tensor) -> float:
@@ -72,7 +71,7 @@ def _block_streams(model: nn.Module, images: Tensor) -> list[Tensor]:
     for i, blk in enumerate(model.layers):
         def hook(_m, _a, out, i=i):
             o, res = out
-            outs[i].append((res + o.float()).detach())
+            outs[i].append((res + o.float()).detach().cpu())
         hooks.append(blk.register_forward_hook(hook))
     try:
         predict(model, images)
@@ -137,41 +136,61 @@ def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------------------- data
-def evaluation_set(ctx) -> tuple[Tensor, Tensor] | None:
-    """(images, labels) of the demo test split or --eval-dir; None when there is none. Cached on ctx."""
-    if getattr(ctx, "_eval_set", None) is not None:
-        return ctx._eval_set
+def _eval_source(ctx):
+    from ouro.calib.evaluation import EvalSource
+
     a = ctx.args
-    data = None
     if getattr(a, "eval_dir", None):
-        from ouro.calib.imagefolder import load_image_folder
+        return EvalSource.folder(a.eval_dir, ctx.model.cfg.img_size)
+    if getattr(a, "demo", False):
+        return EvalSource("demo", img_size=ctx.model.cfg.img_size)
+    return None
 
-        x, y = load_image_folder(a.eval_dir, img_size=ctx.model.cfg.img_size)
-        if y is None:
-            from ouro.exporter.cli import UserError
 
-            raise UserError(f"--eval-dir {a.eval_dir}: needs one subfolder per class to know the labels")
-        data = (x, y)
-    elif getattr(a, "demo", False):
-        from ouro.calib.data import load_digits_split
+def evaluation_data(ctx):
+    """This process's share of the evaluation set (ouro.calib.evaluation.EvalData), or None. Cached on ctx."""
+    if getattr(ctx, "_eval_data", None) is None:
+        from ouro.calib.distributed import SINGLE
+        from ouro.calib.evaluation import EvalData
 
-        data = load_digits_split("test")
-    ctx._eval_set = data
-    return data
+        src = _eval_source(ctx)
+        ctx._eval_data = None if src is None else EvalData.load(src, getattr(ctx, "dist", None) or SINGLE)
+    return ctx._eval_data
+
+
+def evaluation_set(ctx, n: int | None = None) -> tuple[Tensor, Tensor] | None:
+    """(images, labels) of the first n evaluation images (all when None and not sharded), on the CPU;
+    None when there is no evaluation set (demo test split or --eval-dir)."""
+    data = evaluation_data(ctx)
+    if data is None:
+        return None
+    if len(data.batches) == data.total_batches:  # one process holds the whole set
+        x, y = data.images(), data.labels()
+        return (x, y) if n is None else (x[:n], y[:n])
+    if n is None:
+        raise ValueError("the evaluation set is sharded over processes; ask for its first n images")
+    return data.source.load(list(range(min(n, data.source.size()))))
+
+
+def _predict_all(ctx, model, desc: str) -> tuple[Tensor, Tensor]:
+    from ouro.calib.distributed import SINGLE
+    from ouro.calib.evaluation import predict_all
+
+    return predict_all(model, evaluation_data(ctx), getattr(ctx, "dist", None) or SINGLE, desc=desc)
 
 
 # ------------------------------------------------------------------------------------- stages
 def evaluate_fp(ctx) -> float | None:
-    data = evaluation_set(ctx)
-    if data is None:
+    if evaluation_data(ctx) is None:
         print("ouro-export: no evaluation data (use --demo or --eval-dir); skipping FP top-1")
         return None
     with ctx.stage("eval_fp"):
-        ctx._fp_pred = predict(ctx.model, data[0])
-        acc = top1(ctx._fp_pred, data[1])
+        ctx._fp_pred, labels = _predict_all(ctx, ctx.model, "evaluate FP")
+        acc = top1(ctx._fp_pred, labels)
     ctx.report["fp_top1"] = round(acc, 3)
-    ctx.report["eval_images"] = int(data[0].shape[0])
-    print(f"FP top-1: {acc:.2f} % on {data[0].shape[0]} images")
+    ctx.report["eval_images"] = int(labels.shape[0])
+    if getattr(ctx, "is_main", True):
+        print(f"FP top-1: {acc:.2f} % on {labels.shape[0]} images")
     return acc
 
 
@@ -189,7 +208,8 @@ def quantize(ctx) -> nn.Module:
     else:
         spec = parse_calib_spec(a.calib, a.calib_dir)
         with ctx.stage("calib_data"):
-            images = calibration_images(ctx.model, spec, calib_dir=a.calib_dir, demo=a.demo, seed=a.seed)
+            images = calibration_images(ctx.model, spec, calib_dir=a.calib_dir, demo=a.demo, seed=a.seed,
+                                        dist=getattr(ctx, "dist", None))
         ctx.report["calibration"] = {"source": spec.kind, "images": int(images.shape[0]), "seed": a.seed}
         with ctx.stage("calibrate"):
             ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed)
@@ -201,27 +221,28 @@ def quantize(ctx) -> nn.Module:
     ctx.report["method"] = ctx.recipe.method.value
     ctx.report["method_info"] = getattr(ctx.qmodel, "ouro_method_info", {})
     quantized_metrics(ctx)
-    print(format_table({**ctx.report, "timings": dict(ctx.timings)}))
+    if getattr(ctx, "is_main", True):
+        print(format_table({**ctx.report, "timings": dict(ctx.timings)}))
     return ctx.qmodel
 
 
 def quantized_metrics(ctx) -> None:
     """Quantized top-1, agreement with FP, per-block SQNR, outlier rates, compression."""
     ctx.report["compression"] = memory_compression(ctx.model, ctx.qmodel)
-    data = evaluation_set(ctx)
-    if data is None:
+    if evaluation_data(ctx) is None:
         return
-    x, y = data
     with ctx.stage("eval_quant"):
-        qpred = predict(ctx.qmodel, x)
+        qpred, y = _predict_all(ctx, ctx.qmodel, "evaluate quantized")
     ctx.report["quant_top1"] = round(top1(qpred, y), 3)
     if getattr(ctx, "_fp_pred", None) is None:
         with ctx.stage("eval_fp"):
-            ctx._fp_pred = predict(ctx.model, x)
+            ctx._fp_pred, _ = _predict_all(ctx, ctx.model, "evaluate FP")
         ctx.report["fp_top1"] = round(top1(ctx._fp_pred, y), 3)
     ctx.report["top1_delta"] = round(ctx.report["quant_top1"] - ctx.report["fp_top1"], 3)
     ctx.report["top1_agreement"] = round(100.0 * float((qpred == ctx._fp_pred).float().mean()), 3)
-    sub = x[:SQNR_MAX_IMAGES]
+    if not getattr(ctx, "is_main", True):  # the per-block metrics are rank 0's (it writes the report)
+        return
+    sub = evaluation_set(ctx, SQNR_MAX_IMAGES)[0]
     with ctx.stage("sqnr"):
         ctx.report["sqnr_db"] = block_sqnr(ctx.model, ctx.qmodel, sub)
         ctx.report["outlier_rate"] = outlier_rates(ctx.qmodel, sub)

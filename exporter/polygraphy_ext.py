@@ -2,7 +2,7 @@
 
 Python API:
     OnnxrtRunner(SessionFromOuroOnnx("model.onnx"))   onnxruntime with ouro's reference custom ops
-    TorchRunner(model)                                the PyTorch model (FP or fake-quant), on CPU
+    TorchRunner(model)                                the PyTorch model (FP or fake-quant), on its own device
 
 CLI (entry point `polygraphy.run.plugins` -> `export_argument_groups`):
     polygraphy run model.onnx --ouro-onnxrt [--onnxrt ...]
@@ -36,7 +36,8 @@ class SessionFromOuroOnnx:
 
 
 class TorchRunner(BaseRunner):
-    """Runs a PyTorch module on the CPU (Polygraphy's PytRunner moves tensors to CUDA)."""
+    """Runs a PyTorch module on the device its parameters are on (Polygraphy's PytRunner always moves
+    tensors to CUDA); inputs and outputs are NumPy arrays on the host."""
 
     def __init__(self, model, input_name: str = "images", output_name: str = "logits", name: str | None = None) -> None:
         super().__init__(name=name, prefix="torch-runner")
@@ -55,12 +56,16 @@ class TorchRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         import torch
 
-        x = torch.from_numpy(feed_dict[self._in]).float()
+        from ouro.calib.device import module_device, synchronize
+
+        dev = module_device(self.model)
+        x = torch.from_numpy(feed_dict[self._in]).float().to(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             y = self.model(x)
+        synchronize(dev)
         self.inference_time = time.perf_counter() - t0
-        return OrderedDict([(self._out, y.float().numpy())])
+        return OrderedDict([(self._out, y.float().cpu().numpy())])
 
     def deactivate_impl(self):
         del self.model

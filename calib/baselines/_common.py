@@ -49,7 +49,7 @@ def quantile_range(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
     if not 0.0 <= lo < hi <= 1.0:
         raise ValueError(f"need 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
     f = flat_sample(x)
-    q = torch.quantile(f, torch.tensor([lo, hi], dtype=f.dtype))
+    q = torch.quantile(f, torch.tensor([lo, hi], dtype=f.dtype, device=f.device))
     return q[0], q[1]
 
 

@@ -109,8 +109,9 @@ def ltsq_fake_quant(x: Tensor, upper: Tensor, span: Tensor, bits: int) -> Tensor
 
 def ltsq_levels(upper: float | Tensor, span: float | Tensor, bits: int) -> Tensor:
     """All 2**bits representable values, ascending: u - s * 2**-k for k = 0..2**bits - 1."""
-    k = torch.arange(2**bits, dtype=torch.float32)
-    return torch.as_tensor(upper, dtype=torch.float32) - torch.as_tensor(span, dtype=torch.float32) * torch.exp2(-k)
+    u, s = torch.as_tensor(upper, dtype=torch.float32), torch.as_tensor(span, dtype=torch.float32)
+    k = torch.arange(2**bits, dtype=torch.float32, device=u.device)
+    return u - s * torch.exp2(-k)
 
 
 def skewness_statistic(abar: Tensor) -> Tensor:
@@ -127,11 +128,11 @@ def use_ltsq(abar: Tensor, tau: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------ TGQ
-def tgq_group_index(L: int, group: int, reverse: bool = False) -> Tensor:
+def tgq_group_index(L: int, group: int, reverse: bool = False, device: torch.device | str = "cpu") -> Tensor:
     """Group of each TOKEN position t (L,): scan step i // group, with i = t (fwd) or L-1-t (bwd)."""
     if group < 1:
         raise ValueError(f"TGQ group length must be >= 1, got {group}")
-    t = torch.arange(L)
+    t = torch.arange(L, device=device)
     i = (L - 1 - t) if reverse else t
     return i // group
 
@@ -139,7 +140,7 @@ def tgq_group_index(L: int, group: int, reverse: bool = False) -> Tensor:
 def tgq_init(h: Tensor, group: int, bits: int, reverse: bool, lo_q: float, hi_q: float) -> tuple[Tensor, Tensor]:
     """Per-group (scale, zero), each (ceil(L/g),), from states h (B, L, D, S) in TOKEN order."""
     L = h.shape[1]
-    gi = tgq_group_index(L, group, reverse)
+    gi = tgq_group_index(L, group, reverse, h.device)
     G = TemporalGroupQuant.num_groups(L, group)
     scales, zeros = [], []
     for k in range(G):
@@ -239,7 +240,7 @@ class TGQQuant(Quantizer):
         if self.mode is QuantMode.FP:
             return h
         if self.mode is QuantMode.OBSERVE:
-            self._by_group.setdefault(step // self.g, []).append(h.detach().float().cpu())
+            self._by_group.setdefault(step // self.g, []).append(h.detach().float())
             return h
         return TemporalGroupQuant(self.bits, self.g, self.scale * self.scale_mult, self.zero)(h, step)
 

@@ -50,17 +50,18 @@ def _check_grid(L: int, grid: int, cls_position: int) -> None:
         raise ValueError(f"cls_position {cls_position} outside the {grid * grid + 1} tokens")
 
 
-def patch_token_index(grid: int, cls_position: int) -> Tensor:
+def patch_token_index(grid: int, cls_position: int, device: torch.device | str = "cpu") -> Tensor:
     """Token index (P,) of each patch in row-major grid order: patches after the CLS shift by one."""
-    idx = torch.arange(grid * grid)
+    idx = torch.arange(grid * grid, device=device)
     return idx + (idx >= cls_position).long()
 
 
-def neighbourhood_mask(grid: int, p: int) -> Tensor:
+def neighbourhood_mask(grid: int, p: int, device: torch.device | str = "cpu") -> Tensor:
     """(P, P) bool: patch k lies in the p x p window centred on patch t (grid borders cut the window)."""
     if p < 1 or p % 2 == 0:
         raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
-    r, c = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
+    i = torch.arange(grid * grid, device=device)
+    r, c = torch.div(i, grid, rounding_mode="floor"), i % grid
     rad = p // 2
     return ((r[:, None] - r[None, :]).abs() <= rad) & ((c[:, None] - c[None, :]).abs() <= rad)
 
@@ -70,9 +71,9 @@ def neighbourhood_weights(dt: Tensor, grid: int, cls_position: int, p: int) -> T
     window of patch t, else 0 (the CLS column is always 0). Rows are patches in grid order."""
     Bsz, L, _ = dt.shape
     _check_grid(L, grid, cls_position)
-    tok = patch_token_index(grid, cls_position).to(dt.device)
+    tok = patch_token_index(grid, cls_position, dt.device)
     w = dt.float().mean(-1)[:, tok]  # (B, P)
-    m = neighbourhood_mask(grid, p).to(dt.device, torch.float32)
+    m = neighbourhood_mask(grid, p, dt.device).float()
     W = dt.new_zeros(Bsz, grid * grid, L, dtype=torch.float32)
     return W.index_copy(2, tok, m.unsqueeze(0) * w.unsqueeze(1))
 
@@ -86,7 +87,7 @@ def neighbourhood_state(h: Tensor, dt: Tensor, grid: int, cls_position: int, p: 
         raise ValueError(f"dt has shape {tuple(dt.shape)}, expected {(Bsz, L, D)} to match h {tuple(h.shape)}")
     if p < 1 or p % 2 == 0:
         raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
-    tok = patch_token_index(grid, cls_position).to(h.device)
+    tok = patch_token_index(grid, cls_position, h.device)
     w = dt.float().mean(-1)[:, tok]  # (B, P)
     wh = (h[:, tok].float() * w[:, :, None, None]).reshape(Bsz, grid, grid, D * S).permute(0, 3, 1, 2)
     # zero padding + ones kernel = sum over the in-grid part of the window
@@ -185,8 +186,8 @@ def implicit_attention(
         raise ValueError(f"unknown implicit-attention method {method!r}; choose one of {', '.join(_METHODS)}")
     dtf, Af = dt.float(), A.float()
     cum64 = dtf.double().flip(1).cumsum(1).flip(1) if reverse else dtf.double().cumsum(1)  # c_k in scan order
-    pairs = torch.triu_indices(L, L) if reverse else torch.tril_indices(L, L)  # (k, s): s before-or-at k
-    k_idx, s_idx = pairs[0].to(dt.device), pairs[1].to(dt.device)
+    pairs = torch.triu_indices(L, L, device=dt.device) if reverse else torch.tril_indices(L, L, device=dt.device)  # (k, s): s before-or-at k
+    k_idx, s_idx = pairs[0], pairs[1]
     M = k_idx.numel()
     with torch.no_grad():  # per channel: max |A (c - m)| = half the cumulative range times max |A|
         reach = (cum64.amax(1) - cum64.amin(1)).amax(0) / 2 * Af.abs().amax(-1).double()  # (D,)

@@ -322,7 +322,7 @@ def enhanced_rows(E: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, grid: int, cls_
     over the patch grid (two small GEMMs with the band matrix, rows then columns), then the readout
     sum_n C_t[n] B_s[n]. Equals `neighbourhood_weights(dt, grid, cls, p) @ E` read out with C and B."""
     Bsz, S, L, _ = E.shape
-    tok = patch_token_index(grid, cls_position).to(E.device)
+    tok = patch_token_index(grid, cls_position, E.device)
     if L != grid * grid + 1:
         raise ValueError(f"sequence length {L} does not match a {grid}x{grid} patch grid plus one CLS token")
     if p < 1 or p % 2 == 0:

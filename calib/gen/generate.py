@@ -130,6 +130,19 @@ def batch_ranges(n: int, batch_size: int) -> list[range]:
 
 
 # ------------------------------------------------------------------------------------------ loop
+TINY_MODEL = 1 << 16
+"""A model with seq_len * d_inner below this runs Gen with one intra-op thread: its many small ops lose
+more to thread hand-offs than they gain (as calibration's SMALL_WORK_NUMEL; the demo model is ~3e3)."""
+
+
+def gen_threads(model: nn.Module) -> int | None:
+    """1 for a tiny model on the CPU (TINY_MODEL), else None (keep torch's thread count)."""
+    from ..device import module_device
+
+    m = model.cfg
+    return 1 if module_device(model).type == "cpu" and m.seq_len * m.d_inner < TINY_MODEL else None
+
+
 def _check_model(model: nn.Module, cfg: GenConfig) -> None:
     mcfg = getattr(model, "cfg", None)
     if mcfg is None or not hasattr(model, "layers"):
@@ -195,9 +208,13 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    from ..quant.calibrate import intra_op_threads
+
     t0 = time.perf_counter()
     bar = tqdm(total=rounds * cfg.iterations, desc="OuroMamba-Gen", unit="step",
                disable=not progress or cfg.iterations == 0 or not dist.is_main)
+    threads = intra_op_threads(gen_threads(model))
+    threads.__enter__()
     try:
         for r in range(rounds):
             k = r * dist.world_size + dist.rank
@@ -225,6 +242,7 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
                 if on_batch is not None and dist.is_main:
                     on_batch(gb, list(batches[gb]), gx, gt)
     finally:
+        threads.__exit__(None, None, None)
         bar.close()
         for p, rq in zip(model.parameters(), req):
             p.requires_grad_(rq)

@@ -3,8 +3,9 @@
 Works through the mixer's `ops.scan` hook (models/vim.py), so the model's arithmetic and its normal
 fast path are untouched: the hook is installed for the duration of a `with` block and removed after.
 With states=True the scan runs as `selective_scan_ref` (the numerical specification) and keeps every
-state h (B, L, D, S), B*L*D*S floats per layer and direction; without, it runs as the chunked scan
-(equal to fp32 tolerance, cheaper to differentiate) and records only the scan inputs and Delta.
+state h (B, L, D, S), B*L*D*S floats per layer and direction; without, it runs as the model's own
+dispatching scan (the chunked scan on the CPU, mamba-ssm on a GPU; equal to fp32 tolerance, cheaper to
+differentiate) and records only the scan inputs and Delta.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.vim import override_ops
-from ..scan import ScanInputs, selective_scan_chunked, selective_scan_ref
+from ..scan import ScanInputs, selective_scan, selective_scan_ref
 
 __all__ = ["ScanRecord", "record_scans", "hook_mixer"]
 
@@ -36,9 +37,10 @@ class ScanRecord:
 
 
 def _scan(direction: str, inputs: ScanInputs, states: bool):
-    """The reference scan when states are wanted, else the chunked scan (same numerics to fp32
-    tolerance, stable for any dt*A, with a much cheaper backward)."""
-    fn = selective_scan_ref if states else selective_scan_chunked
+    """The reference scan when states are wanted; else the dispatching scan: mamba-ssm's kernel on a
+    CUDA GPU when it is installed, the chunked scan elsewhere (same numerics to fp32 tolerance, stable
+    for any dt*A, with a much cheaper backward). Gen's losses read only the scan's inputs and Delta."""
+    fn = selective_scan_ref if states else selective_scan
     extra = {"return_states": True} if states else {}
     return fn(*inputs, delta_softplus=True, reverse=direction == "bwd", **extra)
 

@@ -145,7 +145,7 @@ def gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> 
 def layer_contrastive_loss_ref(records: list[ScanRecord], grid: int, cls_position: int, cfg: GenConfig) -> Tensor:
     """`layer_contrastive_loss` by `implicit_attention` with the dense neighbour mix (the previous code)."""
     feats = None
-    rows = patch_token_index(grid, cls_position).to(records[0].dt.device)
+    rows = patch_token_index(grid, cls_position, records[0].dt.device)
     for r in records:
         W = neighbourhood_weights(r.dt, grid, cls_position, cfg.neighbourhood)
         a = implicit_attention(

@@ -71,8 +71,8 @@ class Quantizer(nn.Module):
 
     # -- protocol -----------------------------------------------------------------------------
     def observe(self, x: Tensor) -> None:
-        """Record calibration statistics (default: keep the detached tensor)."""
-        self._observed.append(x.detach().float().cpu())
+        """Record calibration statistics (default: keep the detached tensor, on its device)."""
+        self._observed.append(x.detach().float())
 
     def observed(self) -> Tensor:
         if not self._observed:
@@ -290,7 +290,9 @@ def quantize_model(model: VisionMamba, recipe: Recipe) -> VisionMamba:
     for p in qmodel.parameters():  # only quantizer tensors are learned
         p.requires_grad_(False)
     for i, blk in enumerate(qmodel.layers):
-        QuantizedMixerOps.build(blk.mixer, recipe, i, spec).install(blk.mixer)
+        with torch.device(blk.mixer.in_proj.weight.device):  # quantizers live with their mixer
+            ops = QuantizedMixerOps.build(blk.mixer, recipe, i, spec)
+        ops.install(blk.mixer)
     qmodel.ouro_recipe = recipe
     return qmodel
 

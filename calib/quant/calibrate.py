@@ -101,7 +101,7 @@ def calibrate(
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be an ouro.recipes.Recipe, got {type(recipe).__name__}")
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # minibatch draws: on the CPU, the same on every device
     model.eval()
     spec = get_method(recipe.method)
     loss_fn = LOSSES[spec.loss or recipe.calib.loss]
@@ -118,7 +118,7 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> VisionMamba:
     n = x0.shape[0]
     fp_h, fp_r = x0, None
     q_h, q_r = x0, None
-    bar = tqdm(range(len(model.layers)), desc=f"calibrate {recipe.name}", disable=not progress, leave=False)
+    bar = tqdm(range(len(model.layers)), desc=f"calibrate {recipe.name}", unit="block", disable=not progress)
     losses: list[float] = []
     for i in bar:
         fblk, qblk = model.layers[i], qmodel.layers[i]
@@ -145,7 +145,7 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> VisionMamba:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.steps) if spec.cosine_lr else None
             params = [p for ps in groups.values() for p in ps]
             for _step in range(c.steps):
-                idx = torch.randperm(n, generator=gen)[: c.batch_size]
+                idx = torch.randperm(n, generator=gen, device="cpu")[: c.batch_size].to(q_h.device)
                 out, _ = qblk(q_h[idx], None if q_r is None else q_r[idx])
                 loss = loss_fn(fp_out[idx], out)
                 opt.zero_grad(set_to_none=True)

@@ -42,11 +42,11 @@ def lp_scale_search(xg: Tensor, bits: int, p: float = 2.4, grid: int = 100, coar
     q = qmax(bits)
     amax = xg.abs().amax(1)
     coarse = max(1, min(coarse, grid))
-    idx = torch.arange(0, grid, coarse).expand(G, -1)
+    idx = torch.arange(0, grid, coarse, device=xg.device).expand(G, -1)
     err, s = _errors(xg, amax, idx, grid, q, p)
     best_i = idx.gather(1, err.argmin(1, keepdim=True))  # (G, 1), first minimum
     if coarse > 1:
-        off = torch.arange(-coarse + 1, coarse)
+        off = torch.arange(-coarse + 1, coarse, device=xg.device)
         fine = (best_i + off).clamp(0, grid - 1)  # duplicates at the edges are harmless
         err, s = _errors(xg, amax, fine, grid, q, p)
         # first minimum in candidate order i (ties -> smaller i, i.e. larger clip, as exhaustive)

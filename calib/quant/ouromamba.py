@@ -47,7 +47,7 @@ from ..quantizers import (
     ThresholdPolicy,
     _fp16_roundtrip,
     fake_quant_sym,
-    outlier_quant_ref,
+    outlier_fake_quant,
     qmax,
     quant_sym_ref,
 )
@@ -178,14 +178,14 @@ class OutlierActQuantizer(Quantizer):
             return fake_quant_sym(x.float(), self.scale(), self.bits_inlier)
         if self.detection == "static":
             return static_outlier_fake_quant(x, self.scale(), self.static_mask, self.bits_inlier, self.bits_outlier)
-        r = outlier_quant_ref(
+        x_hat, mask = outlier_fake_quant(  # the x_hat of outlier_quant_ref, bit for bit, without its codes
             x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
-            k_sigma=self.k_sigma, theta=self.theta,
+            k_sigma=self.k_sigma, theta=self.theta, return_mask=True,
         )
         if self.track_stats:
-            self._stat_num += float(r.outlier_mask.sum())
-            self._stat_den += float(r.outlier_mask.numel())
-        return r.x_hat
+            self._stat_num += float(mask.sum())
+            self._stat_den += float(mask.numel())
+        return x_hat
 
     def stats(self) -> dict[str, float]:
         return {"outlier_rate": self._stat_num / self._stat_den} if self._stat_den else {}
@@ -227,7 +227,7 @@ class ChannelWeightQuantizer(Quantizer):
         return f"W{self.bits}, {'per channel' if self.per_channel else 'per tensor'}"
 
     def observe(self, x: Tensor) -> None:
-        self._observed = [x.detach().float().cpu()]  # a constant: keep the latest
+        self._observed = [x.detach().float()]  # a constant: keep the latest
 
     def init_from_stats(self, calib: CalibConfig) -> None:
         w = self.observed()
