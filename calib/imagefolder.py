@@ -153,7 +153,7 @@ def parse_calib_spec(spec: str | None, calib_dir: str | None = None) -> CalibSpe
 
 
 def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, demo: bool = False, seed: int = 0,
-                       dist=None, progress: bool = True) -> Tensor:
+                       dist=None, progress: bool = True, gen=None) -> Tensor:
     """The calibration images a spec names, (N, C, H, W) normalised model input, on the CPU.
     Synthetic images are generated on the model's device (sharded over torchrun processes by `dist`)."""
     size = model.cfg.img_size
@@ -182,7 +182,7 @@ def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, 
             raise NotImplementedError("--calib synthetic:N is not available yet (OuroMamba-Gen is not installed in this build)") from None
         from ouro.calib.distributed import SINGLE
 
-        return generate_calibration(model, spec.n, seed, dist=dist or SINGLE, progress=progress)
+        return generate_calibration(model, spec.n, seed, gen, dist=dist or SINGLE, progress=progress)
     raise ImageFolderError(f"unknown calibration source {spec.kind!r}")
 
 

@@ -176,7 +176,7 @@ class OutlierQuantResult:
 
 
 def _as_token_vector(v: Tensor | float, L: int, name: str) -> Tensor:
-    v = torch.as_tensor(v, dtype=torch.float32)
+    v = v.float() if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float32, device="cpu")  # keeps a tensor's device
     if v.numel() == 1:
         return v.reshape(1).expand(L)
     if v.numel() != L:

@@ -90,6 +90,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     q.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     q.add_argument("--calib", default=None, help="calibration data: synthetic:N (OuroMamba-Gen; the default, N=128) or "
                    "real:N (the demo's calibration split)")
+    q.add_argument("--gen-config", help="OuroMamba-Gen config (.toml, as `ouro-export gen --config`) for synthetic calibration")
     q.add_argument("--dry-run", action="store_true", help="print the run plan (with its time estimate) and exit, writing nothing")
     q.add_argument("--calib-dir", help="folder of calibration images (ImageNet eval transform), or of synthetic images")
     q.add_argument("--save-calib", help="also write the QuantState (.safetensors)")
@@ -145,7 +146,7 @@ def _model_label(ctx: RunContext) -> str:
     a, cfg = ctx.args, ctx.model.cfg
     n = sum(p.numel() for p in ctx.model.parameters())
     src = "embedded demo" if a.demo else str(a.checkpoint)
-    return f"{cfg.name} ({n / 1e6:.1f}M params, {src})"
+    return f"{cfg.name} ({n / 1e6:.3g}M params, {src})"
 
 
 def run_plan(ctx: RunContext, outputs, quantized: bool):
@@ -164,7 +165,7 @@ def run_plan(ctx: RunContext, outputs, quantized: bool):
         n = spec.n
         if spec.kind == "synthetic":
             calib = f"OuroMamba-Gen, {n} synthetic images, seed {a.seed}"
-            parts.append(estimate_gen(ctx.model, n, gen_config(None), procs))
+            parts.append(estimate_gen(ctx.model, n, gen_config(a.gen_config), procs))
             warm.append("1 Gen step")
         elif spec.kind == "real":
             calib = f"demo calibration split, {n} real images, seed {a.seed}"

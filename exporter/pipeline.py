@@ -208,11 +208,13 @@ def quantize(ctx) -> nn.Module:
     else:
         spec = parse_calib_spec(a.calib, a.calib_dir)
         with ctx.stage("calib_data"):
+            from ouro.calib.gen.cli import gen_config
+
             images = calibration_images(ctx.model, spec, calib_dir=a.calib_dir, demo=a.demo, seed=a.seed,
-                                        dist=getattr(ctx, "dist", None))
+                                        dist=getattr(ctx, "dist", None), gen=gen_config(getattr(a, "gen_config", None)))
         ctx.report["calibration"] = {"source": spec.kind, "images": int(images.shape[0]), "seed": a.seed}
         with ctx.stage("calibrate"):
-            ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed)
+            ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed, progress=getattr(ctx, "is_main", True))
         ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.ouro_calib_losses]
     if a.save_calib:
         with ctx.stage("save_calib"):

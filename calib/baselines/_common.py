@@ -64,7 +64,9 @@ def asym_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         s = (hi - lo) / (2**b - 1),   z = -round(lo / s)
 
     The range is not forced to contain 0 (a strictly positive tensor such as exp(dt*A) keeps every level)."""
-    lo, hi = torch.as_tensor(lo).float(), torch.as_tensor(hi).float()
+    # not torch.as_tensor: under a default-device context it would move a tensor to that device
+    lo = lo.float() if isinstance(lo, Tensor) else torch.tensor(float(lo), device="cpu")
+    hi = hi.float() if isinstance(hi, Tensor) else torch.tensor(float(hi), device=lo.device)
     s = torch.clamp((hi - lo) / (2**bits - 1), min=EPS_SCALE)
     z = -torch.round(lo / s)
     return s, z

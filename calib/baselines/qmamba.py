@@ -109,7 +109,8 @@ def ltsq_fake_quant(x: Tensor, upper: Tensor, span: Tensor, bits: int) -> Tensor
 
 def ltsq_levels(upper: float | Tensor, span: float | Tensor, bits: int) -> Tensor:
     """All 2**bits representable values, ascending: u - s * 2**-k for k = 0..2**bits - 1."""
-    u, s = torch.as_tensor(upper, dtype=torch.float32), torch.as_tensor(span, dtype=torch.float32)
+    u = upper.float() if isinstance(upper, Tensor) else torch.tensor(float(upper), device="cpu")
+    s = span.float() if isinstance(span, Tensor) else torch.tensor(float(span), device=u.device)
     k = torch.arange(2**bits, dtype=torch.float32, device=u.device)
     return u - s * torch.exp2(-k)
 
