@@ -236,6 +236,7 @@ def quantized_metrics(ctx) -> None:
     with ctx.stage("eval_quant"):
         qpred, y = _predict_all(ctx, ctx.qmodel, "evaluate quantized")
     ctx.report["quant_top1"] = round(top1(qpred, y), 3)
+    ctx.report["eval_images"] = int(y.shape[0])
     if getattr(ctx, "_fp_pred", None) is None:
         with ctx.stage("eval_fp"):
             ctx._fp_pred, _ = _predict_all(ctx, ctx.model, "evaluate FP")
