@@ -330,7 +330,7 @@ def enhanced_rows(E: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, grid: int, cls_
     w = dt.float().mean(-1)[:, tok]  # (B, P)
     Ew = E[:, :, tok] * (w.view(Bsz, 1, -1, 1) * Bm.float().transpose(1, 2).unsqueeze(2))  # (B, S, P_k, L_s) * w_k B_s[n]
     band = _band(grid, p, E.device)
-    G = torch.matmul(band, Ew.view(Bsz, S, grid, grid * L))  # window along the grid rows
+    G = torch.matmul(band, Ew.reshape(Bsz, S, grid, grid * L))  # window along the grid rows
     G = torch.matmul(band, G.view(Bsz, S, grid, grid, L).transpose(2, 3).reshape(Bsz, S, grid, grid * L))  # and columns
     G = G.view(Bsz, S, grid, grid, L).transpose(2, 3).reshape(Bsz, S, grid * grid, L)  # (B, S, P_t, L_s)
     return (G * Cm.float()[:, tok].transpose(1, 2).unsqueeze(-1)).sum(1)  # sum_n C_t[n] ...

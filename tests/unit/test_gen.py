@@ -13,6 +13,7 @@ from ouro.calib.gen import (
     GenConfig,
     contrastive_loss,
     gen_losses,
+    gen_losses_ref,
     generate,
     implicit_attention,
     implicit_attention_ref,
@@ -226,6 +227,8 @@ def test_gen_forward_matches_model_forward():
     lc, lo, logits = gen_losses(model, x, torch.tensor([0, 1, 2]), cfg)
     torch.testing.assert_close(logits, model(x), atol=LOGIT_ATOL, rtol=LOGIT_ATOL)
     assert lc.shape == lo.shape == (3,) and torch.isfinite(lc).all()
+    lcr, lor, logits_r = gen_losses_ref(model, x, torch.tensor([0, 1, 2]), cfg)
+    torch.testing.assert_close(logits_r, model(x), atol=LOGIT_ATOL, rtol=LOGIT_ATOL)
 
 
 # ------------------------------------------------------------------------------ optimisation loop
@@ -294,9 +297,9 @@ def test_config_validation_and_toml(tmp_path):
         GenConfig.from_toml(f)
 
 
-def test_gen_main_writes_folder_and_refuses_overwrite(tmp_path):
+def test_gen_main_writes_folder_resumes_and_refuses_another_run(tmp_path):
+    from ouro.calib.gen import GenFolderError
     from ouro.calib.gen.cli import gen_main
-    from ouro.exporter.cli import UserError
 
     cfgf = tmp_path / "gen.toml"
     cfgf.write_text("iterations = 1\nbatch_size = 2\nmean = [0.5]\nstd = [0.25]\n")
@@ -304,19 +307,27 @@ def test_gen_main_writes_folder_and_refuses_overwrite(tmp_path):
     assert gen_main(_tiny_model(), args) == 0
     with np.load(tmp_path / "out" / "images.npz") as z:
         assert z["images"].shape == (2, 3, 32, 32) and z["targets"].shape == (2,)
-    with pytest.raises(UserError, match="--force"):
-        gen_main(_tiny_model(), args)
+    assert gen_main(_tiny_model(), args) == 0  # the same run again: already complete, nothing rewritten
+    with pytest.raises(GenFolderError, match="another generation run.*seed"):
+        gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "seed": 1}))
+    assert gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "seed": 1, "force": True})) == 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(GenFolderError, match="not empty"):
+        gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "output": str(tmp_path / "other")}))
 
 
 def test_checkpointing_is_automatic_by_activation_size():
-    from ouro.calib.gen.generate import use_checkpoint
+    from ouro.calib.gen.losses import Checkpointing, checkpointing, use_checkpoint
     from ouro.calib.models.vim import ARCHS
 
     class _M:  # only .cfg is read
         def __init__(self, cfg):
             self.cfg = cfg
 
-    assert not use_checkpoint(_M(TINY), 16, GenConfig())
-    assert use_checkpoint(_M(ARCHS["vim_small"]), 16, GenConfig())
-    assert use_checkpoint(_M(TINY), 16, GenConfig(checkpoint=True))
+    assert checkpointing(_M(TINY), 16, GenConfig()) == Checkpointing(False, False)
+    assert checkpointing(_M(ARCHS["vim_small"]), 8, GenConfig()) == Checkpointing(False, True)  # the readout only
+    assert checkpointing(_M(ARCHS["vim_small"]), 16, GenConfig()) == Checkpointing(True, True)
+    assert checkpointing(_M(TINY), 16, GenConfig(checkpoint=True)) == Checkpointing(True, True)
     assert not use_checkpoint(_M(ARCHS["vim_small"]), 16, GenConfig(checkpoint=False))
+    assert use_checkpoint(_M(ARCHS["vim_small"]), 16, GenConfig(), ref=True)
