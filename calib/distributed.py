@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["DistContext", "DistributedError", "SINGLE", "env_local_rank", "init_distributed", "shutdown"]
+__all__ = ["DistContext", "DistributedError", "SINGLE", "env_local_rank", "init_distributed", "leave_process_group", "shutdown"]
 
 T = TypeVar("T")
 
@@ -121,8 +121,15 @@ def init_distributed(device: torch.device) -> DistContext:
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group (after a final barrier, so no rank exits while others still gather)."""
     if ctx.active:
-        import torch.distributed as dist
+        leave_process_group(wait=True)
 
-        if dist.is_initialized():
+
+def leave_process_group(wait: bool = True) -> None:
+    """Leave torch.distributed's default process group if this process joined one; `wait`: after a
+    barrier (the normal end), else at once (an error: another rank may never reach the barrier)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
             dist.barrier()
-            dist.destroy_process_group()
+        dist.destroy_process_group()

@@ -321,19 +321,19 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compa
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ouro.calib.distributed import leave_process_group
+
     try:
         try:
             if argv and argv[0] in SUBCOMMANDS:
-                return SUBCOMMANDS[argv[0]](argv[1:])
-            ctx = RunContext(args=build_export_parser().parse_args(argv))
-            return run_export(ctx)
-        finally:
-            from ouro.calib.distributed import DistContext, shutdown
-
-            import torch.distributed as _dist
-
-            if _dist.is_available() and _dist.is_initialized():
-                shutdown(DistContext(_dist.get_rank(), _dist.get_world_size(), 0, _dist.get_backend()))
+                rc = SUBCOMMANDS[argv[0]](argv[1:])
+            else:
+                rc = run_export(RunContext(args=build_export_parser().parse_args(argv)))
+        except BaseException:
+            leave_process_group(wait=False)  # no barrier: another rank may be inside a collective
+            raise
+        leave_process_group(wait=True)
+        return rc
     except KeyboardInterrupt:
         print("ouro-export: interrupted; no partial output was left behind", file=sys.stderr)
         return 130

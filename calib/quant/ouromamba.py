@@ -90,9 +90,12 @@ class OutlierActQuantizer(Quantizer):
     """OuroMamba activation quantizer: static S_I(t) inliers + dynamic outliers (`outlier_fake_quant`).
 
     static_scale: (1, L, 1) (granularity "token") or (1, 1, 1) ("tensor"); learned through `ratio`.
-    theta: (L,) buffer, the calibrated threshold (used by policy "calibrated" only)."""
+    theta: (L,) buffer, the calibrated threshold (used by policy "calibrated" only).
+    fake_quant: the function quantize() calls, (x, scale, bits_in, bits_out, n_refresh, policy, k_sigma=,
+    theta=, return_mask=True) -> (x_hat, mask); tools/calib_cost.py swaps in the `_ref`-based one."""
 
     group = "act"
+    fake_quant = staticmethod(outlier_fake_quant)
 
     def __init__(
         self,
@@ -178,7 +181,7 @@ class OutlierActQuantizer(Quantizer):
             return fake_quant_sym(x.float(), self.scale(), self.bits_inlier)
         if self.detection == "static":
             return static_outlier_fake_quant(x, self.scale(), self.static_mask, self.bits_inlier, self.bits_outlier)
-        x_hat, mask = outlier_fake_quant(  # the x_hat of outlier_quant_ref, bit for bit, without its codes
+        x_hat, mask = self.fake_quant(  # the x_hat of outlier_quant_ref, bit for bit, without its codes
             x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
             k_sigma=self.k_sigma, theta=self.theta, return_mask=True,
         )

@@ -65,7 +65,7 @@ def test_empty_or_missing_folder_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     "spec, calib_dir, expect",
     [
-        (None, None, CalibSpec("real", 128)),
+        (None, None, CalibSpec("synthetic", 128)),  # data-free by default (OuroMamba-Gen, the paper's 128 images)
         ("real:64", None, CalibSpec("real", 64)),
         ("synthetic:32", None, CalibSpec("synthetic", 32)),
         (None, "d", CalibSpec("dir", None)),
