@@ -325,12 +325,14 @@ class SS2D(nn.Module):
         """The four directional scans of u (B, D, H, W) and their merge, returned row-major (B, L, D)."""
         B, D, H, W = u.shape
         L = H * W
+        # row: a view when u is channels_last (the conv of a permuted channel-last tensor is); col: one copy
         layouts = {"row": u.permute(0, 2, 3, 1).reshape(B, L, D), "col": u.permute(0, 3, 2, 1).reshape(B, L, D)}
         acc: dict[str, Tensor] = {}
         for d in DIRECTIONS:  # k order: row_fwd, col_fwd, then + row_bwd, + col_bwd (the official sums)
             y = self._scan(d, self.ssm_inputs(layouts[d.order], d.k))
             acc[d.order] = y if d.order not in acc else acc[d.order] + y
-        return acc["row"] + acc["col"].view(B, W, H, D).transpose(1, 2).reshape(B, L, D)
+        y = acc["row"].view(B, H, W, D) + acc["col"].view(B, W, H, D).transpose(1, 2)  # transposed read, no copy
+        return y.reshape(B, L, D)
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
@@ -340,7 +342,7 @@ class SS2D(nn.Module):
         y = F.layer_norm(self.cross_scan_merge(u), (self.d_inner,), self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         if z is not None:
             y = y * F.silu(z)
-        return _linear(self.ops, "out_proj", self.out_proj, y).view(B, H, W, -1)
+        return _linear(self.ops, "out_proj", self.out_proj, y).reshape(B, H, W, -1)
 
 
 class Mlp(nn.Module):
@@ -354,7 +356,7 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor, ops: MixerOps) -> Tensor:
         B, H, W, C = x.shape
         h = F.gelu(_linear(ops, "fc1", self.fc1, x.reshape(B, H * W, C)))
-        return _linear(ops, "fc2", self.fc2, h).view(B, H, W, C)
+        return _linear(ops, "fc2", self.fc2, h).reshape(B, H, W, C)
 
 
 class VSSBlock(nn.Module):
