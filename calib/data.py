@@ -1,8 +1,9 @@
 """The embedded demo: scikit-learn digits as small RGB images, the shipped demo Vim, top-1 evaluation.
 
 Data: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no download), upsampled
-bilinearly to 32x32, repeated to 3 channels, scaled to [0, 1] and normalised with the train
-split's mean and std. The split is fixed (a seeded permutation, independent of the machine):
+bilinearly to 32x32 (64x64 for the demo MambaVision), repeated to 3 channels, scaled to [0, 1]
+and normalised with the train split's mean and std. The split is fixed (a seeded permutation,
+independent of the machine and of the image size):
 
     train  1,300 images   (the demo model is trained on these)
     calib    256 images   a fixed subset of train: the calibration set of every recipe
@@ -37,13 +38,13 @@ SPLIT_SIZES = {"train": N_TRAIN, "calib": N_CALIB, "test": 1797 - N_TRAIN}
 DEMO_CHECKPOINT, DEMO_CARD = "vim_demo.pth", "vim_demo.json"
 
 
-@lru_cache(maxsize=1)
-def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+@lru_cache(maxsize=2)
+def _digits(img_size: int = DIGITS_IMG_SIZE) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(DIGITS_IMG_SIZE, DIGITS_IMG_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     y = torch.as_tensor(d.target, dtype=torch.int64)
     if len(y) != sum(SPLIT_SIZES[k] for k in ("train", "test")):
         raise RuntimeError(f"scikit-learn digits has {len(y)} images, expected 1797; the demo split needs the standard set")
@@ -56,11 +57,15 @@ def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     return x, y, idx
 
 
-def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
-    """Images (N, 3, 32, 32) float32 and labels (N,) int64 of one fixed split: train | calib | test."""
+def load_digits_split(split: str, img_size: int = DIGITS_IMG_SIZE) -> tuple[Tensor, Tensor]:
+    """Images (N, 3, img_size, img_size) float32 and labels (N,) int64 of one fixed split: train |
+    calib | test. The split does not depend on img_size (32 for the demo Vim, 64 for the demo
+    MambaVision, whose stem and stages divide the image by 32)."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
-    x, y, idx = _digits()
+    if img_size < 8:
+        raise ValueError(f"digits img_size must be >= 8 (the originals are 8x8), got {img_size}")
+    x, y, idx = _digits(img_size)
     i = idx[split]
     return x[i].clone(), y[i].clone()
 

@@ -1,6 +1,6 @@
 """Train an embedded demo model on the scikit-learn digits, deterministically, on the CPU.
 
-    python tools/train_demo.py [--family vim|vmamba] [--epochs N] [--out calib/demo]
+    python tools/train_demo.py [--family vim|vmamba|mambavision] [--epochs N] [--out calib/demo]
 
 One training loop for every model family; what differs (config, builder, reloader, file names,
 weight-decay rule, default epochs) is the family's `DemoFamily` in FAMILIES:
@@ -9,9 +9,16 @@ weight-decay rule, default epochs) is the family's `DemoFamily` in FAMILIES:
   vmamba  same code path as VMamba-T/S/B (ouro.calib.models.vmamba, forward type v05_noz, d_state 1,
           patch embed v2, downsample v3), smaller: 32x32 images, patch 4 (8x8 tokens), three stages
           depths (2, 2, 2), dims (32, 64, 128), ssm_ratio 2 -> vmamba_demo.pth / .json
-AdamW with a one-cycle schedule, +-2 px random shifts, label smoothing 0.1. Writes <out>/<name>.pth in
-the family's official checkpoint format ({'model': state_dict}) and <out>/<name>.json, the card:
-config, split, seed, recipe, FP test top-1 (measured by reloading the written checkpoint), time.
+  mambavision  same code path as MambaVision-T/T2/S/B (ouro.calib.models.mambavision), smaller:
+          64x64 images (the stem and the stages divide by 32: feature maps 16, 8, 4, 2), dim 16
+          (stages 16/32/64/128 wide, head dim 32), depths (1, 1, 2, 2): one Mamba mixer and one
+          attention block per hybrid stage, one window per hybrid stage as the official models have
+          at 224 (16 tokens in stage 2, 4 in stage 3); +-4 px shifts -> mambavision_demo.pth / .json
+AdamW with a one-cycle schedule, +-2 px random shifts (at 32x32), label smoothing 0.1. Writes
+<out>/<name>.pth in the family's official checkpoint format ({'model': state_dict}, which every
+family's official loader reads) and <out>/<name>.json, the card: config, split, seed, recipe, FP
+test top-1 (measured by reloading the written checkpoint), time. Images are the digits at the
+family config's img_size.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ouro.calib.checkpoint import load_checkpoint
 from ouro.calib.data import DEMO_CARD, DEMO_CHECKPOINT, SPLIT_SEED, SPLIT_SIZES, evaluate_top1, load_digits_split
+from ouro.calib.models.mambavision import MambaVision, MambaVisionConfig, load_mambavision
 from ouro.calib.models.vim import VimConfig, VisionMamba
 from ouro.calib.models.vmamba import VMambaConfig, VSSM, load_vmamba_state_dict
 
@@ -37,6 +45,9 @@ NO_WEIGHT_DECAY = ("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token")  # 
 VMAMBA_DEMO_CONFIG = VMambaConfig(depths=(2, 2, 2), dims=(32, 64, 128), img_size=32, patch_size=4, num_classes=10,
                                   d_state=1, ssm_ratio=2.0, conv_bias=False, gate=False, mlp_ratio=4.0,
                                   patch_embed="v2", downsample="v3", name="vmamba_demo_digits")
+MAMBAVISION_DEMO_CONFIG = MambaVisionConfig(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4),
+                                            window_size=(8, 8, 4, 2), img_size=64, num_classes=10,
+                                            name="mambavision_demo_digits")
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,16 @@ def vmamba_demo() -> DemoFamily:
                       no_decay, TrainRecipe(epochs=30))
 
 
-FAMILIES: dict[str, Callable[[], DemoFamily]] = {"vim": vim_demo, "vmamba": vmamba_demo}
+def mambavision_demo() -> DemoFamily:
+    def no_decay(name: str, p: torch.Tensor) -> bool:  # 1-D (biases, norms, D, layer scales) and A_log, as Mamba's
+        return p.dim() < 2 or name.endswith(".A_log")
+
+    return DemoFamily(MAMBAVISION_DEMO_CONFIG, lambda: MambaVision(MAMBAVISION_DEMO_CONFIG),
+                      lambda p: load_mambavision(p, arch=MAMBAVISION_DEMO_CONFIG), "mambavision_demo.pth",
+                      "mambavision_demo.json", no_decay, TrainRecipe(epochs=30, max_shift=4))
+
+
+FAMILIES: dict[str, Callable[[], DemoFamily]] = {"vim": vim_demo, "vmamba": vmamba_demo, "mambavision": mambavision_demo}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Callable[[str, torch.Tensor], bool]) -> list[dict]:
@@ -109,8 +129,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Callable
 def train(recipe: TrainRecipe, family: DemoFamily) -> tuple[torch.nn.Module, float]:
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
-    x_train, y_train = load_digits_split("train")
-    x_test, y_test = load_digits_split("test")
+    size = family.config.img_size
+    x_train, y_train = load_digits_split("train", size)
+    x_test, y_test = load_digits_split("test", size)
     model = family.build()
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay, family.no_decay), lr=recipe.max_lr)
     steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
@@ -151,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = args.out / family.checkpoint
     torch.save({"model": model.state_dict()}, ckpt)
     reloaded = family.reload(ckpt).eval()  # the card reports what ships
-    x_test, y_test = load_digits_split("test")
+    size = family.config.img_size
+    x_test, y_test = load_digits_split("test", size)
     top1 = evaluate_top1(reloaded, x_test, y_test, desc="test top-1")
     card = {
         "name": family.config.name,
         "config": family.config.to_dict(),
-        "data": "scikit-learn digits (1,797 real 8x8 images), bilinear to 32x32, 3 channels, train-normalised",
+        "data": f"scikit-learn digits (1,797 real 8x8 images), bilinear to {size}x{size}, 3 channels, train-normalised",
         "split": {"seed": SPLIT_SEED, **SPLIT_SIZES, "calib_is_subset_of": "train"},
         "seed": recipe.seed,
         "recipe": asdict(recipe),

@@ -220,10 +220,13 @@ class HybridOps:
 
 
 class _Hooked(nn.Module):
-    """A module whose linears (and scan / matmuls) go through `self.ops`."""
+    """A module whose linears (and scan / matmuls) go through `self.ops`. `stage` and `seq_len`
+    (tokens of one window: the scan / attention length) size per-token quantizer tables."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: MambaVisionConfig, stage: int) -> None:
         super().__init__()
+        self.stage = stage
+        self.seq_len = cfg.seq_len(stage)
         self.ops = HybridOps()
 
     def _linear(self, name: str, x: Tensor) -> Tensor:
@@ -304,9 +307,9 @@ class MambaVisionMixer(_Hooked):
     """Official parameter names; token-major (B, L, dim) in and out."""
 
     def __init__(self, cfg: MambaVisionConfig, stage: int) -> None:
-        super().__init__()
+        super().__init__(cfg, stage)
         d, di, s, r = cfg.stage_dim(stage), cfg.d_inner(stage) // 2, cfg.d_state, cfg.dt_rank(stage)
-        self.d_state, self.dt_rank, self.d_conv = s, r, cfg.d_conv
+        self.d_scan, self.d_state, self.dt_rank, self.d_conv = di, s, r, cfg.d_conv  # d_scan: the x half, scanned
         self.in_proj = nn.Linear(d, 2 * di, bias=False)
         self.x_proj = nn.Linear(di, r + 2 * s, bias=False)
         self.dt_proj = nn.Linear(r, di, bias=True)
@@ -348,7 +351,7 @@ class Attention(_Hooked):
     """Multi-head self-attention over one window's tokens (timm-style qkv layout, no qk norm)."""
 
     def __init__(self, cfg: MambaVisionConfig, stage: int) -> None:
-        super().__init__()
+        super().__init__(cfg, stage)
         d = cfg.stage_dim(stage)
         self.num_heads = cfg.num_heads[stage]
         self.head_dim = d // self.num_heads
@@ -370,10 +373,11 @@ class Attention(_Hooked):
 
 
 class Mlp(_Hooked):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+    def __init__(self, cfg: MambaVisionConfig, stage: int) -> None:
+        super().__init__(cfg, stage)
+        d, hidden = cfg.stage_dim(stage), cfg.mlp_hidden(stage)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear("fc2", F.gelu(self._linear("fc1", x)))
@@ -388,7 +392,7 @@ class HybridBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, eps=LN_EPS)
         self.mixer = Attention(cfg, stage) if cfg.is_attention(stage, index) else MambaVisionMixer(cfg, stage)
         self.norm2 = nn.LayerNorm(d, eps=LN_EPS)
-        self.mlp = Mlp(d, cfg.mlp_hidden(stage))
+        self.mlp = Mlp(cfg, stage)
         ls = cfg.layer_scale
         self.gamma_1 = nn.Parameter(ls * torch.ones(d)) if ls is not None else None
         self.gamma_2 = nn.Parameter(ls * torch.ones(d)) if ls is not None else None

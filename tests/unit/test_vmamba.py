@@ -620,7 +620,7 @@ def test_train_demo_families():
     import json
 
     td = _load_tool("train_demo")
-    assert set(td.FAMILIES) == {"vim", "vmamba"}
+    assert {"vim", "vmamba"} <= set(td.FAMILIES)
     vim, vmamba = td.FAMILIES["vim"](), td.FAMILIES["vmamba"]()
     from ouro.calib.data import demo_card
 
