@@ -204,7 +204,8 @@ RELEASED_FILES = {
 @dataclass
 class HybridOps:
     """The replaceable operations of a hybrid block's mixer, attention or MLP. Default (None):
-    plain FP linear, the dispatching selective scan, torch.matmul.
+    plain FP linear, the dispatching selective scan, torch.matmul. Sequences are windows: B below
+    is batch * windows, L = N = window**2 tokens (the module's `seq_len`).
 
     linear(name, module, x) -> y   name in {in_proj, x_proj, dt_proj, out_proj} (MambaVisionMixer),
                                    {qkv, proj} (Attention), {fc1, fc2} (Mlp); y includes the bias
