@@ -535,7 +535,7 @@ def _demo():
     return DEMO_DIR / "mambavision_demo.pth", card, MambaVisionConfig(**card["config"])
 
 
-def test_demo_checkpoint_is_released_format():
+def test_demo_checkpoint_format():
     path, card, cfg = _demo()
     assert path.stat().st_size < DEMO_MAX_BYTES
     obj = torch.load(path, map_location="cpu", weights_only=True)
