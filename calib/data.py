@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .models.vim import VimConfig
+
 __all__ = [
+    "DEMO_CONFIG",
     "DIGITS_IMG_SIZE",
     "SPLIT_SIZES",
     "SPLIT_SEED",
@@ -36,6 +39,9 @@ SPLIT_SEED = 0
 N_TRAIN, N_CALIB = 1300, 256
 SPLIT_SIZES = {"train": N_TRAIN, "calib": N_CALIB, "test": 1797 - N_TRAIN}
 DEMO_CHECKPOINT, DEMO_CARD = "vim_demo.pth", "vim_demo.json"
+DEMO_CONFIG = VimConfig(embed_dim=96, depth=6, img_size=DIGITS_IMG_SIZE, patch_size=8, stride=8, num_classes=10,
+                        name="vim_demo_digits")
+"""The demo model's architecture: the one source (tools/train_demo.py trains it; its card records it)."""
 
 
 @lru_cache(maxsize=2)
@@ -87,11 +93,12 @@ def demo_card() -> dict:
 def load_demo_model():
     """The shipped demo Vim (eval mode), loaded through the same checkpoint loader as official files."""
     from .checkpoint import load_checkpoint
-    from .models.vim import VimConfig
 
     ckpt, _ = demo_files()
-    cfg = VimConfig(**demo_card()["config"])
-    return load_checkpoint(ckpt, arch=cfg).eval()
+    card = VimConfig(**demo_card()["config"])
+    if card != DEMO_CONFIG:
+        raise RuntimeError(f"the demo card's architecture {card} is not DEMO_CONFIG {DEMO_CONFIG}; retrain with tools/train_demo.py")
+    return load_checkpoint(ckpt, arch=DEMO_CONFIG).eval()
 
 
 @torch.no_grad()
@@ -100,17 +107,17 @@ def evaluate_top1(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_
     """Top-1 accuracy in percent of `model` on (images, labels), in batches, with a tqdm bar."""
     from tqdm.auto import tqdm
 
+    from .metrics import top1
+
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise ValueError("evaluate_top1 needs at least one image")
     was_training = model.training
     model.eval()
-    correct = 0
     try:
-        for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            logits = model(images[i : i + batch_size])
-            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+        out = [model(images[i : i + batch_size]) for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                                                              disable=not progress, leave=False)]
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(images)
+    return top1(torch.cat(out), labels)

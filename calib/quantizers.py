@@ -9,7 +9,9 @@ Conventions shared by PyTorch, the onnxruntime reference ops and the CUDA kernel
     * rounding is round-half-to-even (`torch.round`, CUDA `rintf`);
     * division is IEEE fp32 division `x / s` (never a multiply by a reciprocal);
     * all arithmetic is fp32; fp16 inputs are widened to fp32 first;
-    * `bits >= 16` means "keep in FP16": the value is rounded to fp16 and back, nothing else.
+    * bit widths are the kernels' C ABI integers: `bits >= 16` (FP_PASSTHROUGH_BITS) means "keep in
+      FP16": the value is rounded to fp16 and back, nothing else. Above these functions the format
+      objects of ouro.recipes.formats say FP16 explicitly (`abi_bits` converts).
 
 OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
     * tokens are grouped in windows of `n_refresh` consecutive positions (t // n_refresh), in
@@ -35,15 +37,17 @@ OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
+
+from ouro.recipes.formats import DEFAULT_K_SIGMA, DELTA_K_SIGMA, FP16_ABI_BITS, ThresholdPolicy
 
 __all__ = [
     "ThresholdPolicy",
     "qmax",
     "round_ste",
+    "fp16_roundtrip",
     "quant_sym_ref",
     "fake_quant_sym",
     "quant_asym_ref",
@@ -59,18 +63,8 @@ __all__ = [
     "DELTA_K_SIGMA",
 ]
 
-DEFAULT_K_SIGMA = 3.0
-"""k of the dynamic threshold mu + k*sigma for linear-layer inputs, B and C (official code)."""
-DELTA_K_SIGMA = 4.0
-"""k of the dynamic threshold for the SSM step size Delta (official code's Q_Act_d)."""
-FP_PASSTHROUGH_BITS = 16
-
-
-class ThresholdPolicy(str, Enum):
-    """How the outlier threshold theta is obtained."""
-
-    DYNAMIC = "dynamic"  # mu + k*sigma of |inliers| per token (official code)
-    CALIBRATED = "calibrated"  # static per-token theta(t) calibrated offline (seed Algorithm 2)
+FP_PASSTHROUGH_BITS = FP16_ABI_BITS
+"""The kernels' C ABI spelling of fp16 outliers (`bits_outlier` 16); formats say `FP16` (ouro.recipes.formats)."""
 
 
 def qmax(bits: int) -> int:
@@ -85,7 +79,8 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fp16_roundtrip(x: Tensor) -> Tensor:
+def fp16_roundtrip(x: Tensor) -> Tensor:
+    """x rounded to fp16 and back (identity gradient): the FP16 format."""
     return x + (x.half().float() - x).detach()
 
 
@@ -104,7 +99,7 @@ def fake_quant_sym(x: Tensor, scale: Tensor, bits: int) -> Tensor:
 
     Gradients reach `scale` (learned step size) and pass straight through to `x` inside the range."""
     if bits >= FP_PASSTHROUGH_BITS:
-        return _fp16_roundtrip(x.float())
+        return fp16_roundtrip(x.float())
     q = qmax(bits)
     return torch.clamp(round_ste(x.float() / scale), -q, q) * scale
 
@@ -119,7 +114,7 @@ def fake_quant_asym(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> 
 
     `zero_point` may be a learned float; it is rounded (STE) before use so codes stay integers."""
     if bits >= FP_PASSTHROUGH_BITS:
-        return _fp16_roundtrip(x.float())
+        return fp16_roundtrip(x.float())
     z = round_ste(zero_point)
     return (torch.clamp(round_ste(x.float() / scale) + z, 0, 2**bits - 1) - z) * scale
 
@@ -242,7 +237,7 @@ def outlier_quant_ref(
         q_in = torch.clamp(round_ste(inl / si), -qi, qi)
         outl = torch.where(mask, xi, torch.zeros_like(xi))
         if bits_outlier >= FP_PASSTHROUGH_BITS:
-            q_out = _fp16_roundtrip(outl)
+            q_out = fp16_roundtrip(outl)
             s_out = torch.ones(B, W, 1, device=x.device)
             o_hat = q_out
         else:

@@ -1,21 +1,19 @@
-"""Graph passes on onnx-graphsurgeon: QDQ graph -> plugin graph.
+"""Graph passes on onnx-graphsurgeon: `Graph -> Graph` transformations, registered by name.
 
-Each pass is a `Graph -> Graph` function registered by name with `register_pass`; `apply_passes`
-runs an ordered list of them (default: `DEFAULT_PASSES`). Unknown names fail loudly.
+    fold_constants          fold constant subgraphs (A = -exp(A_log), the dequantized A and D), keeping Q/DQ
+    lower_selective_scan    each FP SelectiveScan node -> an ONNX Scan loop (plain onnxruntime, no custom ops)
+    fp16_io                 fp16 activations into every OutlierLinear and SelectiveScan (Casts around them)
+    cleanup / toposort      dead nodes and tensors removed / nodes sorted
 
-The quantization parameters that standard Q/DQ cannot carry (outlier bits, n_refresh, threshold
-policy, k, theta) come from the QDQ model's metadata_props["ouro.quant"] (written by
-`ouro.exporter.qdq`); `apply_passes` attaches them to the graph as `graph.ouro_quant`, keyed by the
-name of the quantized consumer (`layers.{i}.mixer.{linear}`, `layers.{i}.mixer.scan_{dir}`).
-
-Patterns (all emitted by qdq.py's single Q/DQ emitter):
-    act    x -> Div(s) -> [Clip] -> QuantizeLinear -> DequantizeLinear -> Mul(s)     s: (1, L, 1)
-    weight DequantizeLinear(codes [N, K], scale [N], axis 0) -> Transpose
-    linear MatMul(act, weight) [-> Add(bias)]
+`apply_passes` runs an ordered list of them on a ModelProto (`DEFAULT_PASSES`: what the plugin graph
+gets after its nodes are emitted); unknown names fail loudly. The quantized nodes themselves are not
+passes: each quantizer emits its own Q/DQ (ouro.calib.quant.qdq), and the plugin nodes are built
+from the quantizers' formats and tensors (ouro.exporter.plugin), so no pass decodes a format from
+the graph. Library decision: onnx-graphsurgeon's `GraphPattern` is not used: no pass matches a
+subgraph any more (the emitters find their nodes by name, the remaining passes by op type).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,14 +21,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ouro.calib.quantizers import pack_int4
-
-from .onnx_export import DOMAIN, PLUGIN_ATTRS, SCAN_OP
-from .qdq import META_KEY
+from .onnx_export import DOMAIN, SCAN_OP
 
 __all__ = [
     "PASSES",
     "DEFAULT_PASSES",
+    "FP32_IO_PASSES",
+    "OUTLIER_LINEAR_OP",
     "PassError",
     "register_pass",
     "parse_pass_names",
@@ -57,10 +54,13 @@ class PassSpec:
 
 
 PASSES: dict[str, PassSpec] = {}
-DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fuse_outlier_linear", "quantize_selective_scan", "cleanup")
+DEFAULT_PASSES: tuple[str, ...] = ("cleanup",)
+"""Passes run on the plugin graph after its nodes are emitted (`--passes` replaces them)."""
+FP32_IO_PASSES: tuple[str, ...] = ("cleanup",)
+"""The plugin graph with fp32 activations into every OutlierLinear and SelectiveScan."""
 
 
-def register_pass(name: str, doc: str) -> Callable[[GraphPass], GraphPass]:
+def register_pass(name: str, doc: str):
     def deco(fn: GraphPass) -> GraphPass:
         if name in PASSES:
             raise ValueError(f"graph pass {name!r} registered twice")
@@ -85,73 +85,10 @@ def parse_pass_names(text: str | None) -> tuple[str, ...]:
 
 def describe_passes() -> str:
     width = max(len(n) for n in PASSES)
-    lines = ["graph passes (default order: " + ", ".join(DEFAULT_PASSES) + "):"]
+    lines = ["graph passes run on the plugin graph after its nodes are emitted (default: " + ", ".join(DEFAULT_PASSES)
+             + "; fp32 activations into the plugin nodes: " + ",".join(FP32_IO_PASSES) + "):"]
     lines += [f"  {p.name:<{width}}  {p.doc}" for p in PASSES.values()]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ pattern helpers
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    if not t.inputs:
-        return None
-    n = t.inputs[0]
-    return n if n.op == op else None
-
-
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    p = _producer(t, "Constant")
-    if p is not None:
-        return np.asarray(p.attrs["value"].values)
-    return None
-
-
-@dataclass
-class ActMatch:
-    """A matched static activation Q/DQ: input x, per-token scale (L,), inlier bits, owner key."""
-
-    x: gs.Tensor
-    scale: np.ndarray
-    bits: int
-    key: str
-
-
-def match_act_qdq(t: gs.Tensor) -> ActMatch | None:
-    """Match x -> Div(s) -> [Clip] -> Q -> DQ -> Mul(s) ending at tensor `t`."""
-    mul = _producer(t, "Mul")
-    if mul is None:
-        return None
-    dq = _producer(mul.inputs[0], "DequantizeLinear")
-    q = dq and _producer(dq.inputs[0], "QuantizeLinear")
-    if q is None:
-        return None
-    clip = _producer(q.inputs[0], "Clip")
-    div = _producer((clip or q).inputs[0], "Div")
-    if div is None:
-        return None
-    s_mul, s_div = _const(mul.inputs[1]), _const(div.inputs[1])
-    if s_mul is None or s_div is None or not np.array_equal(s_mul, s_div):
-        return None
-    bits = 8
-    if clip is not None:
-        hi = _const(clip.inputs[2])
-        bits = int(np.log2(float(hi) + 1)) + 1
-    key = div.name.rsplit("/", 1)[0]
-    return ActMatch(div.inputs[0], s_mul.astype(np.float32).reshape(-1), bits, key)
-
-
-def _meta(graph: gs.Graph, kind: str, key: str) -> dict:
-    meta = getattr(graph, "ouro_quant", None)
-    if not meta:
-        raise PassError(f"graph has no ouro quantization metadata ({META_KEY}); was it written by the QDQ export?")
-    if key not in meta.get(kind, {}):
-        raise PassError(f"no quantization metadata for {key!r} ({kind}); the QDQ graph and its metadata disagree")
-    return meta[kind][key]
-
-
-def _f32(graph_unique: str, arr) -> gs.Constant:
-    return gs.Constant(graph_unique, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)))
 
 
 # ------------------------------------------------------------------------------ passes
@@ -162,104 +99,34 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     return graph.cleanup()
 
 
-@register_pass("fuse_outlier_linear", "DQ(W) + MatMul + activation Q/DQ [+ bias Add] -> one ouro::OutlierLinear node")
-def fuse_outlier_linear(graph: gs.Graph) -> gs.Graph:
-    for mm in [n for n in graph.nodes if n.op == "MatMul"]:
-        act = match_act_qdq(mm.inputs[0])
-        tr = _producer(mm.inputs[1], "Transpose")
-        wdq = tr and _producer(tr.inputs[0], "DequantizeLinear")
-        if act is None or wdq is None:
+def _cast(graph: gs.Graph, name: str, x: gs.Variable, to: int, dtype) -> gs.Variable:
+    out = gs.Variable(name, dtype=dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Cast", f"{name}_cast", attrs={"to": to}, inputs=[x], outputs=[out]))
+    return out
+
+
+FP16_IO_INPUTS = {OUTLIER_LINEAR_OP: (0,), SCAN_OP: (0, 1, 3, 4, 6)}
+"""Activation inputs cast to fp16 per plugin node: OutlierLinear x; SelectiveScan u, delta, B, C, z
+(A, D and the quantization tables stay fp32, as the plugins take them)."""
+
+
+@register_pass("fp16_io", "fp16 activations into every OutlierLinear and SelectiveScan (Cast in, Cast back to fp32 out): "
+               "TensorRT runs the kernels' fp16 paths; each node's output is rounded to fp16 once")
+def fp16_io(graph: gs.Graph) -> gs.Graph:
+    for node in [n for n in graph.nodes if n.domain == DOMAIN and n.op in FP16_IO_INPUTS]:
+        idx = FP16_IO_INPUTS[node.op]
+        y = node.outputs[0]
+        if y.dtype == np.float16:
             continue
-        codes, w_scale = _const(wdq.inputs[0]), _const(wdq.inputs[1])
-        if codes is None or w_scale is None:
-            raise PassError(f"{mm.name}: weight DequantizeLinear inputs are not constants")
-        m = _meta(graph, "linears", act.key)
-        N, K = codes.shape
-        L = act.scale.size
-        w_bits = int(m["w_bits"])
-        codes8 = codes.astype(np.int8)
-        weight = pack_int4_np(codes8) if w_bits == 4 else codes8
-        out, bias = mm.outputs[0], np.zeros(N, np.float32)
-        consumers = list(out.outputs)
-        if len(consumers) == 1 and consumers[0].op == "Add" and _const(consumers[0].inputs[1]) is not None:
-            add = consumers[0]
-            bias = _const(add.inputs[1]).astype(np.float32).reshape(N)
-            out = add.outputs[0]
-            add.outputs = []
-        theta = np.asarray(m.get("theta", np.zeros(L)), np.float32)
-        k = act.key
-        node = gs.Node(
-            OUTLIER_LINEAR_OP, name=k, domain=DOMAIN,
-            inputs=[act.x, gs.Constant(f"{k}.weight", weight), _f32(f"{k}.w_scale", w_scale.reshape(N)),
-                    _f32(f"{k}.inlier_scale", act.scale), _f32(f"{k}.theta", theta), _f32(f"{k}.bias", bias)],
-            outputs=[out],
-            attrs=dict(
-                in_features=K, out_features=N, seq_len=L, w_bits=w_bits, a_bits=act.bits, o_bits=int(m["o_bits"]),
-                n_refresh=int(m["n_refresh"]), threshold_policy=int(m["threshold_policy"]), k_sigma=float(m["k_sigma"]),
-                max_outliers=K, **PLUGIN_ATTRS,
-            ),
-        )
-        mm.outputs = []
-        graph.nodes.append(node)
-    return graph.cleanup().toposort()
-
-
-SCAN_OPERANDS = (("delta", 1, "delta_k_sigma"), ("B", 3, "bc_k_sigma"), ("C", 4, "bc_k_sigma"))
-
-
-@register_pass("quantize_selective_scan", "strip the Q/DQ on delta/B/C of each SelectiveScan and give the node the recipe's SSM quantization tables and attributes")
-def quantize_selective_scan(graph: gs.Graph) -> gs.Graph:
-    for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
-        if len(node.inputs) != 7:
-            continue  # already quantized
-        tables: list[gs.Tensor] = []
-        attrs: dict = {}
-        common: dict = {}
-        for op, idx, kname in SCAN_OPERANDS:
-            act = match_act_qdq(node.inputs[idx])
-            lo = op.lower()
-            if act is None:
-                attrs.update({f"{lo}_bits": 0, f"{lo}_bits_outlier": 0})
-                tables += [_f32(f"{node.name}.{lo}_scale", []), _f32(f"{node.name}.{lo}_theta", [])]
-                continue
-            m = _meta(graph, "scans", node.name).get(op)
-            if m is None:
-                raise PassError(f"{node.name}: operand {op} is quantized in the graph but has no metadata")
-            node.inputs[idx] = act.x
-            L = act.scale.size
-            attrs.update({f"{lo}_bits": act.bits, f"{lo}_bits_outlier": int(m["o_bits"])})
-            if kname not in attrs:
-                attrs[kname] = float(m["k_sigma"])
-            for field in ("n_refresh", "threshold_policy"):
-                if common.setdefault(field, int(m[field])) != int(m[field]):
-                    raise PassError(f"{node.name}: delta/B/C disagree on {field}; the plugin takes one value")
-            tables += [_f32(f"{node.name}.{lo}_scale", act.scale),
-                       _f32(f"{node.name}.{lo}_theta", m.get("theta", np.zeros(L)))]
-        tables += [_f32(f"{node.name}.h_scale", []), _f32(f"{node.name}.h_zero", [])]
-        node.inputs.extend(tables)
-        node.attrs.update(dict(n_refresh=common.get("n_refresh", 1), threshold_policy=common.get("threshold_policy", 0),
-                               delta_k_sigma=attrs.pop("delta_k_sigma", 4.0), bc_k_sigma=attrs.pop("bc_k_sigma", 3.0),
-                               h_bits=0, h_group=1, **attrs))
-    return graph.cleanup().toposort()
-
-
-@register_pass("fp16_linear_io", "opt-in: run each OutlierLinear on fp16 activations (Cast in, Cast back out), so "
-               "TensorRT picks the kernels' fused fp16 epilogue; y is rounded to fp16 once more")
-def fp16_linear_io(graph: gs.Graph) -> gs.Graph:
-    for node in [n for n in graph.nodes if n.op == OUTLIER_LINEAR_OP and n.domain == DOMAIN]:
-        x, y = node.inputs[0], node.outputs[0]
-        if x.dtype == np.float16:
-            continue
-        if x.dtype not in (None, np.float32):
-            raise PassError(f"{node.name}: OutlierLinear activation has dtype {x.dtype}; expected float32 or float16")
-        x16 = gs.Variable(f"{node.name}/x_fp16", dtype=np.float16, shape=x.shape)
+        for i in idx:
+            x = node.inputs[i]
+            if x.dtype not in (None, np.float32):
+                raise PassError(f"{node.name}: input {i} has dtype {x.dtype}; expected float32")
+            node.inputs[i] = _cast(graph, f"{node.name}/in{i}_fp16", x, onnx.TensorProto.FLOAT16, np.float16)
         y16 = gs.Variable(f"{node.name}/y_fp16", dtype=np.float16, shape=y.shape)
-        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_x_fp16", attrs={"to": onnx.TensorProto.FLOAT16},
-                                   inputs=[x], outputs=[x16]))
-        node.inputs[0] = x16
         node.outputs.clear()
         node.outputs.append(y16)
-        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_y_fp32", attrs={"to": onnx.TensorProto.FLOAT},
+        graph.nodes.append(gs.Node("Cast", f"{node.name}/y_fp32_cast", attrs={"to": onnx.TensorProto.FLOAT},
                                    inputs=[y16], outputs=[y]))
     return graph.toposort()
 
@@ -274,29 +141,7 @@ def toposort(graph: gs.Graph) -> gs.Graph:
     return graph.toposort()
 
 
-def pack_int4_np(codes: np.ndarray) -> np.ndarray:
-    """Packed int4 weight bytes stored as INT8 (same bits as `pack_int4`'s uint8): TensorRT plugins
-    take INT8 inputs, not UINT8."""
-    import torch
-
-    return pack_int4(torch.from_numpy(codes)).numpy().view(np.int8)
-
-
 # ------------------------------------------------------------------------------ driver
-def _int4_to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx-graphsurgeon 0.6 re-exports loaded INT4 constants with a wrong byte count, so passes work
-    on INT8 codes; the INT4 type is restored for weights that stay Q/DQ (`qdq._to_int4`)."""
-    from onnx import numpy_helper
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, t in enumerate(m.graph.initializer):
-        if t.data_type == onnx.TensorProto.INT4:
-            arr = numpy_helper.to_array(t).astype(np.int8)
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
-    return m
-
-
 def apply_passes_to_graph(graph: gs.Graph, names=DEFAULT_PASSES) -> gs.Graph:
     for name in names:
         if name not in PASSES:
@@ -306,17 +151,14 @@ def apply_passes_to_graph(graph: gs.Graph, names=DEFAULT_PASSES) -> gs.Graph:
 
 
 def apply_passes(model: onnx.ModelProto, names=DEFAULT_PASSES) -> onnx.ModelProto:
-    """Run the named passes on a QDQ ModelProto; returns the checked result (plugin graph)."""
-    from .qdq import _to_int4, quant_metadata
+    """Run the named passes on a ModelProto; returns the checked result."""
+    graph = apply_passes_to_graph(gs.import_onnx(model), names)
+    return finish_graph(graph)
 
-    meta = quant_metadata(model)
-    graph = gs.import_onnx(_int4_to_int8(model))
-    graph.ouro_quant = meta
-    graph = apply_passes_to_graph(graph, names)
+
+def finish_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx, with the ouro domain declared exactly when ouro nodes remain; checked."""
     out = gs.export_onnx(graph)
-    if meta:
-        _to_int4(out, meta)
-        onnx.helper.set_model_props(out, {META_KEY: json.dumps(meta)})
     used = any(n.domain == DOMAIN for n in out.graph.node)
     imports = [o for o in out.opset_import if o.domain != DOMAIN]
     del out.opset_import[:]
@@ -347,7 +189,7 @@ def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
     f = np.float32
     for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
         if len(node.inputs) != 7:
-            raise PassError(f"{node.name}: only the 7-input (unquantized operand) SelectiveScan can be lowered; run it before quantize_selective_scan")
+            raise PassError(f"{node.name}: only the 7-input (unquantized operand) SelectiveScan can be lowered")
         u, delta, A, Bm, Cm, Dskip, z = node.inputs
         k = node.name
         rev = int(node.attrs.get("reverse", 0))

@@ -17,9 +17,8 @@ import time
 import torch
 
 from ouro.calib.gen import GenConfig, generate
-from ouro.calib.models.vim import ARCHS, VimConfig, build_model
-
-DEMO = VimConfig(embed_dim=96, depth=6, img_size=32, patch_size=8, stride=8, num_classes=10, name="vim_demo_digits")
+from ouro.calib.data import DEMO_CONFIG as DEMO
+from ouro.calib.models.vim import ARCHS, build_model
 
 
 def main() -> int:

@@ -35,12 +35,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ouro.calib.checkpoint import load_checkpoint
-from ouro.calib.data import DEMO_CARD, DEMO_CHECKPOINT, SPLIT_SEED, SPLIT_SIZES, evaluate_top1, load_digits_split
+from ouro.calib.data import DEMO_CARD, DEMO_CHECKPOINT, DEMO_CONFIG, SPLIT_SEED, SPLIT_SIZES, evaluate_top1, load_digits_split
 from ouro.calib.models.mambavision import MambaVision, MambaVisionConfig, load_mambavision
 from ouro.calib.models.vim import VimConfig, VisionMamba
 from ouro.calib.models.vmamba import VMambaConfig, VSSM, load_vmamba_state_dict
 
-DEMO_CONFIG = VimConfig(embed_dim=96, depth=6, img_size=32, patch_size=8, stride=8, num_classes=10, name="vim_demo_digits")
 NO_WEIGHT_DECAY = ("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token")  # as the official optimizer
 VMAMBA_DEMO_CONFIG = VMambaConfig(depths=(2, 2, 2), dims=(32, 64, 128), img_size=32, patch_size=4, num_classes=10,
                                   d_state=1, ssm_ratio=2.0, conv_bias=False, gate=False, mlp_ratio=4.0,

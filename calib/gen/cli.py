@@ -10,10 +10,14 @@ from .config import GenConfig
 from .generate import generate, save_synthetic_dir
 
 
+class UserError(ValueError):
+    """A bad `ouro-export gen` request; printed as one line (exit code 2)."""
+
+    user_facing = True
+
+
 def gen_main(model: nn.Module, args: argparse.Namespace) -> int:
     """Generate args.num_images synthetic images with OuroMamba-Gen and write PNGs + images.npz."""
-    from ouro.exporter.cli import UserError
-
     if args.num_images < 1:
         raise UserError(f"-n/--num-images must be >= 1, got {args.num_images}")
     out = Path(args.output)

@@ -25,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .attention import contrastive_loss, effective_topk, implicit_attention, neighbourhood_weights, patch_token_index
-from .config import CHECKPOINT_AUTO_BYTES, IMAGENET_MEAN, IMAGENET_STD, GenConfig
+from ..data import DEMO_CONFIG
+from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from .config import CHECKPOINT_AUTO_BYTES, GenConfig
 from .instrument import ScanRecord, hook_mixer
 
 __all__ = [
@@ -53,7 +55,6 @@ class GenResult:
 
 
 # ------------------------------------------------------------------------------------------ range
-DEMO_NAME = "vim_demo_digits"  # VimConfig.name of the embedded demo model (tools/train_demo.py)
 
 
 def _demo_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -81,7 +82,7 @@ def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tu
 
         if hasattr(data, "input_normalization"):
             mean, std = (tuple(float(v) for v in t) for t in data.input_normalization(model))
-        elif model.cfg.name == DEMO_NAME:
+        elif model.cfg.name == DEMO_CONFIG.name:
             mean, std = _demo_normalization()
         elif C == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD

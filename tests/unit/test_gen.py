@@ -296,7 +296,7 @@ def test_config_validation_and_toml(tmp_path):
 
 def test_gen_main_writes_folder_and_refuses_overwrite(tmp_path):
     from ouro.calib.gen.cli import gen_main
-    from ouro.exporter.cli import UserError
+    from ouro.calib.gen.cli import UserError
 
     cfgf = tmp_path / "gen.toml"
     cfgf.write_text("iterations = 1\nbatch_size = 2\nmean = [0.5]\nstd = [0.25]\n")

@@ -36,7 +36,7 @@ def test_reload_is_bit_exact(saved):
     q2 = load_quant_state(model, path)
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
-    assert q2.ouro_recipe == q.ouro_recipe
+    assert q2.recipe == q.recipe
 
 
 def test_file_layout(saved):

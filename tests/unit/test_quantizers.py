@@ -22,12 +22,22 @@ from ouro.calib.quantizers import (
     quant_asym_ref,
     quant_sym_ref,
 )
-from ouro.recipes import CalibConfig
+from ouro.recipes import FP16, ActFormat, CalibConfig, OutlierDetection, OutlierFormat, WeightFormat
 
 BITS = st.sampled_from([2, 3, 4, 6, 8])
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FP16_MAX = 65504.0
 OUTLIER_ERR_SLACK = 1 + 1e-5  # |x - x_hat| <= S_O / 2 up to fp32 rounding of the scale
+
+
+def _act(L: int, bits: int, bits_out, n_refresh: int, policy, k: float = 3.0, detection: str = "dynamic", **kw) -> OutlierActQuantizer:
+    """OutlierActQuantizer of the format (bits, outlier bits (16: fp16), n_refresh, policy, k)."""
+    if detection == "none":
+        fmt = ActFormat(bits)
+    else:
+        out = FP16 if bits_out == 16 else bits_out
+        fmt = ActFormat(bits, outliers=OutlierFormat(out, n_refresh, policy, k, detection=OutlierDetection(detection)))
+    return OutlierActQuantizer(L, fmt, **kw)
 
 
 def _tensor(seed: int, shape, scale: float = 1.0) -> torch.Tensor:
@@ -157,8 +167,18 @@ def test_16_bits_pass_through_as_fp16(seed):
     x = _tensor(seed, (2, 5, 8), 3.0)
     assert torch.equal(fake_quant_sym(x, torch.tensor(0.1), 16), x.half().float())
     assert torch.equal(fake_quant_asym(x, torch.tensor(0.1), torch.tensor(3.0), 16), x.half().float())
-    q = OutlierActQuantizer(5, 16, 16, 10, "dynamic", 3.0)
-    assert torch.equal(q(x), x.half().float())
+    # above the _ref functions FP16 is a format, not a bit width: a recipe with fp16 activations
+    # installs no activation quantizer, and fp16 outliers are the ABI's 16
+    from ouro.calib.models import VimConfig, build_model
+    from ouro.calib.quant import quantize_model
+    from ouro.recipes import Recipe
+
+    q = _act(5, 4, 16, 10, "dynamic")
+    assert q.bits_outlier == 16 and q.format.outliers.bits is FP16
+    tiny = build_model(VimConfig(embed_dim=8, depth=1, img_size=8, patch_size=4, stride=4, num_classes=2))
+    qm = quantize_model(tiny, Recipe(name="a16", w_bits=4, a_bits="fp16", a_bits_outlier="fp16"))
+    ops = qm.module.layers[0].mixer.quant
+    assert len(ops.act) == 0 and len(ops.weight) == 6
 
 
 @pytest.mark.parametrize("bits_out", [8, 16])
@@ -179,7 +199,7 @@ def test_no_nan_or_inf(case, policy, bits_out):
     for s in (torch.full((1, L, 1), 0.1), torch.full((1, L, 1), 1e-8)):
         y = outlier_fake_quant(x, s, 4, bits_out, 5, policy, theta=torch.ones(L))
         assert torch.isfinite(y).all()
-    q = OutlierActQuantizer(L, 4, bits_out, 5, policy, 3.0)
+    q = _act(L, 4, bits_out, 5, policy, 3.0)
     q.mode = q.mode.OBSERVE
     q(x)
     q.init_from_stats(CalibConfig(grid_points=10))
@@ -200,7 +220,7 @@ def test_outlier_act_quantizer_matches_reference_and_init():
     L, C = 12, 16
     x = _tensor(0, (8, L, C))
     x[:, :, 5] *= 20
-    q = OutlierActQuantizer(L, 4, 8, 4, "dynamic", 3.0)
+    q = _act(L, 4, 8, 4, "dynamic", 3.0)
     q.mode = q.mode.OBSERVE
     assert torch.equal(q(x), x)
     q.init_from_stats(CalibConfig())
@@ -225,7 +245,7 @@ def test_dynamic_outlier_mask_accumulates_within_windows():
 
 def test_weight_quantizer_freeze_is_exact():
     w = _tensor(2, (6, 10))
-    q = ChannelWeightQuantizer((6, 10), 4)
+    q = ChannelWeightQuantizer((6, 10), WeightFormat(4))
     q.mode = q.mode.OBSERVE
     q(w)
     q.init_from_stats(CalibConfig())
@@ -247,7 +267,7 @@ def test_static_and_no_outlier_detection_ablation_modes():
     x[:, :, 7] *= 40
     qs = {}
     for det in ("static", "none"):
-        q = OutlierActQuantizer(L, 4, 8, 3, "dynamic", 3.0, detection=det, channels=C, static_fraction=0.1)
+        q = _act(L, 4, 8, 3, "dynamic", 3.0, detection=det, channels=C, static_fraction=0.1)
         q.mode = q.mode.OBSERVE
         q(x)
         q.init_from_stats(CalibConfig(grid_points=20))
