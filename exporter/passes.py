@@ -168,31 +168,68 @@ def finish_graph(graph: gs.Graph) -> onnx.ModelProto:
 
 
 # ------------------------------------------------------------------------------ scan lowering
-def _scan_body(name: str) -> gs.Graph:
-    """One recurrence step: h = dA_t * h + dBu_t;  y_t = sum_s h * C_t."""
+LTSQ_MIN_RATIO = 2.0**-40
+"""As ouro.calib.baselines.qmamba: (u - Abar)/s is clamped below by this before the log."""
+
+
+def _fake_quant_asym_nodes(op, v, c, x, scale, zero, bits: int, tag: str):
+    """s * (Clip(Round(x / s) + z, 0, 2**bits - 1) - z): the same float ops as `fake_quant_asym`."""
+    q = op("Round", [op("Div", [x, scale], v(f"{tag}_div"))], v(f"{tag}_round"))
+    q = op("Clip", [op("Add", [q, zero], v(f"{tag}_addz")), c(f"{tag}_lo", np.array(0.0, np.float32)),
+                    c(f"{tag}_hi", np.array(float((1 << bits) - 1), np.float32))], v(f"{tag}_clip"))
+    return op("Mul", [op("Sub", [q, zero], v(f"{tag}_subz")), scale], v(f"{tag}_q"))
+
+
+def _scan_body(name: str, h_bits: int) -> gs.Graph:
+    """One recurrence step: h = dA_t * h + dBu_t [; h = TGQ(h) with this step's (s_t, z_t)]; y_t = sum_s h * C_t."""
     f = np.float32
     h_prev, dA, dBu, C = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("h_prev", "dA_t", "dBu_t", "C_t"))
     m, h, c1, p, y = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("m", "h", "c1", "p", "y"))
-    body = gs.Graph(inputs=[h_prev, dA, dBu, C], outputs=[h, y], name=f"{name}/body")
-    body.nodes += [
-        gs.Node("Mul", inputs=[dA, h_prev], outputs=[m]),
-        gs.Node("Add", inputs=[m, dBu], outputs=[h]),
+    inputs = [h_prev, dA, dBu, C]
+    nodes = [gs.Node("Mul", inputs=[dA, h_prev], outputs=[m]), gs.Node("Add", inputs=[m, dBu], outputs=[h])]
+    if h_bits:
+        s_t, z_t = gs.Variable(f"{name}/h_scale_t", dtype=f), gs.Variable(f"{name}/h_zero_t", dtype=f)
+        inputs += [s_t, z_t]
+
+        def v(n):
+            return gs.Variable(f"{name}/{n}", dtype=f)
+
+        def c(n, arr):
+            return gs.Constant(f"{name}/{n}", np.asarray(arr))
+
+        def op(kind, ins, out):
+            nodes.append(gs.Node(kind, inputs=ins, outputs=[out]))
+            return out
+
+        h = _fake_quant_asym_nodes(op, v, c, h, s_t, z_t, h_bits, "tgq")
+    nodes += [
         gs.Node("Unsqueeze", inputs=[C, gs.Constant(f"{name}/ax1", np.array([1], np.int64))], outputs=[c1]),
         gs.Node("Mul", inputs=[h, c1], outputs=[p]),
         gs.Node("ReduceSum", attrs={"keepdims": 0}, inputs=[p, gs.Constant(f"{name}/axm1", np.array([-1], np.int64))], outputs=[y]),
     ]
+    body = gs.Graph(inputs=inputs, outputs=[h, y], name=f"{name}/body")
+    body.nodes += nodes
     return body
 
 
-@register_pass("lower_selective_scan", "replace each unquantized SelectiveScan by standard ONNX ops (an ONNX Scan loop), for plain onnxruntime")
+@register_pass("lower_selective_scan", "replace each SelectiveScan by standard ONNX ops (an ONNX Scan loop; with QMamba's "
+               "TGQ of h and Abar quantizer when the node carries them), for plain onnxruntime")
 def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
+    """Nodes with delta/B/C quantized (OuroMamba's dynamic outliers: the plugin graph) are refused;
+    7-input nodes and the exporter's 15/19-input nodes with h (h_bits, h_group, h_scale, h_zero at
+    inputs 13-14) and Abar (abar_bits, abar_ltsq; abar_scale, abar_zero, abar_upper, abar_span at
+    inputs 15-18) quantized inside the recurrence are lowered."""
     f = np.float32
     for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
-        if len(node.inputs) != 7:
-            raise PassError(f"{node.name}: only the 7-input (unquantized operand) SelectiveScan can be lowered")
-        u, delta, A, Bm, Cm, Dskip, z = node.inputs
+        a = node.attrs
+        if len(node.inputs) not in (7, 15, 19) or any(int(a.get(f"{p}_bits", 0)) for p in ("delta", "b", "c")):
+            raise PassError(f"{node.name}: a SelectiveScan that quantizes delta/B/C (dynamic outliers) cannot be lowered "
+                            "to standard ONNX ops; only its plugin computes it")
+        u, delta, A, Bm, Cm, Dskip, z = node.inputs[:7]
         k = node.name
-        rev = int(node.attrs.get("reverse", 0))
+        rev = int(a.get("reverse", 0))
+        h_bits, h_group = int(a.get("h_bits", 0)), int(a.get("h_group", 1))
+        abar_bits, ltsq = int(a.get("abar_bits", 0)), int(a.get("abar_ltsq", 0))
 
         def v(n):
             return gs.Variable(f"{k}/{n}", dtype=f)
@@ -206,19 +243,45 @@ def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
             nodes.append(gs.Node(kind, name=f"{k}/{out.name.rsplit('/', 1)[1]}", attrs=attrs, inputs=inputs, outputs=[out]))
             return out
 
-        dt = op("Softplus", [delta], v("dt")) if int(node.attrs.get("delta_softplus", 1)) else delta
+        dt = op("Softplus", [delta], v("dt")) if int(a.get("delta_softplus", 1)) else delta
         dt4 = op("Unsqueeze", [dt, c("axm1", np.array([-1], np.int64))], v("dt4"))
         dA = op("Exp", [op("Mul", [dt4, A], v("dtA"))], v("dA"))
+        if abar_bits:
+            s_a, z_a, upper, span = node.inputs[15:19]
+            if ltsq:  # upper - span * 2**-clamp(round(-log2(max((upper - Abar) / span, 2**-40))), 0, 2**b - 1)
+                r = op("Max", [op("Div", [op("Sub", [upper, dA], v("ltsq_gap")), span], v("ltsq_ratio")),
+                               c("ltsq_min", np.array(LTSQ_MIN_RATIO, f))], v("ltsq_r"))
+                lg = op("Neg", [op("Div", [op("Log", [r], v("ltsq_ln")), c("ln2", np.array(np.log(2.0), f))], v("ltsq_log2"))],
+                        v("ltsq_nlog2"))
+                code = op("Clip", [op("Round", [lg], v("ltsq_round")), c("ltsq_lo", np.array(0.0, f)),
+                                   c("ltsq_hi", np.array(float((1 << abar_bits) - 1), f))], v("ltsq_code"))
+                step = op("Pow", [c("two", np.array(2.0, f)), op("Neg", [code], v("ltsq_ncode"))], v("ltsq_pow"))
+                dA = op("Sub", [upper, op("Mul", [span, step], v("ltsq_step"))], v("dA_q"))
+            else:
+                dA = _fake_quant_asym_nodes(op, v, c, dA, s_a, z_a, abar_bits, "abar")
         b3 = op("Unsqueeze", [Bm, c("ax2", np.array([2], np.int64))], v("B3"))
         u4 = op("Unsqueeze", [u, c("axm1u", np.array([-1], np.int64))], v("u4"))
         dBu = op("Mul", [op("Mul", [dt4, b3], v("dtB")), u4], v("dBu"))
         first = op("Gather", [dBu, c("t0", np.array(0, np.int64))], v("dBu0"), axis=1)
         h0 = op("ConstantOfShape", [op("Shape", [first], gs.Variable(f"{k}/hshape", dtype=np.int64))], v("h0"),
                 value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+        scan_in, axes = [dA, dBu, Cm], [1, 1, 1]
+        if h_bits:  # TGQ: scan step i uses group i // g, i.e. token t belongs to group (t or L-1-t) // g
+            i64 = np.int64
+            L = op("Gather", [op("Shape", [u], gs.Variable(f"{k}/ushape", dtype=i64)), c("dim1", np.array(1, i64))],
+                   gs.Variable(f"{k}/L", dtype=i64), axis=0)
+            t = op("Range", [c("zero_i", np.array(0, i64)), L, c("one_i", np.array(1, i64))], gs.Variable(f"{k}/t", dtype=i64))
+            if rev:
+                t = op("Sub", [op("Sub", [L, c("one_j", np.array(1, i64))], gs.Variable(f"{k}/Lm1", dtype=i64)), t],
+                       gs.Variable(f"{k}/step", dtype=i64))
+            group = op("Div", [t, c("h_group", np.array(h_group, i64))], gs.Variable(f"{k}/tgq_group", dtype=i64))
+            scan_in += [op("Gather", [node.inputs[13], group], v("h_scale_tok"), axis=0),
+                        op("Gather", [node.inputs[14], group], v("h_zero_tok"), axis=0)]
+            axes += [0, 0]
         h_last, ys = v("h_last"), v("ys")
-        nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, dA, dBu, Cm], outputs=[h_last, ys], attrs=dict(
-            body=_scan_body(k), num_scan_inputs=3, scan_input_axes=[1, 1, 1], scan_output_axes=[1],
-            scan_input_directions=[rev] * 3, scan_output_directions=[rev])))
+        nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, *scan_in], outputs=[h_last, ys], attrs=dict(
+            body=_scan_body(k, h_bits), num_scan_inputs=len(scan_in), scan_input_axes=axes, scan_output_axes=[1],
+            scan_input_directions=[rev] * len(scan_in), scan_output_directions=[rev])))
         y = op("Add", [ys, op("Mul", [u, Dskip], v("uD"))], v("y"))
         gate = op("Mul", [z, op("Sigmoid", [z], v("sz"))], v("silu_z"))
         out = node.outputs[0]

@@ -23,18 +23,31 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import torch
 from onnx import TensorProto, numpy_helper
 from torch import Tensor
 
 from ouro.calib.quant import QuantizedModel, export_mode, iter_quantizers
-from ouro.calib.scan import ScanInputs
+from ouro.calib.quant.qdq import NODE_NAME_ATTR
+from ouro.calib.scan import ScanInputs, selective_scan_ref
 from ouro.recipes import Target, WeightFormat, check_target
 
-from .onnx_export import ExportError, ExportResult, SelectiveScanFn, example_input, export_onnx, fp_scan
+from .onnx_export import (
+    DOMAIN,
+    PLUGIN_ATTRS,
+    SCAN_OP,
+    ExportError,
+    ExportResult,
+    SelectiveScanFn,
+    example_input,
+    export_onnx,
+    fp_scan,
+)
 from .passes import DEFAULT_PASSES, apply_passes_to_graph, finish_graph, fold_constants
 from .plugin import emit_plugin_nodes
 
@@ -56,13 +69,63 @@ class QDQError(ExportError):
     user_facing = True
 
 
+@dataclass(frozen=True)
+class RecurrenceQuant:
+    """Quantization inside the recurrence (QMamba), as attributes of the scan node: h (TGQ, the
+    SelectiveScan plugin contract's h_bits / h_group / h_scale / h_zero) and Abar = exp(dt*A)
+    (abar_bits, abar_ltsq; inputs 15-18 abar_scale, abar_zero, abar_upper, abar_span: exporter
+    internal, the lowering to an ONNX Scan loop computes them)."""
+
+    h_bits: int = 0
+    h_group: int = 1
+    abar_bits: int = 0
+    abar_ltsq: int = 0
+
+
+class QuantScanFn(torch.autograd.Function):
+    """A scan with Abar / h quantized inside the recurrence: one 19-input ouro::SelectiveScan node
+    (7 operands, 6 empty delta/B/C tables, h_scale, h_zero, 4 Abar scalars); forward: `inner`."""
+
+    @staticmethod
+    def forward(ctx, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
+                spec: RecurrenceQuant):  # noqa: N803
+        if torch.jit.is_tracing():
+            return torch.zeros_like(u)
+        return inner("bwd" if reverse else "fwd", ScanInputs(u, delta, A, Bm, Cm, Dskip, z)).to(u.dtype)
+
+    @staticmethod
+    def symbolic(g, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
+                 spec):  # noqa: N803
+        empty = [g.op("Constant", value_t=torch.zeros(0)) for _ in range(6)]
+        attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
+        y = g.op(f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z, *empty, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
+                 reverse_i=int(reverse), delta_softplus_i=1, h_bits_i=spec.h_bits, h_group_i=spec.h_group,
+                 abar_bits_i=spec.abar_bits, abar_ltsq_i=spec.abar_ltsq, **attrs, **{f"{NODE_NAME_ATTR}_s": name})
+        y.setType(u.type())
+        return y
+
+
 def _scan_core(prefix: str):
-    """The scan of a mixer in export mode: one ouro::SelectiveScan node `<prefix>.scan_<dir>`."""
+    """The scan of a mixer in export mode: one ouro::SelectiveScan node `<prefix>.scan_<dir>`; with
+    Abar / h quantizers (QMamba) the node carries them (`QuantScanFn`)."""
 
     def core(direction: str, inputs: ScanInputs, *, abar_quant=None, h_quant=None) -> Tensor:
-        if abar_quant is not None or h_quant is not None:
-            raise QDQError(f"{prefix}.scan_{direction}: quantizing Abar / h inside the recurrence has no export")
-        return SelectiveScanFn.apply(fp_scan, f"{prefix}.scan_{direction}", direction == "bwd", *inputs)
+        name, reverse = f"{prefix}.scan_{direction}", direction == "bwd"
+        if abar_quant is None and h_quant is None:
+            return SelectiveScanFn.apply(fp_scan, name, reverse, *inputs)
+
+        def inner(d: str, ins: ScanInputs) -> Tensor:
+            return selective_scan_ref(*ins, delta_softplus=True, reverse=reverse,
+                                      abar_quant=None if abar_quant is None else abar_quant.quantize,
+                                      h_quant=None if h_quant is None else h_quant.hook)
+
+        none = torch.zeros(0)
+        h = h_quant.export_tables() if h_quant is not None else [none, none]
+        ltsq, abar = abar_quant.export_tables() if abar_quant is not None else (False, [none] * 4)
+        spec = RecurrenceQuant(h_bits=h_quant.format.bits if h_quant is not None else 0,
+                               h_group=h_quant.format.group if h_quant is not None else 1,
+                               abar_bits=abar_quant.format.bits if abar_quant is not None else 0, abar_ltsq=int(ltsq))
+        return QuantScanFn.apply(inner, name, reverse, *inputs, *h, *abar, spec)
 
     return core
 
@@ -131,15 +194,18 @@ def type_int4_weights(model: onnx.ModelProto, qmodel: QuantizedModel) -> onnx.Mo
         fmt = formats.get(key)
         if fmt is None or fmt.bits > 4:
             continue
-        typ = TensorProto.INT4 if fmt.symmetric else TensorProto.UINT4
-        for idx, suffix in ((0, "weight_int4"), (2, "weight_zero_int4")):
+        typ, (lo, hi) = (TensorProto.INT4, (-8, 7)) if fmt.symmetric else (TensorProto.UINT4, (0, 15))
+        arrays = []
+        for idx in (0, 2):
             t = by_name.get(node.input[idx])
             if t is None:
                 raise QDQError(f"{key}: weight DequantizeLinear input {idx} is not an initializer")
-            arr = numpy_helper.to_array(t).astype(np.int64)
-            lo, hi = (-8, 7) if fmt.symmetric else (0, 15)
-            if arr.size and (arr.min() < lo or arr.max() > hi):
+            arrays.append(numpy_helper.to_array(t).astype(np.int64))
+        if any(a.size and (a.min() < lo or a.max() > hi) for a in arrays):
+            if fmt.symmetric:
                 raise QDQError(f"{key}: {fmt.bits}-bit weight codes out of [{lo}, {hi}]")
+            continue  # an asymmetric zero point outside the 4-bit grid (one-sided range): keep the 8/16-bit container
+        for idx, suffix, arr in ((0, "weight_int4", arrays[0]), (2, "weight_zero_int4", arrays[1])):
             name = f"{key}.{suffix}"
             new[name] = onnx.helper.make_tensor(name, typ, arr.shape, arr.flatten().tolist())
             node.input[idx] = name

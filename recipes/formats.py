@@ -307,50 +307,62 @@ class OperandCaps:
     smoothing: bool = False
     log2: bool = False
     float_ok: bool = True  # FP16 / not quantized is fine
+    needs_outliers: bool = False  # the node always splits outliers off (OutlierLinear, SelectiveScan's delta/B/C)
 
-    def problems(self, what: str, fmt: SiteFormat) -> list[str]:
+    def problems(self, what: str, fmt: SiteFormat) -> list[tuple[str, str]]:
+        """(what, issue) for each way `fmt` is outside these capabilities."""
         if fmt is None or isinstance(fmt, FloatFormat):
-            return [] if self.float_ok else [f"{what} must be quantized"]
+            return [] if self.float_ok else [(what, "not quantized (this target needs them quantized)")]
         if not self.bits:
-            return [f"{what} cannot be quantized"]
+            return [(what, "quantized, which this target does not support")]
         out = []
         if fmt.bits not in self.bits:
-            out.append(f"{what} are {fmt.bits}-bit (supported: {_set(self.bits)})")
+            out.append((what, f"{fmt.bits}-bit (supported: {_set(self.bits)})"))
         if not fmt.symmetric and not self.asymmetric:
-            out.append(f"{what} are asymmetric (supported: symmetric only, no zero points)")
+            out.append((what, "asymmetric (supported: symmetric only, no zero points)"))
         if fmt.granularity not in self.granularities:
-            out.append(f"{what} have one scale per {fmt.granularity.value} (supported: per {_set(g.value for g in self.granularities)})")
+            out.append((what, f"scaled per {fmt.granularity.value} (supported: per {_set(g.value for g in self.granularities)})"))
         if isinstance(fmt, ActFormat):
             if fmt.smoothing and not self.smoothing:
-                out.append(f"{what} are smoothed by a per-channel sigma (not supported)")
+                out.append((what, "smoothed by a per-channel sigma (not supported)"))
             if fmt.log2 and not self.log2:
-                out.append(f"{what} use the LtSQ log grid (not supported)")
+                out.append((what, "on the LtSQ log grid (not supported)"))
             o = fmt.outliers
+            if o is None and self.needs_outliers:
+                out.append((what, "without an outlier split (the node always splits outliers off)"))
             if o is not None and not self.drops_outliers:
                 if not self.outlier_bits:
-                    out.append(f"{what} have an outlier split (not supported)")
+                    out.append((what, "split into inliers and outliers (not supported)"))
                 elif o.bits not in self.outlier_bits:
-                    out.append(f"{what} have {bits_label(o.bits)} outliers (supported: {_set(bits_label(b) for b in self.outlier_bits)})")
-                if o.detection is not OutlierDetection.DYNAMIC:
-                    out.append(f"{what} use a {o.detection.value} outlier list (an ablation; supported: dynamic)")
-            if o is not None and self.drops_outliers and o.detection is not OutlierDetection.DYNAMIC:
-                out.append(f"{what} use a {o.detection.value} outlier list (an ablation; not expressible as Q/DQ)")
+                    out.append((what, f"with {bits_label(o.bits)} outliers (supported: {_set(bits_label(b) for b in self.outlier_bits)})"))
+            if o is not None and o.detection is not OutlierDetection.DYNAMIC:
+                out.append((what, f"with a {o.detection.value} outlier list (an ablation; supported: dynamic detection)"))
         return out
 
-    def summary(self) -> str:
-        if not self.bits:
-            return "not quantized"
-        s = f"{_set(self.bits)} bits, {'symmetric or asymmetric' if self.asymmetric else 'symmetric'}, per {_set(g.value for g in self.granularities)}"
-        if self.outlier_bits:
-            s += f", outliers {_set(bits_label(b) for b in self.outlier_bits)}"
-        if self.drops_outliers:
-            s += ", outliers dropped (static inlier grid only)"
-        return s
+
+def _join_sites(whats: list[str]) -> list[str]:
+    """["scan operand u", "scan operand B"] -> ["scan operands u, B"]; other sites unchanged."""
+    ops = [w.removeprefix("scan operand ") for w in whats if w.startswith("scan operand ")]
+    rest = [w for w in whats if not w.startswith("scan operand ")]
+    if len(ops) > 1:
+        rest.append("scan operands " + ", ".join(ops))
+    elif ops:
+        rest.append(f"scan operand {ops[0]}")
+    return rest
 
 
 def _set(items) -> str:
-    vals = sorted(items, key=lambda v: (isinstance(v, str), v))
-    return ", ".join(str(v) for v in vals)
+    """Sorted values, runs of consecutive integers as lo..hi: {2, 3, 4, 8} -> "2..4, 8"."""
+    vals = sorted(set(items), key=lambda v: (isinstance(v, str), v))
+    parts: list[str] = []
+    i = 0
+    while i < len(vals):
+        j = i
+        while isinstance(vals[i], int) and j + 1 < len(vals) and isinstance(vals[j + 1], int) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        parts.append(f"{vals[i]}..{vals[j]}" if j - i >= 2 else ", ".join(str(v) for v in vals[i : j + 1]))
+        i = j + 1
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -371,16 +383,24 @@ class TargetCaps:
     fallback: Target | None = None
 
     def problems(self, formats: QuantFormats) -> list[str]:
-        out = []
-        out += self.linear_act.problems("linear-layer activations", formats.linear_act)
-        out += self.linear_weight.problems("linear-layer weights", formats.linear_weight)
+        """What the target cannot express in `formats`, one sentence per issue (sites sharing it merged)."""
+        found: list[tuple[str, str]] = []
+        found += self.linear_act.problems("linear-layer activations", formats.linear_act)
+        found += self.linear_weight.problems("linear-layer weights", formats.linear_weight)
         if self.linear_needs_act and isinstance(formats.linear_weight, WeightFormat) and not isinstance(formats.linear_act, ActFormat):
-            out.append("weight-only linear layers (an unquantized activation) are not supported")
+            found.append(("linear layers", "weight-only (an unquantized activation is not supported)"))
         for op, fmt in formats.ssm:
             if fmt is None or isinstance(fmt, FloatFormat):
                 continue
-            caps = self.ssm.get(op, OperandCaps())
-            out += caps.problems(f"scan operand {op}", fmt)
+            found += self.ssm.get(op, OperandCaps()).problems(f"scan operand {op}", fmt)
+        merged: dict[str, list[str]] = {}
+        for what, issue in found:
+            merged.setdefault(issue, []).append(what)
+        out = []
+        for issue, whats in merged.items():
+            sites = _join_sites(whats)
+            subject = sites[0] if len(sites) == 1 else ", ".join(sites[:-1]) + " and " + sites[-1]
+            out.append(f"{subject} {'is' if subject.startswith('scan operand ') else 'are'} {issue}")
         if self.shared_scan_params:
             outl = {op: f.outliers for op, f in formats.ssm if isinstance(f, ActFormat) and f.outliers is not None}
             for attr in ("n_refresh", "threshold", "std_correction"):
@@ -389,11 +409,6 @@ class TargetCaps:
         if formats.delta_before_bias and not self.delta_before_bias:
             out.append("Delta is quantized before dt_proj's bias (delta_before_bias; the scan node takes Delta with the bias added)")
         return out
-
-    def summary(self) -> str:
-        rows = [f"linear activations: {self.linear_act.summary()}", f"linear weights: {self.linear_weight.summary()}"]
-        rows += [f"scan {op}: {c.summary()}" for op, c in self.ssm.items()]
-        return "; ".join(rows)
 
 
 _INT8_GRIDS = frozenset(range(MIN_BITS, 9))
@@ -409,12 +424,14 @@ PLUGIN_LINEAR_O_BITS = frozenset({4, 8, FP16})
 PLUGIN_SCAN_BITS = _INT8_GRIDS
 PLUGIN_SCAN_O_BITS = _INT8_GRIDS | {FP16}
 
-_PLUGIN_SCAN_OPERAND = OperandCaps(bits=PLUGIN_SCAN_BITS, outlier_bits=PLUGIN_SCAN_O_BITS, granularities=_ACT_GRAN)
+_PLUGIN_SCAN_OPERAND = OperandCaps(bits=PLUGIN_SCAN_BITS, outlier_bits=PLUGIN_SCAN_O_BITS, granularities=_ACT_GRAN,
+                                   needs_outliers=True)
 
 TARGET_CAPS: dict[Target, TargetCaps] = {
     Target.PLUGIN: TargetCaps(
         Target.PLUGIN,
-        linear_act=OperandCaps(bits=PLUGIN_LINEAR_A_BITS, outlier_bits=PLUGIN_LINEAR_O_BITS, granularities=_ACT_GRAN, float_ok=False),
+        linear_act=OperandCaps(bits=PLUGIN_LINEAR_A_BITS, outlier_bits=PLUGIN_LINEAR_O_BITS, granularities=_ACT_GRAN,
+                               float_ok=False, needs_outliers=True),
         linear_weight=OperandCaps(bits=PLUGIN_LINEAR_W_BITS, granularities=frozenset({Granularity.CHANNEL}), float_ok=False),
         ssm={
             "delta": _PLUGIN_SCAN_OPERAND, "B": _PLUGIN_SCAN_OPERAND, "C": _PLUGIN_SCAN_OPERAND,
@@ -432,7 +449,12 @@ TARGET_CAPS: dict[Target, TargetCaps] = {
         ssm={
             op: OperandCaps(bits=_INT8_GRIDS, drops_outliers=True, asymmetric=True, granularities=_ACT_GRAN)
             for op in ("u", "delta", "B", "C")
-        } | {"A": _CONSTANT, "D": _CONSTANT},
+        } | {
+            "A": _CONSTANT, "D": _CONSTANT,
+            # inside the recurrence, lowered with the ONNX Scan loop (float ops, not Q/DQ)
+            "abar": OperandCaps(bits=_INT8_GRIDS, asymmetric=True, granularities=frozenset({Granularity.TENSOR}), log2=True),
+            "h": OperandCaps(bits=_INT8_GRIDS, asymmetric=True, granularities=frozenset({Granularity.STEP_GROUP})),
+        },
     ),
     Target.QDQ_TENSORRT: TargetCaps(
         Target.QDQ_TENSORRT,
@@ -468,7 +490,7 @@ def check_target(formats: QuantFormats, target: Target | str, *, recipe_name: st
     if not bad:
         return
     who = f"recipe {recipe_name!r} (method {formats.method})" if recipe_name else f"method {formats.method}"
-    msg = f"{target.label} cannot express {who}: " + "; ".join(bad) + f". It supports {caps.summary()}."
+    msg = f"{target.label} cannot express {who}: " + "; ".join(bad) + "."
     if caps.fallback is not None and not TARGET_CAPS[caps.fallback].problems(formats):
         msg += f" Write {caps.fallback.label} instead."
     raise TargetError(msg)

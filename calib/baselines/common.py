@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ouro.recipes import ActFormat, CalibConfig, WeightFormat
 
 from ..quant.base import Quantizer
-from ..quant.qdq import AsymActQDQFn, AsymActSpec, WeightDQFn, WeightSpec, weight_codes
+from ..quant.qdq import asym_act_qdq, weight_dq
 from ..quantizers import fake_quant_asym, fake_quant_sym, qmax
 
 __all__ = [
@@ -123,11 +123,10 @@ class TensorAsymQuant(Quantizer):
         return fake_quant_asym(x, self.scale * self.scale_mult, self.zero, self.bits)
 
     def export(self, x: Tensor) -> Tensor:
-        s = (self.scale * self.scale_mult).detach().float()
+        s = (self.scale * self.scale_mult).detach()
         if isinstance(self.format, WeightFormat):
-            spec = WeightSpec(self.node_name, self.format, weight_codes(x, self.format, s, self.zero), s, self.zero.detach())
-            return WeightDQFn.apply(x, spec)
-        return AsymActQDQFn.apply(x, AsymActSpec(self.node_name, self.format, s, self.zero.detach()))
+            return weight_dq(x, self.format, self.node_name, s, self.zero)
+        return asym_act_qdq(x, s, self.zero, self.node_name, self.format)
 
 
 def fold_scale_mult_(scale: nn.Parameter, mult: nn.Parameter) -> None:
@@ -166,5 +165,4 @@ class ChannelSymWeightQuant(Quantizer):
         return fake_quant_sym(x, self.scale, self.bits)
 
     def export(self, w: Tensor) -> Tensor:
-        s = self.scale.detach().float()
-        return WeightDQFn.apply(w, WeightSpec(self.node_name, self.format, weight_codes(w, self.format, s), s.reshape(-1)))
+        return weight_dq(w, self.format, self.node_name, self.scale)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ouro.recipes import ActFormat, CalibConfig, FloatFormat, Method, PTQ4VMParams, Recipe, WeightFormat
 
 from ..quant.base import MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
-from ..quant.qdq import AsymActQDQFn, AsymActSpec, WeightDQFn, WeightSpec, weight_codes
+from ..quant.qdq import asym_act_qdq, weight_dq
 from ..quantizers import fake_quant_asym, fake_quant_sym, qmax
 from .common import EPS_SCALE
 
@@ -168,8 +168,7 @@ class PTSQuant(Quantizer):
         return fake_quant_asym(x.float() / self.sigma, self.scale, self.zero, self.bits)
 
     def export(self, x: Tensor) -> Tensor:
-        spec = AsymActSpec(self.node_name, self.format, self.scale.detach().float(), self.zero.detach(), self.sigma.detach().float())
-        return AsymActQDQFn.apply(x, spec)
+        return asym_act_qdq(x, self.scale, self.zero, self.node_name, self.format, sigma=self.sigma)
 
 
 class SmoothedWeightQuant(Quantizer):
@@ -206,8 +205,7 @@ class SmoothedWeightQuant(Quantizer):
 
     def export(self, w: Tensor) -> Tensor:
         """DequantizeLinear of the int8 codes of W * sigma (w is that product)."""
-        s = self.scale.detach().float()
-        return WeightDQFn.apply(w, WeightSpec(self.node_name, self.format, weight_codes(w, self.format, s), s.reshape(-1)))
+        return weight_dq(w, self.format, self.node_name, self.scale)
 
 
 def _ptq4vm_linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tensor) -> Tensor:

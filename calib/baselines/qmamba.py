@@ -195,6 +195,11 @@ class AbarQuant(Quantizer):
     def choice(self) -> dict:
         return {"quantizer": "ltsq" if bool(self.use_ltsq) else "uniform", "skew_stat": round(float(self.skew_stat), 6), "tau": self.tau}
 
+    def export_tables(self) -> tuple[bool, list[Tensor]]:
+        """(LtSQ chosen?, [scale, zero, upper, span]): the four scalars of both grids, for the scan node."""
+        t = [self.scale * self.scale_mult, self.zero, self.upper, self.span * self.span_mult]
+        return bool(self.use_ltsq), [v.detach().float().reshape(()) for v in t]
+
 
 class TGQQuant(Quantizer):
     """TGQ of the hidden state h of one direction: ceil(L/g) groups of g scan steps, each with a
@@ -249,6 +254,10 @@ class TGQQuant(Quantizer):
 
     def state_keys(self) -> list[str]:
         return ["scale", "zero"]  # scale_mult is 1 after freeze
+
+    def export_tables(self) -> list[Tensor]:
+        """[scale, zero], one per group (G,): the scan node's h_scale / h_zero (group = step // g)."""
+        return [(self.scale * self.scale_mult).detach().float(), self.zero.detach().float()]
 
 
 def quantized_scan(

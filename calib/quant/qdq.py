@@ -20,6 +20,7 @@ attribute NODE_NAME_ATTR (moved onto NodeProto.name by the exporter).
       (a zero point outside [0, 255], possible for a one-sided range, uses the Div/Clip/INT16 form instead)
     weight (codes [N, K] int8 / uint8, per output channel (axis 0) or per tensor):
         DequantizeLinear(codes, scale, zero)                   (INT4/UINT4 at <= 4 bits: exporter, once)
+      (a constant whose zero point lies outside [0, 255], from a one-sided range, uses INT32 codes)
     OuroMamba linear (one fused function, `QLinearFn`): act Q/DQ, weight DQ -> Transpose, MatMul, Add(bias)
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ __all__ = [
     "QLinearFn",
     "AsymActQDQFn",
     "WeightDQFn",
+    "asym_act_qdq",
+    "weight_dq",
     "static_sym_fake_quant",
     "weight_codes",
 ]
@@ -51,6 +54,7 @@ NODE_NAME_ATTR = "ouro_node_name"
 INT8_GRID = (-128, 127)
 UINT8_MAX = 255
 INT16_GRID = (-(1 << 15), (1 << 15) - 1)
+INT32_GRID = (-(1 << 31), (1 << 31) - 1)
 
 
 def _named(name: str) -> dict:
@@ -130,90 +134,106 @@ class QLinearFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- asymmetric activation
-@dataclass(frozen=True, eq=False)
+# The spec objects below hold only Python values: tensors reach the functions as inputs (a tensor
+# created while tracing and hidden inside a non-tensor argument breaks torch's tracer).
+@dataclass(frozen=True)
 class AsymActSpec:
-    """An asymmetric static activation Q/DQ: scale and integer zero point, one per tensor (shape ())
-    or per token (shape (1, L, 1)); sigma: the per-input-channel smoothing divisor (K,), or None."""
+    """An asymmetric static activation Q/DQ. Inputs: x, scale and integer zero point (one per tensor,
+    shape (), or per token, shape (1, L, 1)), and sigma, the per-input-channel smoothing divisor (K,)
+    when `smoothed`. window: None when every zero point lies in [0, 255] (uint8 Q/DQ with zero
+    points); else the INT16 window (-z, 2**bits - 1 - z) of a one-sided per-tensor range."""
 
     name: str
     format: ActFormat
-    scale: Tensor
-    zero: Tensor
-    sigma: Tensor | None = None
+    smoothed: bool = False
+    window: tuple[float, float] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float() if self.sigma is None else x.float() / self.sigma
-        return fake_quant_asym(xf, self.scale, self.zero, self.format.bits)
+    @classmethod
+    def of(cls, name: str, fmt: ActFormat, zero: Tensor, smoothed: bool = False) -> "AsymActSpec":
+        z = zero.detach().float()
+        if float(z.min()) >= 0 and float(z.max()) <= UINT8_MAX:
+            return cls(name, fmt, smoothed)
+        if z.numel() != 1:
+            raise NotImplementedError(f"{name}: a per-token zero point outside [0, 255] has no Q/DQ form here")
+        lo, hi = -float(z), float((1 << fmt.bits) - 1) - float(z)
+        if lo < INT16_GRID[0] or hi > INT16_GRID[1]:
+            raise NotImplementedError(f"{name}: zero point {float(z)} is outside the INT16 grid")
+        return cls(name, fmt, smoothed, (lo, hi))
+
+    @property
+    def per_token(self) -> bool:
+        return self.format.granularity is Granularity.TOKEN
 
 
-def _emit_asym_act_qdq(g, x, spec: AsymActSpec):
-    n = spec.name
-    if spec.sigma is not None:
-        x = g.op("Div", x, _const(g, spec.sigma.detach().float().contiguous()), **_named(f"{n}/act_smooth"))
-    bits, z = spec.format.bits, spec.zero.detach().float()
-    per_token = spec.format.granularity is Granularity.TOKEN and spec.scale.numel() > 1
-    hi = (1 << bits) - 1
-    if float(z.min()) >= 0 and float(z.max()) <= UINT8_MAX:
-        shape = (-1,) if per_token else ()
-        s = _const(g, spec.scale.detach().float().reshape(shape).contiguous())
-        zp = _const(g, z.reshape(shape).to(torch.uint8).contiguous())
-        axis = {"axis_i": 1} if per_token else {}
-        y = g.op("QuantizeLinear", x, s, zp, **axis, **_named(f"{n}/act_q"))
+def _emit_asym_act_qdq(g, x, scale, zero, sigma, spec: AsymActSpec):
+    n, bits = spec.name, spec.format.bits
+    if spec.smoothed:
+        x = g.op("Div", x, sigma, **_named(f"{n}/act_smooth"))
+    if spec.window is None:  # uint8 grid with zero points; per token: axis 1 of (B, L, C)
+        axis = {"axis_i": 1} if spec.per_token else {}
+        y = g.op("QuantizeLinear", x, scale, zero, **axis, **_named(f"{n}/act_q"))
         if bits < 8:
+            hi = (1 << bits) - 1
             y = g.op("Clip", y, _const(g, torch.tensor(0, dtype=torch.uint8)), _const(g, torch.tensor(hi, dtype=torch.uint8)),
                      **_named(f"{n}/act_clip"))
-        return g.op("DequantizeLinear", y, s, zp, **axis, **_named(f"{n}/act_dq"))
-    # clamp(round(x/s) + z, 0, hi) - z == clamp(round(x/s), -z, hi - z): the window on an INT16 grid
-    if per_token:
-        raise NotImplementedError(f"{n}: a per-token zero point outside [0, 255] has no Q/DQ form here")
-    s = _const(g, spec.scale.detach().float().reshape(()))
-    lo_c, hi_c = -float(z), float(hi) - float(z)
-    if lo_c < INT16_GRID[0] or hi_c > INT16_GRID[1]:
-        raise NotImplementedError(f"{n}: zero point {float(z)} is outside the INT16 grid")
-    one, zero = _const(g, torch.tensor(1.0)), _const(g, torch.tensor(0, dtype=torch.int16))
-    y = g.op("Div", x, s, **_named(f"{n}/act_div"))
+        return g.op("DequantizeLinear", y, scale, zero, **axis, **_named(f"{n}/act_dq"))
+    # clamp(round(x/s) + z, 0, hi) - z == clamp(round(x/s), -z, hi - z): that window on an INT16 grid
+    one, z16 = _const(g, torch.tensor(1.0)), _const(g, torch.tensor(0, dtype=torch.int16))
+    lo_c, hi_c = spec.window
+    y = g.op("Div", x, scale, **_named(f"{n}/act_div"))
     y = g.op("Clip", y, _const(g, torch.tensor(lo_c)), _const(g, torch.tensor(hi_c)), **_named(f"{n}/act_clip"))
-    y = g.op("QuantizeLinear", y, one, zero, **_named(f"{n}/act_q"))
-    y = g.op("DequantizeLinear", y, one, zero, **_named(f"{n}/act_dq"))
-    return g.op("Mul", y, s, **_named(f"{n}/act_mul"))
+    y = g.op("QuantizeLinear", y, one, z16, **_named(f"{n}/act_q"))
+    y = g.op("DequantizeLinear", y, one, z16, **_named(f"{n}/act_dq"))
+    return g.op("Mul", y, scale, **_named(f"{n}/act_mul"))
 
 
 class AsymActQDQFn(torch.autograd.Function):
-    """x -> [Div(sigma)] -> asymmetric Q/DQ (module docstring); forward: `fake_quant_asym` on x[/sigma]."""
+    """x -> [Div(sigma)] -> asymmetric Q/DQ (module docstring); forward: `fake_quant_asym` on x[/sigma].
+
+    scale: float (1, L, 1) / (), shaped for the node (per token: (L,)); zero: uint8 of the same
+    shape (or, with a window, the float zero point)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: AsymActSpec) -> Tensor:
-        return spec.forward(x).to(x.dtype)
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, sigma: Tensor, spec: AsymActSpec) -> Tensor:
+        xf = x.float() / sigma if spec.smoothed else x.float()
+        shape = (1, -1, 1) if spec.per_token else ()
+        return fake_quant_asym(xf, scale.reshape(shape), zero.float().reshape(shape), spec.format.bits).to(x.dtype)
 
     @staticmethod
-    def symbolic(g, x, spec):
-        return _emit_asym_act_qdq(g, x, spec)
+    def symbolic(g, x, scale, zero, sigma, spec):
+        return _emit_asym_act_qdq(g, x, scale, zero, sigma, spec)
+
+
+def asym_act_qdq(x: Tensor, scale: Tensor, zero: Tensor, name: str, fmt: ActFormat, sigma: Tensor | None = None) -> Tensor:
+    """Apply the asymmetric Q/DQ function: tensors shaped and typed for the nodes."""
+    spec = AsymActSpec.of(name, fmt, zero, smoothed=sigma is not None)
+    s = scale.detach().float()
+    if spec.window is None:
+        shape = (-1,) if spec.per_token else ()
+        s, z = s.reshape(shape), zero.detach().reshape(shape).to(torch.uint8)
+    else:
+        s, z = s.reshape(()), zero.detach().float().reshape(())
+    sig = sigma.detach().float() if sigma is not None else s
+    return AsymActQDQFn.apply(x, s, z, sig, spec)
 
 
 # --------------------------------------------------------------------------------------- weights
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class WeightSpec:
-    """Integer codes of a constant and how to dequantize them: w = (codes - zero) * scale.
-
-    codes: int8 (symmetric) or uint8 (asymmetric) with the constant's shape; scale / zero: one per
-    row (CHANNEL, shape (N,)) or one (TENSOR, shape ())."""
+    """A constant as integer codes: w = (codes - zero) * scale, one scale (and zero) per row
+    (CHANNEL: (N,)) or one (TENSOR: ()); int8 codes (symmetric) or uint8 (asymmetric)."""
 
     name: str
     format: WeightFormat
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor | None = None
 
-    def dequantized(self) -> Tensor:
-        per_row = self.format.granularity is Granularity.CHANNEL
-        shape = (-1,) + (1,) * (self.codes.dim() - 1) if per_row else ()
-        s = self.scale.float().reshape(shape)
-        z = 0.0 if self.zero is None else self.zero.float().reshape(shape)
-        return (self.codes.float() - z) * s
+    @property
+    def per_row(self) -> bool:
+        return self.format.granularity is Granularity.CHANNEL
 
 
 def weight_codes(w: Tensor, fmt: WeightFormat, scale: Tensor, zero: Tensor | None = None) -> Tensor:
-    """The integer codes a fake-quantized constant stands for (int8 symmetric, uint8 asymmetric)."""
+    """The integer codes a fake-quantized constant stands for (int8 symmetric, uint8 asymmetric);
+    `scale` / `zero` broadcast against `w`."""
     wf = w.detach().float()
     if fmt.symmetric:
         q = qmax(fmt.bits)
@@ -222,19 +242,33 @@ def weight_codes(w: Tensor, fmt: WeightFormat, scale: Tensor, zero: Tensor | Non
 
 
 class WeightDQFn(torch.autograd.Function):
-    """A constant as DequantizeLinear(codes, scale, zero) (`w` only ties the node into the trace)."""
+    """A constant as DequantizeLinear(codes, scale, zero, axis 0 per row); `w` ties it into the trace."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, spec: WeightSpec) -> Tensor:
-        return spec.dequantized().to(w.dtype)
+    def forward(ctx, w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, spec: WeightSpec) -> Tensor:
+        shape = (-1,) + (1,) * (codes.dim() - 1) if spec.per_row else ()
+        return ((codes.float() - zero.float().reshape(shape)) * scale.reshape(shape)).to(w.dtype)
 
     @staticmethod
-    def symbolic(g, w, spec):
-        per_row = spec.format.granularity is Granularity.CHANNEL
-        shape = (-1,) if per_row else ()
-        codes = _const(g, spec.codes.contiguous())
-        s = _const(g, spec.scale.detach().float().reshape(shape).contiguous())
-        zdt = torch.int8 if spec.format.symmetric else torch.uint8
-        z = torch.zeros_like(spec.scale.reshape(shape), dtype=zdt) if spec.zero is None else spec.zero.reshape(shape).to(zdt)
-        axis = {"axis_i": 0} if per_row else {}
-        return g.op("DequantizeLinear", codes, s, _const(g, z.contiguous()), **axis, **_named(f"{spec.name}/weight_dq"))
+    def symbolic(g, w, codes, scale, zero, spec):
+        axis = {"axis_i": 0} if spec.per_row else {}
+        return g.op("DequantizeLinear", codes, scale, zero, **axis, **_named(f"{spec.name}/weight_dq"))
+
+
+def weight_dq(w: Tensor, fmt: WeightFormat, name: str, scale: Tensor, zero: Tensor | None = None) -> Tensor:
+    """DequantizeLinear of `w`'s codes under (scale, zero): the tensors shaped and typed for the node."""
+    spec = WeightSpec(name, fmt)
+    bshape = (-1,) + (1,) * (w.dim() - 1) if spec.per_row else ()
+    s = scale.detach().float().reshape(bshape)
+    z = None if zero is None else zero.detach().float().reshape(bshape)
+    codes = weight_codes(w, fmt, s, z)
+    shape = (-1,) if spec.per_row else ()
+    if z is None:
+        zq = torch.zeros_like(s.reshape(shape), dtype=codes.dtype)
+    else:  # a one-sided range (A < 0, a constant D) puts the zero point outside [0, 255]: INT32 container
+        wide = float(z.min()) < 0 or float(z.max()) > UINT8_MAX
+        if wide and (float(z.min()) < INT32_GRID[0] or float(z.max()) > INT32_GRID[1]):
+            raise NotImplementedError(f"{name}: zero point {float(z.min())}..{float(z.max())} outside the INT32 grid")
+        codes = codes.to(torch.int32) if wide else codes
+        zq = z.reshape(shape).to(codes.dtype)
+    return WeightDQFn.apply(w, codes, s.reshape(shape), zq, spec)

@@ -215,3 +215,51 @@ def test_vim_tiny_plugin_matches_fake_quant(preset):
     with torch.no_grad():
         fq = q(x).numpy()
     assert _rel(out, fq) < PLUGIN_RTOL
+
+
+# ------------------------------------------------------------------------------ every method exports
+TINY = VimConfig(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10, name="tiny-export")
+BASELINES = [("ptq4vm", {}), ("minmax", {}), ("percentile", {}), ("qmamba", {"tau": 0.0}), ("qmamba", {"tau": 1.0})]
+
+
+def _tiny_method(method: str, params: dict):
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    r = get_preset("w4a4", method)
+    r = r.with_(calib=dict(steps=1, init_samples=8, batch_size=4), **({"method_params": params} if params else {}))
+    return model, calibrate(model, r, lambda m: m(images), progress=False)
+
+
+@pytest.mark.parametrize("method,params", BASELINES, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{x}" for k, x in v.items()))
+def test_baseline_exports_to_qdq_and_matches_fake_quant(method, params):
+    """Every baseline's W4A4 model is a QDQ graph that plain onnxruntime runs and that matches the
+    PyTorch fake-quant model: its quantizers are static, so the graph expresses all of it (QMamba's
+    Abar (LtSQ with tau 0, uniform with tau 1) and TGQ on h inside the lowered Scan loop)."""
+    model, q = _tiny_method(method, params)
+    qdq = export_quantized(q, Target.QDQ_ONNXRUNTIME).model
+    assert all(n.domain in ("", "ai.onnx") for n in qdq.graph.node)
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Scan"} <= ops
+    if method == "qmamba":
+        ltsq = [c["quantizer"] == "ltsq" for c in q.method_info["abar_quantizers"]]
+        assert all(ltsq) if params["tau"] == 0.0 else not any(ltsq)
+        assert ("Log" in ops) == (params["tau"] == 0.0)  # the LtSQ grid is lowered with the loop
+    x = example_input(model, 3)
+    with torch.no_grad():
+        fq = q(x).numpy()
+        with qdq_twin(q):
+            twin = q(x).numpy()
+    np.testing.assert_array_equal(twin, fq)  # nothing of these methods is dropped by the QDQ graph
+    assert _rel(_plain_session(qdq).run(None, {"images": x.numpy()})[0], fq) < QDQ_RTOL
+
+
+@pytest.mark.parametrize("method", ["ptq4vm", "minmax", "percentile", "qmamba"])
+def test_baselines_are_refused_by_the_tensorrt_targets(method):
+    from ouro.recipes import TargetError, check_recipe_target
+
+    r = get_preset("w4a4", method)
+    for target in (Target.PLUGIN, Target.QDQ_TENSORRT):
+        with pytest.raises(TargetError, match=r"asymmetric .*Write the QDQ ONNX for onnxruntime \(\.qdq\.onnx\) instead"):
+            check_recipe_target(r, target)
+    check_recipe_target(r, Target.QDQ_ONNXRUNTIME)
