@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from ouro.calib.files import atomic_write
 from ouro.calib.metrics import agreement, block_sqnr, predict, top1
 
 __all__ = [
@@ -141,7 +142,7 @@ def quantize(ctx) -> nn.Module:
         ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.calib_losses]
     if a.save_calib:
         with ctx.stage("save_calib"):
-            save_quant_state(ctx.qmodel, a.save_calib)
+            atomic_write(a.save_calib, lambda tmp: save_quant_state(ctx.qmodel, tmp))
     ctx.report["recipe"] = ctx.recipe.to_dict()
     ctx.report["method"] = ctx.recipe.method.value
     ctx.report["method_info"] = ctx.qmodel.method_info
