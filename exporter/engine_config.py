@@ -253,9 +253,11 @@ def trtexec_build_command(cfg: EngineConfig, *, tensorrt_major: int = DEFAULT_TE
 
 def trtexec_bench_command(plan_path: str | os.PathLike, spec: InputSpec, batch: int, *,
                           plugin_library: str | os.PathLike | None = None, iterations: int = 200,
-                          warmup_ms: int = 500, trtexec: str = "trtexec") -> list[str]:
+                          warmup_ms: int = 500, trtexec: str = "trtexec",
+                          export_times: str | os.PathLike | None = None) -> list[str]:
     """trtexec latency/throughput run of a built engine at one batch size (CUDA graphs, no H2D/D2H copies,
-    so the numbers are the engine's own GPU time)."""
+    so the numbers are the engine's own GPU time). export_times: write every inference's timings as
+    JSON (trtexec --exportTimes), the machine-readable form of its summary."""
     if batch < 1 or iterations < 1:
         raise EngineConfigError(f"batch and iterations must be >= 1, got batch={batch}, iterations={iterations}")
     cmd = [trtexec, f"--loadEngine={plan_path}", f"--shapes={spec.trtexec_shape(batch)}"]
@@ -263,6 +265,8 @@ def trtexec_bench_command(plan_path: str | os.PathLike, spec: InputSpec, batch: 
         cmd.append(f"--dynamicPlugins={plugin_library}")
     cmd += [f"--iterations={iterations}", f"--warmUp={warmup_ms}", "--duration=0",
             "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+    if export_times is not None:
+        cmd.append(f"--exportTimes={export_times}")
     return cmd
 
 

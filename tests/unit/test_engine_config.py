@@ -103,6 +103,7 @@ def test_trtexec_bench_command_exact():
     assert cmd == ["trtexec", "--loadEngine=vim_s.plan", "--shapes=images:32x3x224x224",
                    "--dynamicPlugins=lib/libouro_trt_plugins.so", "--iterations=100", "--warmUp=500", "--duration=0",
                    "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+    assert ec.trtexec_bench_command("vim_s.plan", spec, 1, export_times="t.json")[-1] == "--exportTimes=t.json"
     with pytest.raises(EngineConfigError, match="batch"):
         ec.trtexec_bench_command("x.plan", spec, 0)
 
