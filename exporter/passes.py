@@ -54,8 +54,9 @@ class PassSpec:
 
 
 PASSES: dict[str, PassSpec] = {}
-DEFAULT_PASSES: tuple[str, ...] = ("cleanup",)
-"""Passes run on the plugin graph after its nodes are emitted (`--passes` replaces them)."""
+DEFAULT_PASSES: tuple[str, ...] = ("fp16_io", "cleanup")
+"""Passes run on the plugin graph after its nodes are emitted (`--passes` replaces them): fp16
+activations into every plugin node, so TensorRT runs the kernels' fp16 paths (FP32_IO_PASSES: fp32)."""
 FP32_IO_PASSES: tuple[str, ...] = ("cleanup",)
 """The plugin graph with fp32 activations into every OutlierLinear and SelectiveScan."""
 

@@ -153,3 +153,20 @@ def test_describe_lists_every_pass():
     text = describe_passes()
     for name in PASSES:
         assert name in text
+
+
+def test_node_references_take_fp16_and_round_once():
+    """The ORT reference ops accept fp16 activations, compute in fp32 and round the output once."""
+    g, p = _plugin_linear_graph()
+    node = g.nodes[0]
+    a = {k: v for k, v in node.attrs.items() if not isinstance(v, str)}
+    x = (np.random.default_rng(3).normal(size=(B, L, K)) * 0.5).astype(np.float16)
+    args = (node.inputs[1].values, p["w_scale"], p["s_in"], np.zeros(L, np.float32), p["bias"])
+    y16 = outlier_linear_node_ref(x, *args, **a)[0]
+    y32 = outlier_linear_node_ref(x.astype(np.float32), *args, **a)[0]
+    assert y16.dtype == torch.float16 and torch.equal(y16, y32.half())
+    gs_, feeds, sp = _scan_graph()
+    h = {k: v.astype(np.float16) for k, v in feeds.items()}
+    s16 = selective_scan_node_ref(h["u"], h["delta"], sp["A"], h["Bm"], h["Cm"], sp["Dskip"], h["z"])
+    s32 = selective_scan_node_ref(*(h[k].astype(np.float32) if k in h else sp[k if k != "D" else "Dskip"] for k in ("u", "delta", "A", "Bm", "Cm", "Dskip", "z")))
+    assert s16.dtype == torch.float16 and torch.equal(s16, s32.half())
