@@ -21,8 +21,12 @@ OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
     * inside a window tokens are processed in increasing t. At token t, with the current mask:
         I      = x[b, t] with outlier channels zeroed
         trig   = max_c |I| / qmax  >  S_I(t)                        (per-token trigger)
-        theta  = mean_c |I| + k * std_c |I|   (policy "dynamic"; std with correction 0,
-                                               statistics over all C channels of I)
+        theta  = mean_c |I| + k * std_c |I|   (policy "dynamic"; statistics over all C channels
+                                               of I; std with correction c in {0, 1}:
+                                               sqrt(sum (a - mean)^2 / max(C - c, 1)), c = 1 is
+                                               Bessel's, as torch.std: the recipes' default; the
+                                               functions here default to 0, as the kernels' ABI and
+                                               an ONNX node without `std_correction` do)
                = theta(t)                     (policy "calibrated"; a static per-token value)
         mask  |= trig & (|I| > theta)
       then the token is quantized with the updated mask:
@@ -56,6 +60,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "OutlierQuantResult",
+    "channel_std",
     "outlier_quant_ref",
     "outlier_fake_quant",
     "outlier_linear_ref",
@@ -179,6 +184,14 @@ def _as_token_vector(v: Tensor | float, L: int, name: str) -> Tensor:
     return v.reshape(L)
 
 
+def channel_std(a: Tensor, correction: int, keepdim: bool = False) -> Tensor:
+    """std over the last axis with correction c: sqrt(sum (a - mean)^2 / max(C - c, 1)) (torch.std,
+    with the divisor kept >= 1 so a single channel gives 0, not NaN)."""
+    if correction not in (0, 1):
+        raise ValueError(f"std correction must be 0 or 1, got {correction!r}")
+    return a.std(-1, correction=min(correction, a.shape[-1] - 1), keepdim=keepdim)
+
+
 def outlier_quant_ref(
     x: Tensor,
     static_scale: Tensor,
@@ -189,10 +202,12 @@ def outlier_quant_ref(
     *,
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
+    std_correction: int = 0,
 ) -> OutlierQuantResult:
     """The OuroMamba dynamic outlier quantizer (module docstring), returning codes and masks.
 
     x: (B, L, C); static_scale S_I: (1, L, 1), (L,) or scalar; theta (policy calibrated): same.
+    std_correction: c of the dynamic threshold's std (module docstring).
     All windows are processed in parallel; the loop runs over the n_refresh positions of a window.
     Gradients flow to `static_scale` and `x` through STE rounding."""
     if x.dim() != 3:
@@ -229,7 +244,7 @@ def outlier_quant_ref(
         a = torch.where(mask, torch.zeros_like(xi), xi).abs().detach()
         trig = (a.amax(-1) / qi) > si[..., 0]  # (B, W)
         if policy is ThresholdPolicy.DYNAMIC:
-            th = a.mean(-1) + k_sigma * a.std(-1, correction=0)
+            th = a.mean(-1) + k_sigma * channel_std(a, std_correction)
         else:
             th = thw[:, :, i].expand(B, W)
         mask = mask | (trig.unsqueeze(-1) & (a > th.unsqueeze(-1)))
@@ -275,12 +290,14 @@ def outlier_fake_quant(
     *,
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
+    std_correction: int = 0,
 ) -> Tensor:
     """OuroMamba fake quantization of x (B, L, C) with static per-token scale (1, L, 1).
 
     Returns the fp32 fake-quantized tensor; see `outlier_quant_ref` for codes and masks."""
     return outlier_quant_ref(
-        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta
+        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta,
+        std_correction=std_correction,
     ).x_hat
 
 
@@ -297,6 +314,7 @@ def outlier_linear_ref(
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
     bias: Tensor | None = None,
+    std_correction: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Integer reference of the outlier-split GEMM  Y = X W^T  (seed section E).
 
@@ -307,7 +325,8 @@ def outlier_linear_ref(
         y = acc_inlier * (S_I(t) * s_w[n]) + acc_outlier * (S_O[m] * s_w[n]) (+ bias[n])
     """
     r = outlier_quant_ref(
-        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta
+        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta,
+        std_correction=std_correction,
     )
     B, L, K = x.shape
     w64 = w_codes.to(torch.int64)

@@ -68,14 +68,14 @@ OPS: dict[str, OpSpec] = {
         attrs=dict(
             reverse=0, delta_softplus=1,
             delta_bits=0, delta_bits_outlier=0, b_bits=0, b_bits_outlier=0, c_bits=0, c_bits_outlier=0,
-            n_refresh=1, threshold_policy=0, delta_k_sigma=4.0, bc_k_sigma=3.0, h_bits=0, h_group=1,
+            n_refresh=1, threshold_policy=0, std_correction=0, delta_k_sigma=4.0, bc_k_sigma=3.0, h_bits=0, h_group=1,
         ),
     ),
     "OutlierLinear": OpSpec(
         inputs=("act", "int", "float", "float", "float", "float"),
         attrs=dict(
             in_features=0, out_features=0, seq_len=0, w_bits=8, a_bits=8, o_bits=16, n_refresh=1,
-            threshold_policy=0, k_sigma=3.0, max_outliers=0,
+            threshold_policy=0, k_sigma=3.0, std_correction=0, max_outliers=0,
         ),
     ),
 }
@@ -86,13 +86,14 @@ def _t(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
 
 
-def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_refresh: int, policy: int, k: float):
+def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_refresh: int, policy: int, k: float,
+               std_correction: int):
     """One SSM operand through the OuroMamba quantizer; bits 0 = not quantized."""
     if bits == 0:
         return x.float()
     return outlier_fake_quant(
         x.float(), _t(scale), bits, bits_outlier or 16, n_refresh, POLICIES[policy], k_sigma=k,
-        theta=_t(theta) if policy == 1 else None,
+        theta=_t(theta) if policy == 1 else None, std_correction=std_correction,
     )
 
 
@@ -110,10 +111,10 @@ def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale=None, del
 def _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_scale, b_theta, c_scale, c_theta, h_scale,
                    h_zero, **attrs) -> torch.Tensor:
     a = {**OPS["SelectiveScan"].attrs, **attrs}
-    nr, pol = int(a["n_refresh"]), int(a["threshold_policy"])
-    d = _act_quant(_t(delta), a["delta_bits"], a["delta_bits_outlier"], delta_scale, delta_theta, nr, pol, a["delta_k_sigma"])
-    b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"])
-    c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"])
+    nr, pol, sc = int(a["n_refresh"]), int(a["threshold_policy"]), int(a["std_correction"])
+    d = _act_quant(_t(delta), a["delta_bits"], a["delta_bits_outlier"], delta_scale, delta_theta, nr, pol, a["delta_k_sigma"], sc)
+    b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"], sc)
+    c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"], sc)
     kw = dict(delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]))
     u32, z32 = _t(u).float(), _t(z).float()
     if not a["h_bits"]:
@@ -136,7 +137,7 @@ def outlier_linear_node_ref(x, weight, w_scale, inlier_scale, theta, bias, **att
     pol = POLICIES[int(a["threshold_policy"])]
     th = _t(theta) if pol is ThresholdPolicy.CALIBRATED else None
     xf = _t(x).float()
-    kw = dict(k_sigma=float(a["k_sigma"]), theta=th)
+    kw = dict(k_sigma=float(a["k_sigma"]), theta=th, std_correction=int(a["std_correction"]))
     y, acc_in, acc_out = outlier_linear_ref(
         xf, codes, _t(w_scale), _t(inlier_scale), int(a["a_bits"]), int(a["o_bits"]), int(a["n_refresh"]), pol,
         bias=_t(bias), **kw,

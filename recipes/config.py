@@ -22,6 +22,7 @@ from typing import Any
 
 from .formats import (
     DEFAULT_K_SIGMA,
+    DEFAULT_STD_CORRECTION,
     DELTA_K_SIGMA,
     Bits,
     FormatError,
@@ -54,8 +55,10 @@ __all__ = [
     "check_recipe_target",
 ]
 
-RECIPE_VERSION = 1
-"""Bumped whenever the meaning of a recipe field (and so of a saved QuantState) changes."""
+RECIPE_VERSION = 2
+"""Bumped whenever the meaning of a recipe field (and so of a saved QuantState) changes.
+2: std_correction (the outlier threshold's std, Bessel's by default; version 1 meant 0) and "fp16"
+   instead of 16 for values kept in floating point."""
 
 
 class LossKind(str, Enum):
@@ -141,6 +144,7 @@ class Recipe:
     threshold_policy: ThresholdPolicy = ThresholdPolicy.DYNAMIC
     k_sigma: float = DEFAULT_K_SIGMA  # theta = mu + k*sigma for linear inputs, B and C
     k_sigma_delta: float = DELTA_K_SIGMA  # ... and for Delta
+    std_correction: int = DEFAULT_STD_CORRECTION  # the threshold's std: 1 Bessel (torch.std, official code), 0 population
     linear_layers: tuple[str, ...] = LINEAR_LAYERS
     ssm_operands: tuple[str, ...] = ("delta", "B", "C", "A", "D")
     exclude: tuple[str, ...] = EXCLUDED_MODULES
@@ -166,6 +170,8 @@ class Recipe:
         for k in ("k_sigma", "k_sigma_delta"):
             if not float(getattr(self, k)) > 0:
                 raise RecipeError(f"{k} must be > 0, got {getattr(self, k)}")
+        if self.std_correction not in (0, 1) or isinstance(self.std_correction, bool):
+            raise RecipeError(f"std_correction must be 0 or 1 (1: Bessel's correction, as torch.std), got {self.std_correction!r}")
         for key, allowed in (("linear_layers", LINEAR_LAYERS), ("ssm_operands", SSM_OPERANDS)):
             v = tuple(getattr(self, key))
             bad = [x for x in v if x not in allowed]

@@ -66,8 +66,10 @@ DEFAULT_K_SIGMA = 3.0
 """k of the dynamic threshold mu + k*sigma for linear-layer inputs, B and C (official code)."""
 DELTA_K_SIGMA = 4.0
 """k of the dynamic threshold for the SSM step size Delta (official code's Q_Act_d)."""
-DEFAULT_STD_CORRECTION = 0
-"""Correction c of the threshold's std over the channels, sqrt(sum (a - mean)^2 / max(C - c, 1))."""
+DEFAULT_STD_CORRECTION = 1
+"""Correction c of the outlier threshold's std over the channels, sqrt(sum (a - mean)^2 / max(C - c, 1)):
+Bessel's (1), as torch.std in the official OuroMamba quantizer; 0 (the population std) stays available
+(recipe field `std_correction`). An ONNX node without the attribute means 0, as before it existed."""
 MIN_BITS = 2
 MAX_INT_BITS = 15
 """Integer grids the PyTorch fake quantization simulates (export targets take at most 8 bits)."""
@@ -499,13 +501,14 @@ def check_target(formats: QuantFormats, target: Target | str, *, recipe_name: st
 # ------------------------------------------------------------------------------- ONNX attributes
 def linear_onnx_attrs(act: ActFormat, weight: WeightFormat) -> dict:
     """`ouro::OutlierLinear` quantization attributes (trt_plugins/outlier_linear/README.md), in the
-    node's attribute order: w_bits, a_bits, o_bits, n_refresh, threshold_policy, k_sigma."""
+    node's attribute order: w_bits, a_bits, o_bits, n_refresh, threshold_policy, k_sigma, std_correction
+    (always written)."""
     o = act.outliers
     if o is None:
         raise FormatError("an OutlierLinear node needs an activation format with an outlier split")
     return {
         "w_bits": weight.bits, "a_bits": act.bits, "o_bits": abi_bits(o.bits), "n_refresh": o.n_refresh,
-        "threshold_policy": o.threshold.code, "k_sigma": float(o.k_sigma),
+        "threshold_policy": o.threshold.code, "k_sigma": float(o.k_sigma), "std_correction": o.std_correction,
     }
 
 
@@ -524,8 +527,9 @@ _NO_H = {"h_bits": 0, "h_group": 1}
 
 def scan_onnx_attrs(formats: dict[str, ActFormat | None]) -> dict:
     """`ouro::SelectiveScan` quantization attributes for delta/B/C (bits 0: not quantized), in the
-    node's attribute order: n_refresh, threshold_policy, delta_k_sigma, bc_k_sigma, h_bits, h_group,
-    then <operand>_bits and <operand>_bits_outlier for delta, b, c."""
+    node's attribute order: n_refresh, threshold_policy, std_correction (always written),
+    delta_k_sigma, bc_k_sigma, h_bits, h_group, then <operand>_bits and <operand>_bits_outlier for
+    delta, b, c."""
     shared: dict = {}
     ks: dict = {}
     per_op: dict = {}
@@ -539,10 +543,11 @@ def scan_onnx_attrs(formats: dict[str, ActFormat | None]) -> dict:
             raise FormatError(f"scan operand {op}: the SelectiveScan node quantizes with an outlier split; got {fmt.describe()}")
         per_op.update({f"{prefix}_bits": fmt.bits, f"{prefix}_bits_outlier": abi_bits(o.bits)})
         ks.setdefault(kname, float(o.k_sigma))
-        for attr, v in (("n_refresh", o.n_refresh), ("threshold_policy", o.threshold.code)):
+        for attr, v in (("n_refresh", o.n_refresh), ("threshold_policy", o.threshold.code), ("std_correction", o.std_correction)):
             if shared.setdefault(attr, v) != v:
                 raise FormatError(f"scan operands disagree on {attr}; the SelectiveScan node takes one value")
     return {"n_refresh": shared.get("n_refresh", 1), "threshold_policy": shared.get("threshold_policy", 0),
+            "std_correction": shared.get("std_correction", DEFAULT_STD_CORRECTION),
             "delta_k_sigma": ks.get("delta_k_sigma", DELTA_K_SIGMA), "bc_k_sigma": ks.get("bc_k_sigma", DEFAULT_K_SIGMA),
             **_NO_H, **per_op}
 

@@ -159,7 +159,7 @@ def _ouromamba(r: "Recipe") -> QuantFormats:
             return ActFormat(r.a_bits, granularity=gran)
         det = OutlierDetection.STATIC_LIST if p.outlier_detection == "static" else OutlierDetection.DYNAMIC
         return ActFormat(r.a_bits, granularity=gran, outliers=OutlierFormat(
-            r.a_bits_outlier, r.n_refresh, r.threshold_policy, k, detection=det))
+            r.a_bits_outlier, r.n_refresh, r.threshold_policy, k, std_correction=r.std_correction, detection=det))
 
     ssm: dict = {}
     for op in r.ssm_operands:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ouro.recipes import FP16, ActFormat, CalibConfig, FloatFormat, Method, Recipe, ThresholdPolicy, WeightFormat
 from ouro.recipes.formats import abi_bits
 
-from ..quantizers import fake_quant_sym, fp16_roundtrip, outlier_quant_ref, qmax, quant_sym_ref
+from ..quantizers import channel_std, fake_quant_sym, fp16_roundtrip, outlier_quant_ref, qmax, quant_sym_ref
 from .base import MethodSpec, QuantizedMixerOps, Quantizer, Site, default_linear, register_method
 from .observers import SCALE_EPS, lp_scale_search
 from .qdq import QLinearFn, SymActQDQFn, SymActSpec
@@ -51,12 +51,13 @@ from .qdq import QLinearFn, SymActQDQFn, SymActSpec
 __all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "static_outlier_fake_quant", "OUROMAMBA"]
 
 
-def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
+def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int, std_correction: int = 0) -> Tensor:
     """Outlier mask used for the static init (official `extracter_refresh`): |x| > mu + k sigma per
-    token, accumulated inside each n_refresh window (a channel once an outlier stays one). (N, L, C) bool."""
+    token (sigma with `std_correction`, as the quantizer's threshold), accumulated inside each
+    n_refresh window (a channel once an outlier stays one). (N, L, C) bool."""
     N, L, C = x.shape
     a = x.abs()
-    th = a.mean(-1, keepdim=True) + k_sigma * a.std(-1, correction=0, keepdim=True)
+    th = a.mean(-1, keepdim=True) + k_sigma * channel_std(a, std_correction, keepdim=True)
     m = a > th
     W = -(-L // n_refresh)
     pad = W * n_refresh - L
@@ -131,6 +132,11 @@ class OutlierActQuantizer(Quantizer):
         return float(o.k_sigma) if o is not None else 0.0
 
     @property
+    def std_correction(self) -> int:
+        o = self.format.outliers
+        return o.std_correction if o is not None else 0
+
+    @property
     def policy(self) -> ThresholdPolicy:
         o = self.format.outliers
         return o.threshold if o is not None else ThresholdPolicy.DYNAMIC
@@ -146,16 +152,17 @@ class OutlierActQuantizer(Quantizer):
         return "none" if o is None else o.detection.value
 
     def extra_repr(self) -> str:
-        return f"{self.format.describe()}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}"
+        return (f"{self.format.describe()}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}, "
+                f"std correction {self.std_correction}")
 
     def init_from_stats(self, calib: CalibConfig) -> None:
         x = self.observed()
         if x.shape[1] != self.seq_len:
             raise ValueError(f"activation has {x.shape[1]} tokens, the quantizer was built for L={self.seq_len}")
         a = x.abs()
-        th = a.mean(-1) + self.k_sigma * a.std(-1, correction=0)  # (N, L)
+        th = a.mean(-1) + self.k_sigma * channel_std(a, self.std_correction)  # (N, L)
         self.theta.copy_(th.mean(0))
-        mask = dynamic_outlier_mask(x, self.k_sigma, self.n_refresh)
+        mask = dynamic_outlier_mask(x, self.k_sigma, self.n_refresh, self.std_correction)
         if self.detection == "static":  # the channels most often detected, fixed offline
             k = max(1, round(self.static_fraction * x.shape[-1]))
             top = mask.float().mean((0, 1)).topk(k).indices
@@ -206,7 +213,7 @@ class OutlierActQuantizer(Quantizer):
             return static_outlier_fake_quant(x, self.scale(), self.static_mask, self.bits_inlier, self.bits_outlier)
         r = outlier_quant_ref(
             x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
-            k_sigma=self.k_sigma, theta=self.theta,
+            k_sigma=self.k_sigma, theta=self.theta, std_correction=self.std_correction,
         )
         if self.track_stats:
             self._stat_num += float(r.outlier_mask.sum())

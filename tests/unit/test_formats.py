@@ -73,14 +73,18 @@ def test_onnx_attributes_round_trip():
     act = ActFormat(4, outliers=OutlierFormat(FP16, 7, ThresholdPolicy.CALIBRATED, 2.5))
     w = WeightFormat(8)
     attrs = linear_onnx_attrs(act, w)
-    assert attrs == {"w_bits": 8, "a_bits": 4, "o_bits": 16, "n_refresh": 7, "threshold_policy": 1, "k_sigma": 2.5}
-    assert list(attrs) == ["w_bits", "a_bits", "o_bits", "n_refresh", "threshold_policy", "k_sigma"]  # the node's order
+    assert attrs == {"w_bits": 8, "a_bits": 4, "o_bits": 16, "n_refresh": 7, "threshold_policy": 1, "k_sigma": 2.5,
+                     "std_correction": 1}  # Bessel's by default, always written
+    assert list(attrs) == ["w_bits", "a_bits", "o_bits", "n_refresh", "threshold_policy", "k_sigma", "std_correction"]
     assert linear_formats_from_onnx_attrs(attrs) == (act, w)
+    old = {k: v for k, v in attrs.items() if k != "std_correction"}  # a node written before the attribute existed
+    assert linear_formats_from_onnx_attrs(old)[0].outliers.std_correction == 0
     d = ActFormat(6, outliers=OutlierFormat(8, 10, k_sigma=4.0))
     b = ActFormat(6, outliers=OutlierFormat(8, 10, k_sigma=3.0))
     sattrs = scan_onnx_attrs({"delta": d, "B": b, "C": None})
-    assert sattrs == {"n_refresh": 10, "threshold_policy": 0, "delta_k_sigma": 4.0, "bc_k_sigma": 3.0, "h_bits": 0, "h_group": 1,
-                      "delta_bits": 6, "delta_bits_outlier": 8, "b_bits": 6, "b_bits_outlier": 8, "c_bits": 0, "c_bits_outlier": 0}
+    assert sattrs == {"n_refresh": 10, "threshold_policy": 0, "std_correction": 1, "delta_k_sigma": 4.0, "bc_k_sigma": 3.0,
+                      "h_bits": 0, "h_group": 1, "delta_bits": 6, "delta_bits_outlier": 8, "b_bits": 6, "b_bits_outlier": 8,
+                      "c_bits": 0, "c_bits_outlier": 0}
     assert scan_formats_from_onnx_attrs(sattrs) == {"delta": d, "B": b, "C": None}
     with pytest.raises(FormatError, match="outlier split"):
         linear_onnx_attrs(ActFormat(4), w)
@@ -169,6 +173,9 @@ def test_plugin_capabilities_match_the_plugin_attribute_tables():
         assert scan[f"{op}_bits_outlier"] - {0} == {abi_bits(b) for b in PLUGIN_SCAN_O_BITS}
     assert scan["h_bits"] - {0} == set(TARGET_CAPS[Target.PLUGIN].ssm["h"].bits)
     assert scan["threshold_policy"] == {p.code for p in ThresholdPolicy}
+    for table in (lin, scan):  # the exporter always writes std_correction (0 or 1); a table that knows it takes both
+        if "std_correction" in table:
+            assert table["std_correction"] == {0, 1}
     caps = TARGET_CAPS[Target.PLUGIN]
     assert set(caps.linear_act.bits) == set(PLUGIN_LINEAR_A_BITS) and set(caps.linear_weight.bits) == set(PLUGIN_LINEAR_W_BITS)
     assert all(set(caps.ssm[op].bits) == set(PLUGIN_SCAN_BITS) for op in ("delta", "B", "C"))

@@ -152,10 +152,12 @@ def test_integer_codes_bit_exact(exported):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     s_node = torch.from_numpy(_inits(plugin)[node.input[3]].copy())
     ours = outlier_quant_ref(xin, s_node, attrs["a_bits"], attrs["o_bits"], attrs["n_refresh"],
-                             ("dynamic", "calibrated")[attrs["threshold_policy"]], k_sigma=attrs["k_sigma"])
+                             ("dynamic", "calibrated")[attrs["threshold_policy"]], k_sigma=attrs["k_sigma"],
+                             std_correction=attrs["std_correction"])
     qa = dict(iter_quant_ops(q))[1].act["x_proj"]
+    assert attrs["std_correction"] == qa.std_correction == 1  # Bessel's by default, written on the node
     theirs = outlier_quant_ref(xin, qa.scale(), qa.bits_inlier, qa.bits_outlier, qa.n_refresh, qa.policy,
-                               k_sigma=qa.k_sigma, theta=qa.theta)
+                               k_sigma=qa.k_sigma, theta=qa.theta, std_correction=qa.std_correction)
     assert torch.equal(ours.inlier_codes, theirs.inlier_codes)
     assert torch.equal(ours.outlier_mask, theirs.outlier_mask)
     assert torch.equal(ours.outlier_codes, theirs.outlier_codes)

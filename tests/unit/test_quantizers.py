@@ -30,13 +30,14 @@ FP16_MAX = 65504.0
 OUTLIER_ERR_SLACK = 1 + 1e-5  # |x - x_hat| <= S_O / 2 up to fp32 rounding of the scale
 
 
-def _act(L: int, bits: int, bits_out, n_refresh: int, policy, k: float = 3.0, detection: str = "dynamic", **kw) -> OutlierActQuantizer:
-    """OutlierActQuantizer of the format (bits, outlier bits (16: fp16), n_refresh, policy, k)."""
+def _act(L: int, bits: int, bits_out, n_refresh: int, policy, k: float = 3.0, detection: str = "dynamic", std_correction: int = 1,
+         **kw) -> OutlierActQuantizer:
+    """OutlierActQuantizer of the format (bits, outlier bits (16: fp16), n_refresh, policy, k, std correction)."""
     if detection == "none":
         fmt = ActFormat(bits)
     else:
         out = FP16 if bits_out == 16 else bits_out
-        fmt = ActFormat(bits, outliers=OutlierFormat(out, n_refresh, policy, k, detection=OutlierDetection(detection)))
+        fmt = ActFormat(bits, outliers=OutlierFormat(out, n_refresh, policy, k, std_correction, detection=OutlierDetection(detection)))
     return OutlierActQuantizer(L, fmt, **kw)
 
 
@@ -208,6 +209,23 @@ def test_no_nan_or_inf(case, policy, bits_out):
     assert torch.isfinite(q(x)).all()
 
 
+def test_std_correction_of_the_dynamic_threshold():
+    """theta = mean + k std over the channels, std with Bessel's correction (the recipes' default, as
+    torch.std in the official code) or without. |I| = [0, 0, 0, v]: mean v/4, population std
+    v sqrt(3)/4 = 0.433 v, Bessel std v/2. With k = 1.6 the spike is an outlier only without the
+    correction (theta 0.943 v vs 1.05 v)."""
+    x = torch.tensor([[[0.0, 0.0, 0.0, 2.0]]])
+    s = torch.tensor([0.01])  # max|I| / qmax > S_I: the token triggers
+    masks = [outlier_quant_ref(x, s, 4, 8, 1, "dynamic", k_sigma=1.6, std_correction=c).outlier_mask[0, 0, 3] for c in (0, 1)]
+    assert masks == [True, False]
+    q = _act(1, 4, 8, 1, "dynamic", 1.6)
+    assert q.std_correction == 1 and torch.equal(q.quantize(x), outlier_fake_quant(x, q.scale(), 4, 8, 1, k_sigma=1.6, std_correction=1))
+    one = outlier_quant_ref(torch.tensor([[[3.0]]]), s, 4, 8, 1, "dynamic", std_correction=1)  # C = 1: divisor max(0, 1)
+    assert torch.isfinite(one.x_hat).all()
+    with pytest.raises(ValueError, match="std correction must be 0 or 1"):
+        outlier_quant_ref(x, s, 4, 8, 1, "dynamic", std_correction=2)
+
+
 def test_per_time_step_scale_is_per_token():
     x = torch.ones(1, 3, 4) * torch.tensor([0.3, 0.3, 0.3]).view(1, 3, 1)
     s = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1)
@@ -226,7 +244,7 @@ def test_outlier_act_quantizer_matches_reference_and_init():
     q.init_from_stats(CalibConfig())
     q.clear_observed()
     q.mode = q.mode.QUANT
-    ref = outlier_fake_quant(x, q.static_scale.detach(), 4, 8, 4, "dynamic")
+    ref = outlier_fake_quant(x, q.static_scale.detach(), 4, 8, 4, "dynamic", std_correction=1)
     assert torch.equal(q(x), ref)
     # init excluded the outlier channel: the inlier scale is far below the outlier magnitude / qmax
     assert float(q.static_scale.detach().max()) < float(x[:, :, 5].abs().max()) / 7
@@ -238,7 +256,7 @@ def test_outlier_act_quantizer_matches_reference_and_init():
 def test_dynamic_outlier_mask_accumulates_within_windows():
     x = torch.zeros(1, 6, 16)  # one spike among 16 channels has z = sqrt(15) > 3
     x[0, 1, 2] = 100.0  # detected at t=1
-    m = dynamic_outlier_mask(x + 0.01 * _tensor(1, (1, 6, 16)), 3.0, 3)
+    m = dynamic_outlier_mask(x + 0.01 * _tensor(1, (1, 6, 16)), 3.0, 3, std_correction=1)  # z = 15/4 with Bessel's
     assert m[0, 1, 2] and m[0, 2, 2]  # kept for the rest of window 0
     assert not m[0, 3, 2]  # window 1 starts empty
 
