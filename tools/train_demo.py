@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ouro.calib.checkpoint import load_checkpoint
 from ouro.calib.data import DEMO_CARD, DEMO_CHECKPOINT, DEMO_CONFIG, SPLIT_SEED, SPLIT_SIZES, evaluate_top1, load_digits_split
 from ouro.calib.models.mambavision import MambaVision, MambaVisionConfig, load_mambavision
-from ouro.calib.models.vim import VimConfig, VisionMamba
+from ouro.calib.models.vim import VisionMamba
 from ouro.calib.models.vmamba import VMambaConfig, VSSM, load_vmamba_state_dict
 
 NO_WEIGHT_DECAY = ("A_log", "A_b_log", "D", "D_b", "pos_embed", "cls_token")  # as the official optimizer

@@ -620,9 +620,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], object]:
     released `.pth.tar` files ({'state_dict': sd, 'epoch', 'arch', 'version', 'args': Namespace,
     optionally 'optimizer', 'state_dict_ema', ...}), {'model': sd}, or a bare state_dict; a
     'module.' prefix is stripped. 'state_dict_ema' is used only when it is the only model in the file."""
-    from ..checkpoint import CheckpointError, _read
+    from ..checkpoint import CheckpointError, read_checkpoint
 
-    obj = _read(path)
+    obj = read_checkpoint(path)
     args = obj.get("args") if isinstance(obj, Mapping) else None
     sd = obj
     if isinstance(obj, Mapping):
