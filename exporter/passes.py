@@ -114,16 +114,18 @@ FP16_IO_INPUTS = {OUTLIER_LINEAR_OP: (0,), SCAN_OP: (0, 1, 3, 4, 6)}
 @register_pass("fp16_io", "fp16 activations into every OutlierLinear and SelectiveScan (Cast in, Cast back to fp32 out): "
                "TensorRT runs the kernels' fp16 paths; each node's output is rounded to fp16 once")
 def fp16_io(graph: gs.Graph) -> gs.Graph:
+    halves: dict[str, gs.Variable] = {}  # one Cast per tensor (z feeds both scans of a mixer)
     for node in [n for n in graph.nodes if n.domain == DOMAIN and n.op in FP16_IO_INPUTS]:
-        idx = FP16_IO_INPUTS[node.op]
         y = node.outputs[0]
         if y.dtype == np.float16:
             continue
-        for i in idx:
+        for i in FP16_IO_INPUTS[node.op]:
             x = node.inputs[i]
             if x.dtype not in (None, np.float32):
                 raise PassError(f"{node.name}: input {i} has dtype {x.dtype}; expected float32")
-            node.inputs[i] = _cast(graph, f"{node.name}/in{i}_fp16", x, onnx.TensorProto.FLOAT16, np.float16)
+            if x.name not in halves:
+                halves[x.name] = _cast(graph, f"{node.name}/in{i}_fp16", x, onnx.TensorProto.FLOAT16, np.float16)
+            node.inputs[i] = halves[x.name]
         y16 = gs.Variable(f"{node.name}/y_fp16", dtype=np.float16, shape=y.shape)
         node.outputs.clear()
         node.outputs.append(y16)

@@ -115,7 +115,7 @@ def main() -> int:
         for (m, p), name in zip(cols, names):
             t0 = time.perf_counter()
             q = calibrate(model, resolve_recipe(preset=p, method=m), make_forward_loop(x), seed=a.seed, progress=False)
-            row[name] = round(evaluate_top1(q, xt, yt, progress=False), 2)
+            row[name] = round(evaluate_top1(q.module, xt, yt, progress=False), 2)
             row[f"{name}_calib_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
