@@ -68,14 +68,15 @@ OPS: dict[str, OpSpec] = {
         attrs=dict(
             reverse=0, delta_softplus=1,
             delta_bits=0, delta_bits_outlier=0, b_bits=0, b_bits_outlier=0, c_bits=0, c_bits_outlier=0,
-            n_refresh=1, threshold_policy=0, std_correction=0, delta_k_sigma=4.0, bc_k_sigma=3.0, h_bits=0, h_group=1,
+            n_refresh=1, threshold_policy=0, delta_k_sigma=4.0, bc_k_sigma=3.0, h_bits=0, h_group=1,
+            std_correction=0,
         ),
     ),
     "OutlierLinear": OpSpec(
         inputs=("act", "int", "float", "float", "float", "float"),
         attrs=dict(
             in_features=0, out_features=0, seq_len=0, w_bits=8, a_bits=8, o_bits=16, n_refresh=1,
-            threshold_policy=0, k_sigma=3.0, std_correction=0, max_outliers=0,
+            threshold_policy=0, k_sigma=3.0, max_outliers=0, std_correction=0,
         ),
     ),
 }
@@ -87,13 +88,13 @@ def _t(a) -> torch.Tensor:
 
 
 def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_refresh: int, policy: int, k: float,
-               std_correction: int):
+               std_correction: int = 0):
     """One SSM operand through the OuroMamba quantizer; bits 0 = not quantized."""
     if bits == 0:
         return x.float()
     return outlier_fake_quant(
         x.float(), _t(scale), bits, bits_outlier or 16, n_refresh, POLICIES[policy], k_sigma=k,
-        theta=_t(theta) if policy == 1 else None, std_correction=std_correction,
+        theta=_t(theta) if policy == 1 else None, std_correction=int(std_correction),
     )
 
 
