@@ -188,7 +188,7 @@ def channel_std(a: Tensor, correction: int, keepdim: bool = False) -> Tensor:
     """std over the last axis with correction c: sqrt(sum (a - mean)^2 / max(C - c, 1)) (torch.std,
     with the divisor kept >= 1 so a single channel gives 0, not NaN)."""
     if correction not in (0, 1):
-        raise ValueError(f"std correction must be 0 or 1, got {correction!r}")
+        raise ValueError(f"std_correction must be 0 or 1, got {correction}")
     return a.std(-1, correction=min(correction, a.shape[-1] - 1), keepdim=keepdim)
 
 
@@ -214,6 +214,8 @@ def outlier_quant_ref(
         raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
     if n_refresh < 1:
         raise ValueError(f"n_refresh must be >= 1, got {n_refresh}")
+    if std_correction not in (0, 1):
+        raise ValueError(f"std_correction must be 0 or 1, got {std_correction}")
     policy = ThresholdPolicy(threshold_policy)
     B, L, C = x.shape
     qi = qmax(bits_inlier)

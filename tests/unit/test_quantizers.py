@@ -222,7 +222,7 @@ def test_std_correction_of_the_dynamic_threshold():
     assert q.std_correction == 1 and torch.equal(q.quantize(x), outlier_fake_quant(x, q.scale(), 4, 8, 1, k_sigma=1.6, std_correction=1))
     one = outlier_quant_ref(torch.tensor([[[3.0]]]), s, 4, 8, 1, "dynamic", std_correction=1)  # C = 1: divisor max(0, 1)
     assert torch.isfinite(one.x_hat).all()
-    with pytest.raises(ValueError, match="std correction must be 0 or 1"):
+    with pytest.raises(ValueError, match="std_correction must be 0 or 1"):
         outlier_quant_ref(x, s, 4, 8, 1, "dynamic", std_correction=2)
 
 
