@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .models.vim import ARCHS, VimConfig, VisionMamba
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint", "load_state_dict", "infer_config", "resolve_arch"]
+__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint", "load_state_dict", "read_checkpoint", "infer_config", "resolve_arch"]
 
 SAFE_GLOBALS = [argparse.Namespace]
 """Types allowed in a checkpoint besides tensors and builtins: the official training dicts pickle
@@ -52,7 +52,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: unsafe, corrupt, not a Vim, or not the requested arch."""
 
 
-def _read(path: Path, map_location: torch.device | str = "cpu") -> object:
+def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> object:
+    """torch.load(path, weights_only=True) with the allow-listed types; errors as CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -233,6 +234,6 @@ def load_checkpoint(path: str | Path, arch: str | VimConfig | None = None, *, im
     arch: None infers the architecture from the shapes; an ARCHS key, an official model name or a
     VimConfig overrides it (a mismatch is a CheckpointError naming the keys and shapes)."""
     path = Path(path)
-    sd, args = _select_state_dict(_read(path, torch.device(device or "cpu")), path)
+    sd, args = _select_state_dict(read_checkpoint(path, torch.device(device or "cpu")), path)
     img_hint, stride_hint = _hints_from_args(args)
     return load_state_dict(sd, arch, source=str(path), img_size=img_size or img_hint, stride=stride_hint, device=device)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .metrics import logits, sqnr_db, top1
+
 __all__ = [
     "METHOD_ORDER",
     "COMPARE_PRESETS",
@@ -42,6 +44,7 @@ METHOD_ORDER = ("ouromamba", "ptq4vm", "qmamba", "percentile", "minmax")
 """Rows are grouped by method in this order (the papers' tables list the proposed method first)."""
 COMPARE_PRESETS = ("w8a8", "w6a6", "w4a8", "w4a4", "w6a4")
 """Presets compared, in table order; a method runs those of them it ships (QMamba adds w6a4)."""
+COMPARE_BATCH = 128
 
 
 @dataclass
@@ -91,26 +94,6 @@ def method_presets(method: str, presets: tuple[str, ...] = COMPARE_PRESETS) -> l
     return [p for p in presets if p in have]
 
 
-@torch.no_grad()
-def _logits(model, images: Tensor, batch_size: int = 128) -> Tensor:
-    """Logits on the CPU; the batches run on the model's device."""
-    from ouro.calib.device import module_device
-
-    model.eval()
-    dev = module_device(model)
-    return torch.cat([model(images[i : i + batch_size].to(dev)).float().cpu() for i in range(0, images.shape[0], batch_size)])
-
-
-def _top1(logits: Tensor, labels: Tensor) -> float:
-    return 100.0 * float((logits.argmax(-1) == labels).float().mean())
-
-
-def logit_sqnr_db(fp: Tensor, q: Tensor) -> float:
-    """20 log10(||fp|| / ||fp - q||) over all evaluation logits (top-1 saturates on small test sets)."""
-    err = (fp - q).norm()
-    return float("inf") if float(err) == 0.0 else float(20.0 * torch.log10(fp.norm() / err))
-
-
 def _summarise_info(info: dict) -> dict:
     """Method info as stored in the JSON (QMamba's per-SSM LtSQ choices are counted, and kept)."""
     out = dict(info)
@@ -149,8 +132,8 @@ def run_comparison(
     model.eval()
     if len(eval_images) != len(eval_labels) or len(eval_images) == 0:
         raise ValueError(f"need a non-empty evaluation set with one label per image; got {len(eval_images)} images, {len(eval_labels)} labels")
-    fp_logits = _logits(model, eval_images)
-    fp = _top1(fp_logits, eval_labels)
+    fp_logits = logits(model, eval_images, COMPARE_BATCH)
+    fp = top1(fp_logits, eval_labels)
     runs = [(m, p) for m in methods for p in method_presets(m, presets)]
     if not runs:
         raise ValueError(f"no (method, preset) pair to run: methods {list(methods)}, presets {list(presets)}")
@@ -165,12 +148,12 @@ def run_comparison(
         try:
             qmodel = calibrate(model, recipe, loop, seed=seed, progress=False)
             secs = time.perf_counter() - t0
-            q_logits = _logits(qmodel, eval_images)
-            top1 = _top1(q_logits, eval_labels)
-            info = _summarise_info(getattr(qmodel, "ouro_method_info", {}) or {})
+            q_logits = logits(qmodel, eval_images, COMPARE_BATCH)
+            acc = top1(q_logits, eval_labels)
+            info = _summarise_info(qmodel.method_info)
             done.append((k, CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,
-                                       round(top1, 2), round(top1 - fp, 2), round(secs, 1),
-                                       round(logit_sqnr_db(fp_logits, q_logits), 2), info)))
+                                       round(acc, 2), round(acc - fp, 2), round(secs, 1),
+                                       round(sqnr_db(fp_logits, q_logits), 2), info)))
             del qmodel
         except Exception as e:  # one broken method must not hide the others' numbers
             done.append((k, CompareRow(method, preset, data, int(calib_images.shape[0]), recipe.w_bits, recipe.a_bits,

@@ -1,8 +1,9 @@
 """The embedded demo: scikit-learn digits as small RGB images, the shipped demo Vim, top-1 evaluation.
 
 Data: the 1,797 real 8x8 handwritten digits bundled with scikit-learn (no download), upsampled
-bilinearly to 32x32, repeated to 3 channels, scaled to [0, 1] and normalised with the train
-split's mean and std. The split is fixed (a seeded permutation, independent of the machine):
+bilinearly to 32x32 (64x64 for the demo MambaVision), repeated to 3 channels, scaled to [0, 1]
+and normalised with the train split's mean and std. The split is fixed (a seeded permutation,
+independent of the machine and of the image size):
 
     train  1,300 images   (the demo model is trained on these)
     calib    256 images   a fixed subset of train: the calibration set of every recipe
@@ -19,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .models.vim import VimConfig
+
 __all__ = [
+    "DEMO_CONFIG",
     "DIGITS_IMG_SIZE",
     "SPLIT_SIZES",
     "SPLIT_SEED",
@@ -35,15 +39,18 @@ SPLIT_SEED = 0
 N_TRAIN, N_CALIB = 1300, 256
 SPLIT_SIZES = {"train": N_TRAIN, "calib": N_CALIB, "test": 1797 - N_TRAIN}
 DEMO_CHECKPOINT, DEMO_CARD = "vim_demo.pth", "vim_demo.json"
+DEMO_CONFIG = VimConfig(embed_dim=96, depth=6, img_size=DIGITS_IMG_SIZE, patch_size=8, stride=8, num_classes=10,
+                        name="vim_demo_digits")
+"""The demo model's architecture: the one source (tools/train_demo.py trains it; its card records it)."""
 
 
-@lru_cache(maxsize=1)
-def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+@lru_cache(maxsize=2)
+def _digits(img_size: int = DIGITS_IMG_SIZE) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32, device="cpu").unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(DIGITS_IMG_SIZE, DIGITS_IMG_SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     y = torch.as_tensor(d.target, dtype=torch.int64, device="cpu")
     if len(y) != sum(SPLIT_SIZES[k] for k in ("train", "test")):
         raise RuntimeError(f"scikit-learn digits has {len(y)} images, expected 1797; the demo split needs the standard set")
@@ -57,11 +64,15 @@ def _digits() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     return x, y, idx
 
 
-def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
-    """Images (N, 3, 32, 32) float32 and labels (N,) int64 of one fixed split: train | calib | test."""
+def load_digits_split(split: str, img_size: int = DIGITS_IMG_SIZE) -> tuple[Tensor, Tensor]:
+    """Images (N, 3, img_size, img_size) float32 and labels (N,) int64 of one fixed split: train |
+    calib | test. The split does not depend on img_size (32 for the demo Vim, 64 for the demo
+    MambaVision, whose stem and stages divide the image by 32)."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
-    x, y, idx = _digits()
+    if img_size < 8:
+        raise ValueError(f"digits img_size must be >= 8 (the originals are 8x8), got {img_size}")
+    x, y, idx = _digits(img_size)
     i = idx[split]
     return x[i].clone(), y[i].clone()
 
@@ -84,11 +95,12 @@ def load_demo_model(device: torch.device | str | None = None):
     """The shipped demo Vim (eval mode, on `device`; default the CPU), loaded through the same
     checkpoint loader as official files."""
     from .checkpoint import load_checkpoint
-    from .models.vim import VimConfig
 
     ckpt, _ = demo_files()
-    cfg = VimConfig(**demo_card()["config"])
-    return load_checkpoint(ckpt, arch=cfg, device=device).eval()
+    card = VimConfig(**demo_card()["config"])
+    if card != DEMO_CONFIG:
+        raise RuntimeError(f"the demo card's architecture {card} is not DEMO_CONFIG {DEMO_CONFIG}; retrain with tools/train_demo.py")
+    return load_checkpoint(ckpt, arch=DEMO_CONFIG, device=device).eval()
 
 
 @torch.no_grad()
@@ -96,6 +108,8 @@ def evaluate_top1(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_
                   desc: str = "top-1", progress: bool = True) -> float:
     """Top-1 accuracy in percent of `model` on (images, labels), in batches, with a tqdm bar."""
     from tqdm.auto import tqdm
+
+    from .metrics import top1
 
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -106,11 +120,9 @@ def evaluate_top1(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_
     was_training = model.training
     model.eval()
     dev = module_device(model)
-    correct = 0
     try:
-        for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            logits = model(images[i : i + batch_size].to(dev))
-            correct += int((logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum())
+        out = [model(images[i : i + batch_size].to(dev)).cpu() for i in tqdm(range(0, len(images), batch_size), desc=desc,
+                                                                          unit="batch", disable=not progress, leave=False)]
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(images)
+    return top1(torch.cat(out), labels)

@@ -3,7 +3,7 @@
     data = EvalData.load(EvalSource.folder("val/", 224), dist)   # this rank's share of the images
     pred, labels = predict_all(model, data, dist)               # every image's prediction, global order
 
-The evaluation set is cut into global batches of EVAL_BATCH images (by position in the sorted file
+The metrics themselves (predict, top1, ...) are in ouro.calib.metrics. The evaluation set is cut into global batches of EVAL_BATCH images (by position in the sorted file
 listing, or in the demo test split); rank r loads and runs the batches r, r + K, ...; the
 predictions are gathered in batch order, so top-1 is exactly that of one process.
 """
@@ -17,10 +17,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .distributed import SINGLE, DistContext
+from .metrics import EVAL_BATCH, predict
 
-__all__ = ["EVAL_BATCH", "EvalSource", "EvalData", "predict", "predict_all", "top1"]
-
-EVAL_BATCH = 64
+__all__ = ["EVAL_BATCH", "EvalSource", "EvalData", "predict_all"]
 
 
 @dataclass(frozen=True)
@@ -101,19 +100,6 @@ class EvalData:
         return torch.cat([v[1] for _, v in sorted(self.batches.items())]) if self.batches else torch.empty(0, dtype=torch.long, device="cpu")
 
 
-def predict(model: nn.Module, images: Tensor, batch: int = EVAL_BATCH, *, progress: bool = False, desc: str = "evaluate") -> Tensor:
-    """argmax predictions (N,) on the CPU; the batches run on the model's device."""
-    from .device import module_device
-    from .quant.calibrate import intra_op_threads, small_work_threads
-
-    dev = module_device(model)
-    outs = []
-    with torch.no_grad(), intra_op_threads(small_work_threads(model, batch) if dev.type == "cpu" else None):
-        for i in tqdm(range(0, images.shape[0], batch), desc=desc, unit="batch", disable=not progress, leave=False):
-            outs.append(model(images[i:i + batch].to(dev)).argmax(-1).cpu())
-    return torch.cat(outs) if outs else torch.empty(0, dtype=torch.long, device="cpu")
-
-
 def predict_all(model: nn.Module, data: EvalData, dist: DistContext = SINGLE, *, progress: bool = True,
                 desc: str = "evaluate") -> tuple[Tensor, Tensor]:
     """(predictions, labels) of every evaluation image, in global order, on every rank."""
@@ -128,8 +114,3 @@ def predict_all(model: nn.Module, data: EvalData, dist: DistContext = SINGLE, *,
     if not order:
         return torch.empty(0, dtype=torch.long, device="cpu"), torch.empty(0, dtype=torch.long, device="cpu")
     return torch.cat([merged[b][0] for b in order]), torch.cat([merged[b][1] for b in order])
-
-
-def top1(pred: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * float((pred == labels).float().mean())

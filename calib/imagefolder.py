@@ -3,6 +3,9 @@
 Eval transform (the standard ImageNet one, crop ratio 0.875):
     resize the shorter side to round(img_size / 0.875) (256 for 224), bicubic
     centre crop img_size x img_size, RGB, [0, 1], normalise with the ImageNet mean / std.
+Library decision: torchvision's transforms would be the well-kept form of this, but PyPI's
+torchvision wheel fails to import beside the CPU torch wheel this project installs, so the transform
+is these few lines of PIL (IMAGENET_MEAN / IMAGENET_STD are defined here once).
 Folder layouts:
     flat        DIR/*.jpg ...                      (calibration; labels unused)
     classes     DIR/<class>/*.jpg ...              (evaluation; label = index of the sorted class name)

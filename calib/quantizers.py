@@ -9,7 +9,9 @@ Conventions shared by PyTorch, the onnxruntime reference ops and the CUDA kernel
     * rounding is round-half-to-even (`torch.round`, CUDA `rintf`);
     * division is IEEE fp32 division `x / s` (never a multiply by a reciprocal);
     * all arithmetic is fp32; fp16 inputs are widened to fp32 first;
-    * `bits >= 16` means "keep in FP16": the value is rounded to fp16 and back, nothing else.
+    * bit widths are the kernels' C ABI integers: `bits >= 16` (FP_PASSTHROUGH_BITS) means "keep in
+      FP16": the value is rounded to fp16 and back, nothing else. Above these functions the format
+      objects of ouro.recipes.formats say FP16 explicitly (`abi_bits` converts).
 
 OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
     * tokens are grouped in windows of `n_refresh` consecutive positions (t // n_refresh), in
@@ -19,8 +21,12 @@ OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
     * inside a window tokens are processed in increasing t. At token t, with the current mask:
         I      = x[b, t] with outlier channels zeroed
         trig   = max_c |I| / qmax  >  S_I(t)                        (per-token trigger)
-        theta  = mean_c |I| + k * std_c |I|   (policy "dynamic"; std with correction 0,
-                                               statistics over all C channels of I)
+        theta  = mean_c |I| + k * std_c |I|   (policy "dynamic"; statistics over all C channels
+                                               of I; std with correction c in {0, 1}:
+                                               sqrt(sum (a - mean)^2 / max(C - c, 1)), c = 1 is
+                                               Bessel's, as torch.std: the recipes' default; the
+                                               functions here default to 0, as the kernels' ABI and
+                                               an ONNX node without `std_correction` do)
                = theta(t)                     (policy "calibrated"; a static per-token value)
         mask  |= trig & (|I| > theta)
       then the token is quantized with the updated mask:
@@ -35,15 +41,17 @@ OuroMamba dynamic outlier quantizer (seed Algorithm 2), as implemented here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
+
+from ouro.recipes.formats import DEFAULT_K_SIGMA, DELTA_K_SIGMA, FP16_ABI_BITS, ThresholdPolicy
 
 __all__ = [
     "ThresholdPolicy",
     "qmax",
     "round_ste",
+    "fp16_roundtrip",
     "quant_sym_ref",
     "fake_quant_sym",
     "quant_asym_ref",
@@ -52,6 +60,7 @@ __all__ = [
     "pack_int4",
     "unpack_int4",
     "OutlierQuantResult",
+    "channel_std",
     "outlier_quant_ref",
     "outlier_fake_quant",
     "outlier_linear_ref",
@@ -59,18 +68,8 @@ __all__ = [
     "DELTA_K_SIGMA",
 ]
 
-DEFAULT_K_SIGMA = 3.0
-"""k of the dynamic threshold mu + k*sigma for linear-layer inputs, B and C (official code)."""
-DELTA_K_SIGMA = 4.0
-"""k of the dynamic threshold for the SSM step size Delta (official code's Q_Act_d)."""
-FP_PASSTHROUGH_BITS = 16
-
-
-class ThresholdPolicy(str, Enum):
-    """How the outlier threshold theta is obtained."""
-
-    DYNAMIC = "dynamic"  # mu + k*sigma of |inliers| per token (official code)
-    CALIBRATED = "calibrated"  # static per-token theta(t) calibrated offline (seed Algorithm 2)
+FP_PASSTHROUGH_BITS = FP16_ABI_BITS
+"""The kernels' C ABI spelling of fp16 outliers (`bits_outlier` 16); formats say `FP16` (ouro.recipes.formats)."""
 
 
 def qmax(bits: int) -> int:
@@ -85,7 +84,8 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fp16_roundtrip(x: Tensor) -> Tensor:
+def fp16_roundtrip(x: Tensor) -> Tensor:
+    """x rounded to fp16 and back (identity gradient): the FP16 format."""
     return x + (x.half().float() - x).detach()
 
 
@@ -104,7 +104,7 @@ def fake_quant_sym(x: Tensor, scale: Tensor, bits: int) -> Tensor:
 
     Gradients reach `scale` (learned step size) and pass straight through to `x` inside the range."""
     if bits >= FP_PASSTHROUGH_BITS:
-        return _fp16_roundtrip(x.float())
+        return fp16_roundtrip(x.float())
     q = qmax(bits)
     return torch.clamp(round_ste(x.float() / scale), -q, q) * scale
 
@@ -119,7 +119,7 @@ def fake_quant_asym(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> 
 
     `zero_point` may be a learned float; it is rounded (STE) before use so codes stay integers."""
     if bits >= FP_PASSTHROUGH_BITS:
-        return _fp16_roundtrip(x.float())
+        return fp16_roundtrip(x.float())
     z = round_ste(zero_point)
     return (torch.clamp(round_ste(x.float() / scale) + z, 0, 2**bits - 1) - z) * scale
 
@@ -184,6 +184,14 @@ def _as_token_vector(v: Tensor | float, L: int, name: str) -> Tensor:
     return v.reshape(L)
 
 
+def channel_std(a: Tensor, correction: int, keepdim: bool = False) -> Tensor:
+    """std over the last axis with correction c: sqrt(sum (a - mean)^2 / max(C - c, 1)) (torch.std,
+    with the divisor kept >= 1 so a single channel gives 0, not NaN)."""
+    if correction not in (0, 1):
+        raise ValueError(f"std_correction must be 0 or 1, got {correction}")
+    return a.std(-1, correction=min(correction, a.shape[-1] - 1), keepdim=keepdim)
+
+
 def outlier_quant_ref(
     x: Tensor,
     static_scale: Tensor,
@@ -194,16 +202,20 @@ def outlier_quant_ref(
     *,
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
+    std_correction: int = 0,
 ) -> OutlierQuantResult:
     """The OuroMamba dynamic outlier quantizer (module docstring), returning codes and masks.
 
     x: (B, L, C); static_scale S_I: (1, L, 1), (L,) or scalar; theta (policy calibrated): same.
+    std_correction: c of the dynamic threshold's std (module docstring).
     All windows are processed in parallel; the loop runs over the n_refresh positions of a window.
     Gradients flow to `static_scale` and `x` through STE rounding."""
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
     if n_refresh < 1:
         raise ValueError(f"n_refresh must be >= 1, got {n_refresh}")
+    if std_correction not in (0, 1):
+        raise ValueError(f"std_correction must be 0 or 1, got {std_correction}")
     policy = ThresholdPolicy(threshold_policy)
     B, L, C = x.shape
     qi = qmax(bits_inlier)
@@ -234,7 +246,7 @@ def outlier_quant_ref(
         a = torch.where(mask, torch.zeros_like(xi), xi).abs().detach()
         trig = (a.amax(-1) / qi) > si[..., 0]  # (B, W)
         if policy is ThresholdPolicy.DYNAMIC:
-            th = a.mean(-1) + k_sigma * a.std(-1, correction=0)
+            th = a.mean(-1) + k_sigma * channel_std(a, std_correction)
         else:
             th = thw[:, :, i].expand(B, W)
         mask = mask | (trig.unsqueeze(-1) & (a > th.unsqueeze(-1)))
@@ -242,7 +254,7 @@ def outlier_quant_ref(
         q_in = torch.clamp(round_ste(inl / si), -qi, qi)
         outl = torch.where(mask, xi, torch.zeros_like(xi))
         if bits_outlier >= FP_PASSTHROUGH_BITS:
-            q_out = _fp16_roundtrip(outl)
+            q_out = fp16_roundtrip(outl)
             s_out = torch.ones(B, W, 1, device=x.device)
             o_hat = q_out
         else:
@@ -271,7 +283,7 @@ def outlier_quant_ref(
 
 
 def _outlier_masks(xf: Tensor, s: Tensor, qi: int, n: int, policy: ThresholdPolicy, k_sigma: float,
-                   th_static: Tensor | None) -> Tensor:
+                   th_static: Tensor | None, std_correction: int = 0) -> Tensor:
     """The outlier list in force at every token (B, L, C) bool: `outlier_quant_ref`'s mask recurrence,
     the same operations on the same windows (so the same bits), without the quantization."""
     B, L, C = xf.shape
@@ -287,7 +299,7 @@ def _outlier_masks(xf: Tensor, s: Tensor, qi: int, n: int, policy: ThresholdPoli
         xi = xw[:, :, i]
         a = torch.where(mask, torch.zeros_like(xi), xi).abs()
         trig = (a.amax(-1) / qi) > sw[:, :, i, 0]
-        th = a.mean(-1) + k_sigma * a.std(-1, correction=0) if policy is ThresholdPolicy.DYNAMIC else thw[:, :, i].expand(B, W)
+        th = a.mean(-1) + k_sigma * channel_std(a, std_correction) if policy is ThresholdPolicy.DYNAMIC else thw[:, :, i].expand(B, W)
         mask = mask | (trig.unsqueeze(-1) & (a > th.unsqueeze(-1)))
         masks.append(mask)
     return torch.stack(masks, dim=2).reshape(B, W * n, C)[:, :L]
@@ -303,17 +315,21 @@ def outlier_fake_quant(
     *,
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
+    std_correction: int = 0,
     return_mask: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """OuroMamba fake quantization of x (B, L, C) with static per-token scale (1, L, 1): the x_hat of
     `outlier_quant_ref` (bit for bit), fast. Only the outlier-mask recurrence runs token by token
     (without gradient: the mask is a detached function of x); x_hat is then one vectorised pass over
     all tokens, and nothing the caller does not read (codes, per-window stacks) is built.
+    std_correction: c of the dynamic threshold's std (module docstring).
     return_mask: also return the outlier mask (B, L, C) (for outlier-rate statistics)."""
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, C), got shape {tuple(x.shape)}")
     if n_refresh < 1:
         raise ValueError(f"n_refresh must be >= 1, got {n_refresh}")
+    if std_correction not in (0, 1):
+        raise ValueError(f"std_correction must be 0 or 1, got {std_correction}")
     policy = ThresholdPolicy(threshold_policy)
     B, L, C = x.shape
     qi = qmax(bits_inlier)
@@ -328,13 +344,13 @@ def outlier_fake_quant(
         th_static = _as_token_vector(theta, L, "theta").to(x.device)
     xf = x.float()
     with torch.no_grad():
-        mask = _outlier_masks(xf.detach(), s.detach(), qi, n_refresh, policy, k_sigma, th_static)
+        mask = _outlier_masks(xf.detach(), s.detach(), qi, n_refresh, policy, k_sigma, th_static, std_correction)
     si = s.view(1, L, 1)
     inl = torch.where(mask, torch.zeros_like(xf), xf)
     q_in = torch.clamp(round_ste(inl / si), -qi, qi)
     outl = torch.where(mask, xf, torch.zeros_like(xf))
     if bits_outlier >= FP_PASSTHROUGH_BITS:
-        o_hat = _fp16_roundtrip(outl)
+        o_hat = fp16_roundtrip(outl)
     else:
         qo = qmax(bits_outlier)
         amax = outl.detach().abs().amax(-1, keepdim=True)
@@ -357,6 +373,7 @@ def outlier_linear_ref(
     k_sigma: float = DEFAULT_K_SIGMA,
     theta: Tensor | None = None,
     bias: Tensor | None = None,
+    std_correction: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Integer reference of the outlier-split GEMM  Y = X W^T  (seed section E).
 
@@ -367,7 +384,8 @@ def outlier_linear_ref(
         y = acc_inlier * (S_I(t) * s_w[n]) + acc_outlier * (S_O[m] * s_w[n]) (+ bias[n])
     """
     r = outlier_quant_ref(
-        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta
+        x, static_scale, bits_inlier, bits_outlier, n_refresh, threshold_policy, k_sigma=k_sigma, theta=theta,
+        std_correction=std_correction,
     )
     B, L, K = x.shape
     w64 = w_codes.to(torch.int64)

@@ -7,26 +7,27 @@ and prints Polygraphy's pass/fail; then the ONNX outputs are scored against the 
 
     fp      the FP model                                      tolerance FP_TOL (FP16_TOL for --fp16), max error
     plugin  the fake-quant model (dynamic outliers)           tolerance PLUGIN_TOL, mean error
-            (+ fp16 rounding of the input and output of every OutlierLinear node the graph feeds fp16,
-            i.e. after the opt-in `fp16_linear_io` pass)
-    qdq     the fake-quant model restricted to the static     tolerance PLUGIN_TOL
-            Q/DQ numerics (no outliers), i.e. what QDQ means
+            (+ fp16 rounding of the activations into and out of every OutlierLinear / SelectiveScan
+            node the graph feeds fp16, i.e. after the `fp16_io` pass, the default)
+    qdq     the model in export mode: every quantizer's       tolerance PLUGIN_TOL
+            static Q/DQ numerics (no outliers), i.e. what the QDQ graph computes
 
 Results go to ctx.report["check"][path]. A failed comparison raises CheckFailed (exit code 2)
 after the report is written.
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ouro.calib.metrics import logits, logits_vs_fp
+
 from .outputs import Stage
 
-__all__ = ["FP_TOL", "FP16_TOL", "PLUGIN_TOL", "CHECK_IMAGES", "CheckFailed", "compare_graph", "fp16_linear_names", "graph_metrics",
+__all__ = ["FP_TOL", "FP16_TOL", "PLUGIN_TOL", "CHECK_IMAGES", "CheckFailed", "compare_graph", "fp16_io_nodes",
            "run_check"]
 
 FP_TOL = (1e-4, 1e-4)
@@ -66,46 +67,52 @@ class CheckResult:
                 "max_abs_err_vs_torch": self.max_abs_err, "vs_fp": self.metrics_vs_fp}
 
 
-def graph_metrics(out: np.ndarray, fp: np.ndarray) -> dict:
-    """Cosine similarity, SNR (dB) and top-1 agreement of logits `out` against FP logits `fp`."""
-    o, f = out.astype(np.float64).reshape(len(out), -1), fp.astype(np.float64).reshape(len(fp), -1)
-    cos = float(np.mean(np.sum(o * f, 1) / (np.linalg.norm(o, axis=1) * np.linalg.norm(f, axis=1) + 1e-30)))
-    noise = float(np.sum((o - f) ** 2))
-    snr = math.inf if noise == 0 else 10 * math.log10(float(np.sum(f**2)) / noise)
-    agree = float(np.mean(o.argmax(1) == f.argmax(1)))
-    return {"cosine": round(cos, 6), "snr_db": round(snr, 3) if math.isfinite(snr) else "inf", "top1_agreement": round(agree, 4)}
-
-
-def fp16_linear_names(onnx_model) -> set[str]:
-    """Names of the ouro OutlierLinear nodes whose activation arrives through a Cast to fp16."""
+def fp16_io_nodes(onnx_model) -> set[str]:
+    """Names of the ouro OutlierLinear / SelectiveScan nodes whose activation (input 0) arrives
+    through a Cast to fp16 (the `fp16_io` pass)."""
     import onnx
 
     from .onnx_export import DOMAIN
-    from .passes import OUTLIER_LINEAR_OP
+    from .passes import FP16_IO_INPUTS
 
     m = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model), load_external_data=False)
     fp16_casts = {n.output[0] for n in m.graph.node if n.op_type == "Cast"
                   and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)}
     return {n.name for n in m.graph.node
-            if n.domain == DOMAIN and n.op_type == OUTLIER_LINEAR_OP and n.input[0] in fp16_casts}
+            if n.domain == DOMAIN and n.op_type in FP16_IO_INPUTS and n.input[0] in fp16_casts}
 
 
-def _fp16_linear_io(qmodel, names: set[str]):
-    """Twin of the `fp16_linear_io` pass: round the named linears' input and output to fp16."""
+def _half(t):
+    return None if t is None else t.half().float()
+
+
+def _fp16_io(qmodel, names: set[str]):
+    """Twin of the `fp16_io` pass: round the named nodes' activations in and out to fp16 (linears:
+    x and y; scans: u, delta, B, C, z and y; A, D and every table stay fp32)."""
     from ouro.calib.models.vim import override_ops
 
-    def make(i: int, mixer) -> dict:
-        inner = mixer.ops.linear
+    paths = {id(m): n for n, m in qmodel.module.named_modules()}
+
+    def make(_i: int, mixer) -> dict:
+        prefix = paths[id(mixer)]
+        inner_linear, inner_scan = mixer.ops.linear, mixer.ops.scan
 
         def linear(name, module, x):
-            run = inner or (lambda _n, mod, v: torch.nn.functional.linear(v, mod.weight, mod.bias))
-            if f"layers.{i}.mixer.{name}" not in names:
+            run = inner_linear or (lambda _n, mod, v: torch.nn.functional.linear(v, mod.weight, mod.bias))
+            if f"{prefix}.{name}" not in names:
                 return run(name, module, x)
-            return run(name, module, x.half().float()).half().float()
+            return run(name, module, _half(x)).half().float()
 
-        return {"linear": linear}
+        def scan(direction, inputs):
+            if f"{prefix}.scan_{direction}" not in names:
+                return inner_scan(direction, inputs)
+            rounded = inputs._replace(u=_half(inputs.u), delta=_half(inputs.delta), Bm=_half(inputs.Bm),
+                                      Cm=_half(inputs.Cm), z=_half(inputs.z))
+            return inner_scan(direction, rounded).half().float()
 
-    return override_ops(qmodel, make)
+        return {"linear": linear, "scan": scan}
+
+    return override_ops(qmodel.module, make)
 
 
 def _twin(stage: Stage, fp_model, qmodel, onnx_model_or_path=None):
@@ -113,12 +120,12 @@ def _twin(stage: Stage, fp_model, qmodel, onnx_model_or_path=None):
     if stage is Stage.FP:
         return fp_model, nullcontext()
     if stage is Stage.PLUGIN:
-        names = fp16_linear_names(onnx_model_or_path) if onnx_model_or_path is not None else set()
-        return qmodel, (_fp16_linear_io(qmodel, names) if names else nullcontext())
+        names = fp16_io_nodes(onnx_model_or_path) if onnx_model_or_path is not None else set()
+        return qmodel.module, (_fp16_io(qmodel, names) if names else nullcontext())
     if stage is Stage.QDQ:
-        from .qdq import _QuantHooks
+        from .quantized import qdq_twin
 
-        return qmodel, _QuantHooks(qmodel)
+        return qmodel.module, qdq_twin(qmodel)
     raise ValueError(f"no PyTorch twin for stage {stage}")
 
 
@@ -141,12 +148,8 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
     passed = bool(Comparator.compare_accuracy(results, compare_func=cmp))
     ort_out = np.concatenate([it["logits"] for it in results[ort_runner.name]]).astype(np.float32)
     twin_out = np.concatenate([it["logits"] for it in results["torch-twin"]])
-    from ouro.calib.device import module_device
-
-    dev = module_device(fp_model)
-    with torch.no_grad():
-        fp_out = torch.cat([fp_model(images[i : i + BATCH].to(dev)).cpu() for i in range(0, len(images), BATCH)]).numpy()
-    return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), graph_metrics(ort_out, fp_out), error_stat)
+    fp_out = logits(fp_model, images, BATCH).numpy()
+    return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), logits_vs_fp(ort_out, fp_out), error_stat)
 
 
 def _check_images(ctx) -> torch.Tensor:

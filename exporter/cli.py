@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 PRESET_FLAGS = ("w4a4", "w4a8", "w6a6", "w8a8", "w6a4")
 
@@ -228,10 +227,16 @@ def run_export(ctx: RunContext) -> int:
         print(describe_passes())
         return 0
     quantized = bool(a.preset or a.recipe or a.load_calib)
+    from ouro.exporter.outputs import plan_outputs
+
+    outputs = [] if a.print_recipe else plan_outputs(
+        a.output, stage=a.stage, quantized=quantized, force=a.force, passes=a.passes, opset=a.opset)
+    target = outputs[0].target if outputs else None  # known from -o: refuse what it cannot express now
     if a.preset or a.recipe or a.print_recipe or (quantized and not a.load_calib):
         from ouro.recipes import resolve_recipe
 
-        ctx.recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method)
+        ctx.recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method,
+                                    target=None if a.print_recipe else target)
         if a.print_recipe:
             print(ctx.recipe.to_toml())
             return 0
@@ -239,9 +244,11 @@ def run_export(ctx: RunContext) -> int:
         from ouro.calib.imagefolder import parse_calib_spec
 
         parse_calib_spec(a.calib, a.calib_dir)  # a bad --calib fails before any work
-    from ouro.exporter.outputs import plan_outputs
+    if a.load_calib and target is not None:
+        from ouro.calib.quant import read_recipe
+        from ouro.recipes import check_recipe_target
 
-    outputs = plan_outputs(a.output, stage=a.stage, quantized=quantized, force=a.force, passes=a.passes, opset=a.opset)
+        check_recipe_target(read_recipe(a.load_calib), target)
     load_model(ctx)
     plan = run_plan(ctx, outputs, quantized)
     if ctx.is_main:

@@ -6,8 +6,8 @@ alignment before calling, and turn status codes into messages naming the sizes.
 Shape notation: B batch, L tokens, M = B*L rows, K input channels, N output channels, D = d_inner,
 S = d_state.
 
-The library is found through the environment variable OURO_KERNELS_LIB, else at
-build/trt/libouro_kernels.so under the repository root. Importing this module never loads it (it
+The library is found by `ouro.exporter.native.find_library("ouro_kernels")`: the environment
+variable OURO_KERNELS_LIB, else build/trt/libouro_kernels.so under the repository root. Importing this module never loads it (it
 imports on CPU-only machines); the first kernel call does, and raises `KernelUnavailable` with the
 command to fix it when the library or a GPU is missing.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -26,6 +25,8 @@ from torch import Tensor
 
 from ouro.calib.quantizers import DEFAULT_K_SIGMA, ThresholdPolicy
 from ouro.calib.scan import TemporalGroupQuant
+
+from .native import LIBRARIES, library_candidate
 
 __all__ = [
     "LIB_ENV",
@@ -50,9 +51,8 @@ __all__ = [
     "STEP_NAMES",
 ]
 
-LIB_ENV = "OURO_KERNELS_LIB"
-LIB_NAME = "libouro_kernels.so"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+LIB_ENV = LIBRARIES["ouro_kernels"].env
+LIB_NAME = LIBRARIES["ouro_kernels"].file
 BUILD_HINT = (
     "build it with: cmake -S trt_plugins -B build/trt -DOURO_BUILD_PLUGINS=OFF && cmake --build build/trt -j2 "
     f"(from the repository root), or point {LIB_ENV} at an existing {LIB_NAME}"
@@ -214,9 +214,8 @@ _LAST_PATH: GemmPath | None = None
 
 
 def library_path() -> Path:
-    """Where the library is looked for: $OURO_KERNELS_LIB, else build/trt/libouro_kernels.so."""
-    env = os.environ.get(LIB_ENV)
-    return Path(env) if env else _REPO_ROOT / "build" / "trt" / LIB_NAME
+    """Where the library is looked for: $OURO_KERNELS_LIB, else build/trt/libouro_kernels.so (`ouro.exporter.native`)."""
+    return library_candidate("ouro_kernels")
 
 
 def load_library() -> ctypes.CDLL:

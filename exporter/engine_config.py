@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .native import LIBRARIES, NativeLibraryError, find_library
 
 __all__ = [
     "PLUGIN_LIBRARY_NAME",
@@ -35,14 +36,11 @@ __all__ = [
     "trtexec_bench_command",
     "shell_join",
     "tensorrt_missing_message",
-    "atomic_write_bytes",
 ]
 
-PLUGIN_LIBRARY_NAME = "libouro_trt_plugins.so"
-PLUGIN_LIBRARY_ENV = "OURO_TRT_PLUGINS"
+PLUGIN_LIBRARY_NAME = LIBRARIES["ouro_trt_plugins"].file
+PLUGIN_LIBRARY_ENV = LIBRARIES["ouro_trt_plugins"].env
 DEFAULT_WORKSPACE_MIB = 4096
-# The in-tree CMake build directory (README: cmake -S trt_plugins -B build/trt ...).
-IN_TREE_BUILD_DIR = Path("build") / "trt"
 # TensorRT 10.x needs --stronglyTyped; from 11 on every network is strongly typed and the flag is gone.
 FIRST_ALWAYS_STRONGLY_TYPED_MAJOR = 11
 DEFAULT_TENSORRT_MAJOR = 11
@@ -212,28 +210,14 @@ def custom_ops_in_onnx(path: str | os.PathLike, domain: str = "ouro") -> dict[st
     return counts
 
 
-def repo_root() -> Path:
-    """The source checkout this module lives in (editable install); used to find the in-tree build."""
-    return Path(__file__).resolve().parents[1]
-
-
 def find_plugin_library(explicit: str | os.PathLike | None = None) -> Path | None:
-    """libouro_trt_plugins.so: `explicit` (must exist), else $OURO_TRT_PLUGINS, else the in-tree
-    build (build/trt/). Returns None when none is found."""
-    if explicit is not None:
-        p = Path(explicit)
-        if not p.is_file():
-            raise EngineConfigError(f"plugin library {p} does not exist; build it with "
-                                    "`cmake -S trt_plugins -B build/trt -DTensorRT_ROOT=<TensorRT> && cmake --build build/trt`")
-        return p
-    env = os.environ.get(PLUGIN_LIBRARY_ENV)
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise EngineConfigError(f"${PLUGIN_LIBRARY_ENV}={env} does not exist")
-        return p
-    p = repo_root() / IN_TREE_BUILD_DIR / PLUGIN_LIBRARY_NAME
-    return p if p.is_file() else None
+    """libouro_trt_plugins.so through the one native-library finder (`ouro.exporter.native`):
+    `explicit`, else $OURO_TRT_PLUGINS, else the in-tree build; None when none is found."""
+    try:
+        return find_library("ouro_trt_plugins", explicit)
+    except NativeLibraryError as e:
+        raise EngineConfigError(f"{e}; build it with `cmake -S trt_plugins -B build/trt -DTensorRT_ROOT=<TensorRT> "
+                                "&& cmake --build build/trt`") from None
 
 
 def onnx_path_for_plan(plan_path: str | os.PathLike) -> Path:
@@ -269,9 +253,11 @@ def trtexec_build_command(cfg: EngineConfig, *, tensorrt_major: int = DEFAULT_TE
 
 def trtexec_bench_command(plan_path: str | os.PathLike, spec: InputSpec, batch: int, *,
                           plugin_library: str | os.PathLike | None = None, iterations: int = 200,
-                          warmup_ms: int = 500, trtexec: str = "trtexec") -> list[str]:
+                          warmup_ms: int = 500, trtexec: str = "trtexec",
+                          export_times: str | os.PathLike | None = None) -> list[str]:
     """trtexec latency/throughput run of a built engine at one batch size (CUDA graphs, no H2D/D2H copies,
-    so the numbers are the engine's own GPU time)."""
+    so the numbers are the engine's own GPU time). export_times: write every inference's timings as
+    JSON (trtexec --exportTimes), the machine-readable form of its summary."""
     if batch < 1 or iterations < 1:
         raise EngineConfigError(f"batch and iterations must be >= 1, got batch={batch}, iterations={iterations}")
     cmd = [trtexec, f"--loadEngine={plan_path}", f"--shapes={spec.trtexec_shape(batch)}"]
@@ -279,6 +265,8 @@ def trtexec_bench_command(plan_path: str | os.PathLike, spec: InputSpec, batch: 
         cmd.append(f"--dynamicPlugins={plugin_library}")
     cmd += [f"--iterations={iterations}", f"--warmUp={warmup_ms}", "--duration=0",
             "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+    if export_times is not None:
+        cmd.append(f"--exportTimes={export_times}")
     return cmd
 
 
@@ -306,21 +294,3 @@ def tensorrt_missing_message(cfg: EngineConfig | None, *, reason: str = "the ten
             lines.append("or, as a version-compatible plan that carries the plugin library inside it:")
             lines.append("  " + shell_join(trtexec_build_command(vc, input_spec=spec)))
     return "\n".join(lines)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder and a rename: readers never
-    see a partial file, and an error or Ctrl-C leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

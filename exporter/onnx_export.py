@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ouro.calib.models.vim import override_ops
+from ouro.calib.quant.qdq import NODE_NAME_ATTR
 from ouro.calib.scan import ScanInputs, selective_scan
 
 __all__ = [
@@ -37,7 +38,9 @@ __all__ = [
     "OUTPUT_NAME",
     "ExportError",
     "SelectiveScanFn",
+    "fp_scan",
     "scan_export_hooks",
+    "finish_node_names",
     "export_onnx",
     "export_fp",
 ]
@@ -48,7 +51,6 @@ PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "ouro"}
 FP_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-_NAME_ATTR = "ouro_node_name"  # temporary attribute carrying the node name through torch's exporter
 
 
 class ExportError(Exception):
@@ -75,13 +77,13 @@ class SelectiveScanFn(torch.autograd.Function):
         attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
         y = g.op(
             f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z,
-            reverse_i=int(reverse), delta_softplus_i=1, **attrs, **{f"{_NAME_ATTR}_s": name},
+            reverse_i=int(reverse), delta_softplus_i=1, **attrs, **{f"{NODE_NAME_ATTR}_s": name},
         )
         y.setType(u.type())
         return y
 
 
-def _default_scan(direction: str, inputs: ScanInputs) -> Tensor:
+def fp_scan(direction: str, inputs: ScanInputs) -> Tensor:
     """The model's default scan (MambaMixer._scan without hooks)."""
     return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
 
@@ -90,7 +92,7 @@ def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager[Non
     """Route every mixer's scan through `SelectiveScanFn` (numerics unchanged); restore on exit."""
 
     def make(i: int, mixer: nn.Module) -> dict:
-        inner, prefix = mixer.ops.scan or _default_scan, f"layers.{i}.mixer"
+        inner, prefix = mixer.ops.scan or fp_scan, f"layers.{i}.mixer"
 
         def hook(direction: str, inputs: ScanInputs) -> Tensor:
             return SelectiveScanFn.apply(inner, f"{prefix}.scan_{direction}", direction == "bwd", *inputs)
@@ -130,14 +132,14 @@ def _fp16_linears(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     return override_ops(model, make)
 
 
-def _finish_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+def finish_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """Move the temporary name attribute onto NodeProto.name; declare the custom domain once."""
     for node in model.graph.node:
-        name = [a.s.decode() for a in node.attribute if a.name == _NAME_ATTR]
+        name = [a.s.decode() for a in node.attribute if a.name == NODE_NAME_ATTR]
         if not name:
             continue
         node.name = name[0]
-        keep = [a for a in node.attribute if a.name != _NAME_ATTR]
+        keep = [a for a in node.attribute if a.name != NODE_NAME_ATTR]
         del node.attribute[:]
         node.attribute.extend(keep)
     if any(n.domain == DOMAIN for n in model.graph.node) and not any(o.domain == DOMAIN for o in model.opset_import):
@@ -170,7 +172,7 @@ def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vi
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             custom_opsets={DOMAIN: 1}, do_constant_folding=True,
         )
-    model = _finish_nodes(onnx.load_from_string(buf.getvalue()))
+    model = finish_node_names(onnx.load_from_string(buf.getvalue()))
     onnx.checker.check_model(model)
     return ExportResult(model=model, seconds=time.perf_counter() - t0)
 

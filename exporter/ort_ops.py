@@ -7,10 +7,12 @@ references, shared by the onnxruntime kernels below and the tests.
 onnxruntime-extensions registers one Python kernel per (domain, op type) with a fixed arity and
 fixed dtypes (no float16), and needs every declared attribute present. The files we write follow
 the TensorRT plugin contract instead (7-input FP scans, 15-input quantized scans, int8 or
-packed-int4 weights stored as int8 bytes, fp16 or fp32 activations), so `onnxruntime_session` adapts an in-memory copy
-before creating the session: it pads omitted inputs with empty tensors, fills absent attributes
-with their neutral defaults, casts float operands to float32 and integer weights to int32, and
-casts the output back to the dtype of input 0 (`CastLike`, opset >= 15). The file on disk is untouched.
+packed-int4 weights stored as int8 bytes, fp16 or fp32 activations: the plugin graph feeds fp16 by
+default), so `onnxruntime_session` adapts an in-memory copy before creating the session: it pads
+omitted inputs with empty tensors, fills absent attributes with their neutral defaults, casts float
+operands to float32 (exact for fp16) and integer weights to int32, and casts the output back to the
+dtype of input 0 (`CastLike`, opset >= 15): fp16 activations are computed in fp32 and the output is
+rounded once. The file on disk is untouched.
 """
 from __future__ import annotations
 
@@ -67,13 +69,14 @@ OPS: dict[str, OpSpec] = {
             reverse=0, delta_softplus=1,
             delta_bits=0, delta_bits_outlier=0, b_bits=0, b_bits_outlier=0, c_bits=0, c_bits_outlier=0,
             n_refresh=1, threshold_policy=0, delta_k_sigma=4.0, bc_k_sigma=3.0, h_bits=0, h_group=1,
+            std_correction=0,
         ),
     ),
     "OutlierLinear": OpSpec(
         inputs=("act", "int", "float", "float", "float", "float"),
         attrs=dict(
             in_features=0, out_features=0, seq_len=0, w_bits=8, a_bits=8, o_bits=16, n_refresh=1,
-            threshold_policy=0, k_sigma=3.0, max_outliers=0,
+            threshold_policy=0, k_sigma=3.0, max_outliers=0, std_correction=0,
         ),
     ),
 }
@@ -84,13 +87,14 @@ def _t(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
 
 
-def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_refresh: int, policy: int, k: float):
+def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_refresh: int, policy: int, k: float,
+               std_correction: int = 0):
     """One SSM operand through the OuroMamba quantizer; bits 0 = not quantized."""
     if bits == 0:
         return x.float()
     return outlier_fake_quant(
         x.float(), _t(scale), bits, bits_outlier or 16, n_refresh, POLICIES[policy], k_sigma=k,
-        theta=_t(theta) if policy == 1 else None,
+        theta=_t(theta) if policy == 1 else None, std_correction=int(std_correction),
     )
 
 
@@ -99,33 +103,42 @@ def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale=None, del
     """`ouro::SelectiveScan` in PyTorch: operand quantization (delta, Bm, Cm: OuroMamba outlier
     quantizer with per-token static inlier scales; bits 0 = off), then the scan: `selective_scan_ref`
     with the TGQ h-quantizer when h_bits > 0, else the model's own dispatch `selective_scan`.
-    Returns fp32 (B, L, D)."""
+    fp16 or fp32 activations (u, delta, B, C, z); computed in fp32, returned (B, L, D) in u's dtype
+    (an fp16 output is rounded once, at the end)."""
+    return _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_scale, b_theta, c_scale, c_theta,
+                          h_scale, h_zero, **attrs).to(_t(u).dtype)
+
+
+def _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_scale, b_theta, c_scale, c_theta, h_scale,
+                   h_zero, **attrs) -> torch.Tensor:
     a = {**OPS["SelectiveScan"].attrs, **attrs}
-    nr, pol = int(a["n_refresh"]), int(a["threshold_policy"])
-    d = _act_quant(_t(delta), a["delta_bits"], a["delta_bits_outlier"], delta_scale, delta_theta, nr, pol, a["delta_k_sigma"])
-    b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"])
-    c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"])
+    nr, pol, sc = int(a["n_refresh"]), int(a["threshold_policy"]), int(a["std_correction"])
+    d = _act_quant(_t(delta), a["delta_bits"], a["delta_bits_outlier"], delta_scale, delta_theta, nr, pol, a["delta_k_sigma"], sc)
+    b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"], sc)
+    c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"], sc)
     kw = dict(delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]))
+    u32, z32 = _t(u).float(), _t(z).float()
     if not a["h_bits"]:
         # the dispatch the PyTorch model itself calls (chunked for L >= 16, matching _ref to fp32
         # tolerance): identical floats keep the next quantizer's codes identical (no rounding flips)
-        return selective_scan(_t(u), d, _t(A), b, c, _t(Dskip), _t(z), **kw)
+        return selective_scan(u32, d, _t(A), b, c, _t(Dskip), z32, **kw)
     hq = TemporalGroupQuant(int(a["h_bits"]), int(a["h_group"]), _t(h_scale).float(), _t(h_zero).float())
-    return selective_scan_ref(_t(u), d, _t(A), b, c, _t(Dskip), _t(z), h_quant=hq, **kw)
+    return selective_scan_ref(u32, d, _t(A), b, c, _t(Dskip), z32, h_quant=hq, **kw)
 
 
 def outlier_linear_node_ref(x, weight, w_scale, inlier_scale, theta, bias, **attrs):
     """`ouro::OutlierLinear` in PyTorch: `outlier_linear_ref` on the unpacked weight codes.
 
-    Returns (y fp32 (B, L, N), acc_inlier int64, acc_outlier, outlier_mask (B, L, K)). A window whose
-    outlier list outgrows max_outliers yields NaN rows, as the CUDA kernel does."""
+    x fp16 or fp32, computed in fp32. Returns (y (B, L, N) in x's dtype (rounded once), acc_inlier int64,
+    acc_outlier, outlier_mask (B, L, K)). A window whose outlier list outgrows max_outliers yields NaN
+    rows, as the CUDA kernel does."""
     a = {**OPS["OutlierLinear"].attrs, **attrs}
     w = _t(weight)
     codes = unpack_int4((w.to(torch.int16) & 0xFF).to(torch.uint8)) if int(a["w_bits"]) == 4 else w.to(torch.int8)
     pol = POLICIES[int(a["threshold_policy"])]
     th = _t(theta) if pol is ThresholdPolicy.CALIBRATED else None
     xf = _t(x).float()
-    kw = dict(k_sigma=float(a["k_sigma"]), theta=th)
+    kw = dict(k_sigma=float(a["k_sigma"]), theta=th, std_correction=int(a["std_correction"]))
     y, acc_in, acc_out = outlier_linear_ref(
         xf, codes, _t(w_scale), _t(inlier_scale), int(a["a_bits"]), int(a["o_bits"]), int(a["n_refresh"]), pol,
         bias=_t(bias), **kw,
@@ -135,7 +148,7 @@ def outlier_linear_node_ref(x, weight, w_scale, inlier_scale, theta, bias, **att
     if cap > 0:
         over = mask.sum(-1) > cap  # the mask only grows inside a window: the last token decides
         y = torch.where(over.unsqueeze(-1), torch.full_like(y, float("nan")), y)
-    return y, acc_in, acc_out, mask
+    return y.to(_t(x).dtype), acc_in, acc_out, mask
 
 
 # ------------------------------------------------------------------------------ ORT kernels

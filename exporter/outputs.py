@@ -15,19 +15,15 @@ work starts.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from ouro.calib.files import OutputError, atomic_write
+from ouro.recipes import Target
+
 __all__ = ["Stage", "OutputError", "Output", "plan_outputs", "atomic_write", "exported_graph"]
-
-
-class OutputError(ValueError):
-    """A bad `-o` request; the message says what to change."""
-
-    user_facing = True
 
 
 class Stage(str, Enum):
@@ -36,12 +32,14 @@ class Stage(str, Enum):
     PLUGIN = "plugin"
     ENGINE = "engine"
     QUANT_STATE = "quant_state"
-    QDQ_FILE = "qdq_file"  # internal: the QDQ graph as written (scans lowered to ONNX Scan loops)
+
+    @property
+    def target(self) -> Target | None:
+        """The quantized export target this output is written for (None: FP graph, QuantState)."""
+        return _TARGETS.get(self)
 
 
-PORTABLE_QDQ_PASSES = ("lower_selective_scan", "cleanup")
-"""What turns the internal QDQ graph (the passes' input, with SelectiveScan nodes) into the written
-.qdq.onnx that plain onnxruntime runs: every scan becomes a standard ONNX Scan loop."""
+_TARGETS = {Stage.QDQ: Target.QDQ_ONNXRUNTIME, Stage.PLUGIN: Target.PLUGIN, Stage.ENGINE: Target.PLUGIN}
 
 
 _SUFFIXES: tuple[tuple[str, Callable[[bool], Stage]], ...] = (
@@ -52,25 +50,6 @@ _SUFFIXES: tuple[tuple[str, Callable[[bool], Stage]], ...] = (
     (".plan", lambda q: Stage.ENGINE),
 )
 _NEEDS_QUANT = {Stage.QDQ, Stage.PLUGIN, Stage.QUANT_STATE}
-
-
-def atomic_write(path: Path, write: Callable[[Path], object], *, force: bool) -> Path:
-    """Call `write(tmp)` on a temporary path beside `path`, then rename it into place."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _check_writable(path: Path, force: bool) -> None:
@@ -103,9 +82,13 @@ def _on_cpu(model):
     device is traced from a CPU copy (the graph's initializers are host arrays either way), and the
     trace runs with the CPU as torch's default device."""
     import copy
+    import dataclasses
 
     from ouro.calib.device import module_device
+    from ouro.calib.quant import QuantizedModel
 
+    if isinstance(model, QuantizedModel):
+        return model if module_device(model.module).type == "cpu" else dataclasses.replace(model, module=_on_cpu(model.module))
     return model if module_device(model).type == "cpu" else copy.deepcopy(model).to("cpu")
 
 
@@ -121,22 +104,13 @@ def exported_graph(ctx, stage: Stage):
 
         with ctx.stage("export_fp"), torch.device("cpu"):
             model = export_fp(_on_cpu(ctx.model), fp16=bool(getattr(ctx.args, "fp16", False)), opset=_opset(ctx, FP_OPSET)).model
-    elif stage is Stage.QDQ:
-        from .qdq import QDQ_OPSET, export_qdq
+    elif stage.target is not None:
+        from .passes import parse_pass_names
+        from .quantized import QDQ_OPSET, export_quantized
 
-        with ctx.stage("export_qdq"), torch.device("cpu"):
-            model = export_qdq(_on_cpu(ctx.qmodel), opset=_opset(ctx, QDQ_OPSET)).model
-    elif stage is Stage.QDQ_FILE:
-        from .passes import apply_passes
-
-        with ctx.stage("lower_scan"):
-            model = apply_passes(exported_graph(ctx, Stage.QDQ), PORTABLE_QDQ_PASSES)
-    elif stage is Stage.PLUGIN:
-        from .passes import apply_passes, parse_pass_names
-
-        qdq = exported_graph(ctx, Stage.QDQ)
-        with ctx.stage("passes"):
-            model = apply_passes(qdq, parse_pass_names(getattr(ctx.args, "passes", None)))
+        with ctx.stage(f"export_{stage.value}"), torch.device("cpu"):
+            model = export_quantized(_on_cpu(ctx.qmodel), stage.target, passes=parse_pass_names(getattr(ctx.args, "passes", None)),
+                                     opset=_opset(ctx, QDQ_OPSET)).model
     else:
         raise ValueError(f"stage {stage.value} has no ONNX graph")
     cache[stage] = model
@@ -162,6 +136,11 @@ class Output:
     force: bool = False
     onnx_stage: Stage | None = None  # for an engine: the stage of the ONNX written beside it
 
+    @property
+    def target(self) -> Target | None:
+        """The quantized export target (refuse a recipe it cannot express before calibrating)."""
+        return self.stage.target
+
     def write(self, ctx) -> Path:
         if self.stage is Stage.QUANT_STATE:
             from ouro.calib.quant import save_quant_state
@@ -170,8 +149,7 @@ class Output:
         elif self.stage is Stage.ENGINE:
             self._write_engine(ctx)
         else:
-            stage = Stage.QDQ_FILE if self.stage is Stage.QDQ else self.stage
-            atomic_write(self.path, _save_onnx(exported_graph(ctx, stage)), force=self.force)
+            atomic_write(self.path, _save_onnx(exported_graph(ctx, self.stage)), force=self.force)
         print(f"wrote {self.path}")
         ctx.report.setdefault("outputs", {})[str(self.path)] = self.stage.value
         return self.path

@@ -1,21 +1,19 @@
-"""Graph passes on onnx-graphsurgeon: QDQ graph -> plugin graph.
+"""Graph passes on onnx-graphsurgeon: `Graph -> Graph` transformations, registered by name.
 
-Each pass is a `Graph -> Graph` function registered by name with `register_pass`; `apply_passes`
-runs an ordered list of them (default: `DEFAULT_PASSES`). Unknown names fail loudly.
+    fold_constants          fold constant subgraphs (A = -exp(A_log), the dequantized A and D), keeping Q/DQ
+    lower_selective_scan    each FP SelectiveScan node -> an ONNX Scan loop (plain onnxruntime, no custom ops)
+    fp16_io                 fp16 activations into every OutlierLinear and SelectiveScan (Casts around them)
+    cleanup / toposort      dead nodes and tensors removed / nodes sorted
 
-The quantization parameters that standard Q/DQ cannot carry (outlier bits, n_refresh, threshold
-policy, k, theta) come from the QDQ model's metadata_props["ouro.quant"] (written by
-`ouro.exporter.qdq`); `apply_passes` attaches them to the graph as `graph.ouro_quant`, keyed by the
-name of the quantized consumer (`layers.{i}.mixer.{linear}`, `layers.{i}.mixer.scan_{dir}`).
-
-Patterns (all emitted by qdq.py's single Q/DQ emitter):
-    act    x -> Div(s) -> [Clip] -> QuantizeLinear -> DequantizeLinear -> Mul(s)     s: (1, L, 1)
-    weight DequantizeLinear(codes [N, K], scale [N], axis 0) -> Transpose
-    linear MatMul(act, weight) [-> Add(bias)]
+`apply_passes` runs an ordered list of them on a ModelProto (`DEFAULT_PASSES`: what the plugin graph
+gets after its nodes are emitted); unknown names fail loudly. The quantized nodes themselves are not
+passes: each quantizer emits its own Q/DQ (ouro.calib.quant.qdq), and the plugin nodes are built
+from the quantizers' formats and tensors (ouro.exporter.plugin), so no pass decodes a format from
+the graph. Library decision: onnx-graphsurgeon's `GraphPattern` is not used: no pass matches a
+subgraph any more (the emitters find their nodes by name, the remaining passes by op type).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,14 +21,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ouro.calib.quantizers import pack_int4
-
-from .onnx_export import DOMAIN, PLUGIN_ATTRS, SCAN_OP
-from .qdq import META_KEY
+from .onnx_export import DOMAIN, SCAN_OP
 
 __all__ = [
     "PASSES",
     "DEFAULT_PASSES",
+    "FP32_IO_PASSES",
+    "OUTLIER_LINEAR_OP",
     "PassError",
     "register_pass",
     "parse_pass_names",
@@ -57,10 +54,14 @@ class PassSpec:
 
 
 PASSES: dict[str, PassSpec] = {}
-DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fuse_outlier_linear", "quantize_selective_scan", "cleanup")
+DEFAULT_PASSES: tuple[str, ...] = ("fp16_io", "cleanup")
+"""Passes run on the plugin graph after its nodes are emitted (`--passes` replaces them): fp16
+activations into every plugin node, so TensorRT runs the kernels' fp16 paths (FP32_IO_PASSES: fp32)."""
+FP32_IO_PASSES: tuple[str, ...] = ("cleanup",)
+"""The plugin graph with fp32 activations into every OutlierLinear and SelectiveScan."""
 
 
-def register_pass(name: str, doc: str) -> Callable[[GraphPass], GraphPass]:
+def register_pass(name: str, doc: str):
     def deco(fn: GraphPass) -> GraphPass:
         if name in PASSES:
             raise ValueError(f"graph pass {name!r} registered twice")
@@ -85,73 +86,10 @@ def parse_pass_names(text: str | None) -> tuple[str, ...]:
 
 def describe_passes() -> str:
     width = max(len(n) for n in PASSES)
-    lines = ["graph passes (default order: " + ", ".join(DEFAULT_PASSES) + "):"]
+    lines = ["graph passes run on the plugin graph after its nodes are emitted (default: " + ", ".join(DEFAULT_PASSES)
+             + "; fp32 activations into the plugin nodes: " + ",".join(FP32_IO_PASSES) + "):"]
     lines += [f"  {p.name:<{width}}  {p.doc}" for p in PASSES.values()]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ pattern helpers
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    if not t.inputs:
-        return None
-    n = t.inputs[0]
-    return n if n.op == op else None
-
-
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    p = _producer(t, "Constant")
-    if p is not None:
-        return np.asarray(p.attrs["value"].values)
-    return None
-
-
-@dataclass
-class ActMatch:
-    """A matched static activation Q/DQ: input x, per-token scale (L,), inlier bits, owner key."""
-
-    x: gs.Tensor
-    scale: np.ndarray
-    bits: int
-    key: str
-
-
-def match_act_qdq(t: gs.Tensor) -> ActMatch | None:
-    """Match x -> Div(s) -> [Clip] -> Q -> DQ -> Mul(s) ending at tensor `t`."""
-    mul = _producer(t, "Mul")
-    if mul is None:
-        return None
-    dq = _producer(mul.inputs[0], "DequantizeLinear")
-    q = dq and _producer(dq.inputs[0], "QuantizeLinear")
-    if q is None:
-        return None
-    clip = _producer(q.inputs[0], "Clip")
-    div = _producer((clip or q).inputs[0], "Div")
-    if div is None:
-        return None
-    s_mul, s_div = _const(mul.inputs[1]), _const(div.inputs[1])
-    if s_mul is None or s_div is None or not np.array_equal(s_mul, s_div):
-        return None
-    bits = 8
-    if clip is not None:
-        hi = _const(clip.inputs[2])
-        bits = int(np.log2(float(hi) + 1)) + 1
-    key = div.name.rsplit("/", 1)[0]
-    return ActMatch(div.inputs[0], s_mul.astype(np.float32).reshape(-1), bits, key)
-
-
-def _meta(graph: gs.Graph, kind: str, key: str) -> dict:
-    meta = getattr(graph, "ouro_quant", None)
-    if not meta:
-        raise PassError(f"graph has no ouro quantization metadata ({META_KEY}); was it written by the QDQ export?")
-    if key not in meta.get(kind, {}):
-        raise PassError(f"no quantization metadata for {key!r} ({kind}); the QDQ graph and its metadata disagree")
-    return meta[kind][key]
-
-
-def _f32(graph_unique: str, arr) -> gs.Constant:
-    return gs.Constant(graph_unique, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)))
 
 
 # ------------------------------------------------------------------------------ passes
@@ -162,104 +100,36 @@ def fold_constants(graph: gs.Graph) -> gs.Graph:
     return graph.cleanup()
 
 
-@register_pass("fuse_outlier_linear", "DQ(W) + MatMul + activation Q/DQ [+ bias Add] -> one ouro::OutlierLinear node")
-def fuse_outlier_linear(graph: gs.Graph) -> gs.Graph:
-    for mm in [n for n in graph.nodes if n.op == "MatMul"]:
-        act = match_act_qdq(mm.inputs[0])
-        tr = _producer(mm.inputs[1], "Transpose")
-        wdq = tr and _producer(tr.inputs[0], "DequantizeLinear")
-        if act is None or wdq is None:
+def _cast(graph: gs.Graph, name: str, x: gs.Variable, to: int, dtype) -> gs.Variable:
+    out = gs.Variable(name, dtype=dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Cast", f"{name}_cast", attrs={"to": to}, inputs=[x], outputs=[out]))
+    return out
+
+
+FP16_IO_INPUTS = {OUTLIER_LINEAR_OP: (0,), SCAN_OP: (0, 1, 3, 4, 6)}
+"""Activation inputs cast to fp16 per plugin node: OutlierLinear x; SelectiveScan u, delta, B, C, z
+(A, D and the quantization tables stay fp32, as the plugins take them)."""
+
+
+@register_pass("fp16_io", "fp16 activations into every OutlierLinear and SelectiveScan (Cast in, Cast back to fp32 out): "
+               "TensorRT runs the kernels' fp16 paths; each node's output is rounded to fp16 once")
+def fp16_io(graph: gs.Graph) -> gs.Graph:
+    halves: dict[str, gs.Variable] = {}  # one Cast per tensor (z feeds both scans of a mixer)
+    for node in [n for n in graph.nodes if n.domain == DOMAIN and n.op in FP16_IO_INPUTS]:
+        y = node.outputs[0]
+        if y.dtype == np.float16:
             continue
-        codes, w_scale = _const(wdq.inputs[0]), _const(wdq.inputs[1])
-        if codes is None or w_scale is None:
-            raise PassError(f"{mm.name}: weight DequantizeLinear inputs are not constants")
-        m = _meta(graph, "linears", act.key)
-        N, K = codes.shape
-        L = act.scale.size
-        w_bits = int(m["w_bits"])
-        codes8 = codes.astype(np.int8)
-        weight = pack_int4_np(codes8) if w_bits == 4 else codes8
-        out, bias = mm.outputs[0], np.zeros(N, np.float32)
-        consumers = list(out.outputs)
-        if len(consumers) == 1 and consumers[0].op == "Add" and _const(consumers[0].inputs[1]) is not None:
-            add = consumers[0]
-            bias = _const(add.inputs[1]).astype(np.float32).reshape(N)
-            out = add.outputs[0]
-            add.outputs = []
-        theta = np.asarray(m.get("theta", np.zeros(L)), np.float32)
-        k = act.key
-        node = gs.Node(
-            OUTLIER_LINEAR_OP, name=k, domain=DOMAIN,
-            inputs=[act.x, gs.Constant(f"{k}.weight", weight), _f32(f"{k}.w_scale", w_scale.reshape(N)),
-                    _f32(f"{k}.inlier_scale", act.scale), _f32(f"{k}.theta", theta), _f32(f"{k}.bias", bias)],
-            outputs=[out],
-            attrs=dict(
-                in_features=K, out_features=N, seq_len=L, w_bits=w_bits, a_bits=act.bits, o_bits=int(m["o_bits"]),
-                n_refresh=int(m["n_refresh"]), threshold_policy=int(m["threshold_policy"]), k_sigma=float(m["k_sigma"]),
-                max_outliers=K, **PLUGIN_ATTRS,
-            ),
-        )
-        mm.outputs = []
-        graph.nodes.append(node)
-    return graph.cleanup().toposort()
-
-
-SCAN_OPERANDS = (("delta", 1, "delta_k_sigma"), ("B", 3, "bc_k_sigma"), ("C", 4, "bc_k_sigma"))
-
-
-@register_pass("quantize_selective_scan", "strip the Q/DQ on delta/B/C of each SelectiveScan and give the node the recipe's SSM quantization tables and attributes")
-def quantize_selective_scan(graph: gs.Graph) -> gs.Graph:
-    for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
-        if len(node.inputs) != 7:
-            continue  # already quantized
-        tables: list[gs.Tensor] = []
-        attrs: dict = {}
-        common: dict = {}
-        for op, idx, kname in SCAN_OPERANDS:
-            act = match_act_qdq(node.inputs[idx])
-            lo = op.lower()
-            if act is None:
-                attrs.update({f"{lo}_bits": 0, f"{lo}_bits_outlier": 0})
-                tables += [_f32(f"{node.name}.{lo}_scale", []), _f32(f"{node.name}.{lo}_theta", [])]
-                continue
-            m = _meta(graph, "scans", node.name).get(op)
-            if m is None:
-                raise PassError(f"{node.name}: operand {op} is quantized in the graph but has no metadata")
-            node.inputs[idx] = act.x
-            L = act.scale.size
-            attrs.update({f"{lo}_bits": act.bits, f"{lo}_bits_outlier": int(m["o_bits"])})
-            if kname not in attrs:
-                attrs[kname] = float(m["k_sigma"])
-            for field in ("n_refresh", "threshold_policy"):
-                if common.setdefault(field, int(m[field])) != int(m[field]):
-                    raise PassError(f"{node.name}: delta/B/C disagree on {field}; the plugin takes one value")
-            tables += [_f32(f"{node.name}.{lo}_scale", act.scale),
-                       _f32(f"{node.name}.{lo}_theta", m.get("theta", np.zeros(L)))]
-        tables += [_f32(f"{node.name}.h_scale", []), _f32(f"{node.name}.h_zero", [])]
-        node.inputs.extend(tables)
-        node.attrs.update(dict(n_refresh=common.get("n_refresh", 1), threshold_policy=common.get("threshold_policy", 0),
-                               delta_k_sigma=attrs.pop("delta_k_sigma", 4.0), bc_k_sigma=attrs.pop("bc_k_sigma", 3.0),
-                               h_bits=0, h_group=1, **attrs))
-    return graph.cleanup().toposort()
-
-
-@register_pass("fp16_linear_io", "opt-in: run each OutlierLinear on fp16 activations (Cast in, Cast back out), so "
-               "TensorRT picks the kernels' fused fp16 epilogue; y is rounded to fp16 once more")
-def fp16_linear_io(graph: gs.Graph) -> gs.Graph:
-    for node in [n for n in graph.nodes if n.op == OUTLIER_LINEAR_OP and n.domain == DOMAIN]:
-        x, y = node.inputs[0], node.outputs[0]
-        if x.dtype == np.float16:
-            continue
-        if x.dtype not in (None, np.float32):
-            raise PassError(f"{node.name}: OutlierLinear activation has dtype {x.dtype}; expected float32 or float16")
-        x16 = gs.Variable(f"{node.name}/x_fp16", dtype=np.float16, shape=x.shape)
+        for i in FP16_IO_INPUTS[node.op]:
+            x = node.inputs[i]
+            if x.dtype not in (None, np.float32):
+                raise PassError(f"{node.name}: input {i} has dtype {x.dtype}; expected float32")
+            if x.name not in halves:
+                halves[x.name] = _cast(graph, f"{node.name}/in{i}_fp16", x, onnx.TensorProto.FLOAT16, np.float16)
+            node.inputs[i] = halves[x.name]
         y16 = gs.Variable(f"{node.name}/y_fp16", dtype=np.float16, shape=y.shape)
-        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_x_fp16", attrs={"to": onnx.TensorProto.FLOAT16},
-                                   inputs=[x], outputs=[x16]))
-        node.inputs[0] = x16
         node.outputs.clear()
         node.outputs.append(y16)
-        graph.nodes.append(gs.Node("Cast", f"{node.name}/cast_y_fp32", attrs={"to": onnx.TensorProto.FLOAT},
+        graph.nodes.append(gs.Node("Cast", f"{node.name}/y_fp32_cast", attrs={"to": onnx.TensorProto.FLOAT},
                                    inputs=[y16], outputs=[y]))
     return graph.toposort()
 
@@ -274,29 +144,7 @@ def toposort(graph: gs.Graph) -> gs.Graph:
     return graph.toposort()
 
 
-def pack_int4_np(codes: np.ndarray) -> np.ndarray:
-    """Packed int4 weight bytes stored as INT8 (same bits as `pack_int4`'s uint8): TensorRT plugins
-    take INT8 inputs, not UINT8."""
-    import torch
-
-    return pack_int4(torch.from_numpy(codes)).numpy().view(np.int8)
-
-
 # ------------------------------------------------------------------------------ driver
-def _int4_to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx-graphsurgeon 0.6 re-exports loaded INT4 constants with a wrong byte count, so passes work
-    on INT8 codes; the INT4 type is restored for weights that stay Q/DQ (`qdq._to_int4`)."""
-    from onnx import numpy_helper
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for i, t in enumerate(m.graph.initializer):
-        if t.data_type == onnx.TensorProto.INT4:
-            arr = numpy_helper.to_array(t).astype(np.int8)
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
-    return m
-
-
 def apply_passes_to_graph(graph: gs.Graph, names=DEFAULT_PASSES) -> gs.Graph:
     for name in names:
         if name not in PASSES:
@@ -306,17 +154,14 @@ def apply_passes_to_graph(graph: gs.Graph, names=DEFAULT_PASSES) -> gs.Graph:
 
 
 def apply_passes(model: onnx.ModelProto, names=DEFAULT_PASSES) -> onnx.ModelProto:
-    """Run the named passes on a QDQ ModelProto; returns the checked result (plugin graph)."""
-    from .qdq import _to_int4, quant_metadata
+    """Run the named passes on a ModelProto; returns the checked result."""
+    graph = apply_passes_to_graph(gs.import_onnx(model), names)
+    return finish_graph(graph)
 
-    meta = quant_metadata(model)
-    graph = gs.import_onnx(_int4_to_int8(model))
-    graph.ouro_quant = meta
-    graph = apply_passes_to_graph(graph, names)
+
+def finish_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx, with the ouro domain declared exactly when ouro nodes remain; checked."""
     out = gs.export_onnx(graph)
-    if meta:
-        _to_int4(out, meta)
-        onnx.helper.set_model_props(out, {META_KEY: json.dumps(meta)})
     used = any(n.domain == DOMAIN for n in out.graph.node)
     imports = [o for o in out.opset_import if o.domain != DOMAIN]
     del out.opset_import[:]
@@ -326,31 +171,68 @@ def apply_passes(model: onnx.ModelProto, names=DEFAULT_PASSES) -> onnx.ModelProt
 
 
 # ------------------------------------------------------------------------------ scan lowering
-def _scan_body(name: str) -> gs.Graph:
-    """One recurrence step: h = dA_t * h + dBu_t;  y_t = sum_s h * C_t."""
+LTSQ_MIN_RATIO = 2.0**-40
+"""As ouro.calib.baselines.qmamba: (u - Abar)/s is clamped below by this before the log."""
+
+
+def _fake_quant_asym_nodes(op, v, c, x, scale, zero, bits: int, tag: str):
+    """s * (Clip(Round(x / s) + z, 0, 2**bits - 1) - z): the same float ops as `fake_quant_asym`."""
+    q = op("Round", [op("Div", [x, scale], v(f"{tag}_div"))], v(f"{tag}_round"))
+    q = op("Clip", [op("Add", [q, zero], v(f"{tag}_addz")), c(f"{tag}_lo", np.array(0.0, np.float32)),
+                    c(f"{tag}_hi", np.array(float((1 << bits) - 1), np.float32))], v(f"{tag}_clip"))
+    return op("Mul", [op("Sub", [q, zero], v(f"{tag}_subz")), scale], v(f"{tag}_q"))
+
+
+def _scan_body(name: str, h_bits: int) -> gs.Graph:
+    """One recurrence step: h = dA_t * h + dBu_t [; h = TGQ(h) with this step's (s_t, z_t)]; y_t = sum_s h * C_t."""
     f = np.float32
     h_prev, dA, dBu, C = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("h_prev", "dA_t", "dBu_t", "C_t"))
     m, h, c1, p, y = (gs.Variable(f"{name}/{n}", dtype=f) for n in ("m", "h", "c1", "p", "y"))
-    body = gs.Graph(inputs=[h_prev, dA, dBu, C], outputs=[h, y], name=f"{name}/body")
-    body.nodes += [
-        gs.Node("Mul", inputs=[dA, h_prev], outputs=[m]),
-        gs.Node("Add", inputs=[m, dBu], outputs=[h]),
+    inputs = [h_prev, dA, dBu, C]
+    nodes = [gs.Node("Mul", inputs=[dA, h_prev], outputs=[m]), gs.Node("Add", inputs=[m, dBu], outputs=[h])]
+    if h_bits:
+        s_t, z_t = gs.Variable(f"{name}/h_scale_t", dtype=f), gs.Variable(f"{name}/h_zero_t", dtype=f)
+        inputs += [s_t, z_t]
+
+        def v(n):
+            return gs.Variable(f"{name}/{n}", dtype=f)
+
+        def c(n, arr):
+            return gs.Constant(f"{name}/{n}", np.asarray(arr))
+
+        def op(kind, ins, out):
+            nodes.append(gs.Node(kind, inputs=ins, outputs=[out]))
+            return out
+
+        h = _fake_quant_asym_nodes(op, v, c, h, s_t, z_t, h_bits, "tgq")
+    nodes += [
         gs.Node("Unsqueeze", inputs=[C, gs.Constant(f"{name}/ax1", np.array([1], np.int64))], outputs=[c1]),
         gs.Node("Mul", inputs=[h, c1], outputs=[p]),
         gs.Node("ReduceSum", attrs={"keepdims": 0}, inputs=[p, gs.Constant(f"{name}/axm1", np.array([-1], np.int64))], outputs=[y]),
     ]
+    body = gs.Graph(inputs=inputs, outputs=[h, y], name=f"{name}/body")
+    body.nodes += nodes
     return body
 
 
-@register_pass("lower_selective_scan", "replace each unquantized SelectiveScan by standard ONNX ops (an ONNX Scan loop), for plain onnxruntime")
+@register_pass("lower_selective_scan", "replace each SelectiveScan by standard ONNX ops (an ONNX Scan loop; with QMamba's "
+               "TGQ of h and Abar quantizer when the node carries them), for plain onnxruntime")
 def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
+    """Nodes with delta/B/C quantized (OuroMamba's dynamic outliers: the plugin graph) are refused;
+    7-input nodes and the exporter's 15/19-input nodes with h (h_bits, h_group, h_scale, h_zero at
+    inputs 13-14) and Abar (abar_bits, abar_ltsq; abar_scale, abar_zero, abar_upper, abar_span at
+    inputs 15-18) quantized inside the recurrence are lowered."""
     f = np.float32
     for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
-        if len(node.inputs) != 7:
-            raise PassError(f"{node.name}: only the 7-input (unquantized operand) SelectiveScan can be lowered; run it before quantize_selective_scan")
-        u, delta, A, Bm, Cm, Dskip, z = node.inputs
+        a = node.attrs
+        if len(node.inputs) not in (7, 15, 19) or any(int(a.get(f"{p}_bits", 0)) for p in ("delta", "b", "c")):
+            raise PassError(f"{node.name}: a SelectiveScan that quantizes delta/B/C (dynamic outliers) cannot be lowered "
+                            "to standard ONNX ops; only its plugin computes it")
+        u, delta, A, Bm, Cm, Dskip, z = node.inputs[:7]
         k = node.name
-        rev = int(node.attrs.get("reverse", 0))
+        rev = int(a.get("reverse", 0))
+        h_bits, h_group = int(a.get("h_bits", 0)), int(a.get("h_group", 1))
+        abar_bits, ltsq = int(a.get("abar_bits", 0)), int(a.get("abar_ltsq", 0))
 
         def v(n):
             return gs.Variable(f"{k}/{n}", dtype=f)
@@ -364,19 +246,45 @@ def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
             nodes.append(gs.Node(kind, name=f"{k}/{out.name.rsplit('/', 1)[1]}", attrs=attrs, inputs=inputs, outputs=[out]))
             return out
 
-        dt = op("Softplus", [delta], v("dt")) if int(node.attrs.get("delta_softplus", 1)) else delta
+        dt = op("Softplus", [delta], v("dt")) if int(a.get("delta_softplus", 1)) else delta
         dt4 = op("Unsqueeze", [dt, c("axm1", np.array([-1], np.int64))], v("dt4"))
         dA = op("Exp", [op("Mul", [dt4, A], v("dtA"))], v("dA"))
+        if abar_bits:
+            s_a, z_a, upper, span = node.inputs[15:19]
+            if ltsq:  # upper - span * 2**-clamp(round(-log2(max((upper - Abar) / span, 2**-40))), 0, 2**b - 1)
+                r = op("Max", [op("Div", [op("Sub", [upper, dA], v("ltsq_gap")), span], v("ltsq_ratio")),
+                               c("ltsq_min", np.array(LTSQ_MIN_RATIO, f))], v("ltsq_r"))
+                lg = op("Neg", [op("Div", [op("Log", [r], v("ltsq_ln")), c("ln2", np.array(np.log(2.0), f))], v("ltsq_log2"))],
+                        v("ltsq_nlog2"))
+                code = op("Clip", [op("Round", [lg], v("ltsq_round")), c("ltsq_lo", np.array(0.0, f)),
+                                   c("ltsq_hi", np.array(float((1 << abar_bits) - 1), f))], v("ltsq_code"))
+                step = op("Pow", [c("two", np.array(2.0, f)), op("Neg", [code], v("ltsq_ncode"))], v("ltsq_pow"))
+                dA = op("Sub", [upper, op("Mul", [span, step], v("ltsq_step"))], v("dA_q"))
+            else:
+                dA = _fake_quant_asym_nodes(op, v, c, dA, s_a, z_a, abar_bits, "abar")
         b3 = op("Unsqueeze", [Bm, c("ax2", np.array([2], np.int64))], v("B3"))
         u4 = op("Unsqueeze", [u, c("axm1u", np.array([-1], np.int64))], v("u4"))
         dBu = op("Mul", [op("Mul", [dt4, b3], v("dtB")), u4], v("dBu"))
         first = op("Gather", [dBu, c("t0", np.array(0, np.int64))], v("dBu0"), axis=1)
         h0 = op("ConstantOfShape", [op("Shape", [first], gs.Variable(f"{k}/hshape", dtype=np.int64))], v("h0"),
                 value=onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+        scan_in, axes = [dA, dBu, Cm], [1, 1, 1]
+        if h_bits:  # TGQ: scan step i uses group i // g, i.e. token t belongs to group (t or L-1-t) // g
+            i64 = np.int64
+            L = op("Gather", [op("Shape", [u], gs.Variable(f"{k}/ushape", dtype=i64)), c("dim1", np.array(1, i64))],
+                   gs.Variable(f"{k}/L", dtype=i64), axis=0)
+            t = op("Range", [c("zero_i", np.array(0, i64)), L, c("one_i", np.array(1, i64))], gs.Variable(f"{k}/t", dtype=i64))
+            if rev:
+                t = op("Sub", [op("Sub", [L, c("one_j", np.array(1, i64))], gs.Variable(f"{k}/Lm1", dtype=i64)), t],
+                       gs.Variable(f"{k}/step", dtype=i64))
+            group = op("Div", [t, c("h_group", np.array(h_group, i64))], gs.Variable(f"{k}/tgq_group", dtype=i64))
+            scan_in += [op("Gather", [node.inputs[13], group], v("h_scale_tok"), axis=0),
+                        op("Gather", [node.inputs[14], group], v("h_zero_tok"), axis=0)]
+            axes += [0, 0]
         h_last, ys = v("h_last"), v("ys")
-        nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, dA, dBu, Cm], outputs=[h_last, ys], attrs=dict(
-            body=_scan_body(k), num_scan_inputs=3, scan_input_axes=[1, 1, 1], scan_output_axes=[1],
-            scan_input_directions=[rev] * 3, scan_output_directions=[rev])))
+        nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, *scan_in], outputs=[h_last, ys], attrs=dict(
+            body=_scan_body(k, h_bits), num_scan_inputs=len(scan_in), scan_input_axes=axes, scan_output_axes=[1],
+            scan_input_directions=[rev] * len(scan_in), scan_output_directions=[rev])))
         y = op("Add", [ys, op("Mul", [u, Dskip], v("uD"))], v("y"))
         gate = op("Mul", [z, op("Sigmoid", [z], v("sz"))], v("silu_z"))
         out = node.outputs[0]

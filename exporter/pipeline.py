@@ -6,27 +6,23 @@
 
 Report keys: recipe, method, calibration (source, images), fp_top1, quant_top1, top1_delta,
 top1_agreement, sqnr_db (per block), outlier_rate (per quantizer), compression (vs FP16), timings.
-Metrics are measured here; the numerics live in ouro.calib. Every PyTorch stage runs on the model's
-device (ctx.device); top-1 over the evaluation set is sharded over torchrun processes (ctx.dist,
-ouro.calib.evaluation) and identical to one process's.
+The metrics themselves are ouro.calib.metrics; the numerics live in ouro.calib. Every PyTorch stage
+runs on the model's device (ctx.device); top-1 over the evaluation set is sharded over torchrun
+processes (ctx.dist, ouro.calib.evaluation) and identical to one process's.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
+from ouro.calib.files import atomic_write
+from ouro.calib.metrics import agreement, block_sqnr, predict, top1
+
 __all__ = [
-    "EVAL_BATCH",
     "SQNR_MAX_IMAGES",
     "evaluation_set",
-    "predict",
-    "top1",
-    "sqnr_db",
-    "block_sqnr",
     "outlier_rates",
     "memory_compression",
     "evaluate_fp",
@@ -36,59 +32,12 @@ __all__ = [
     "write_report",
 ]
 
-EVAL_BATCH = 64  # = ouro.calib.evaluation.EVAL_BATCH
 SQNR_MAX_IMAGES = 256  # images used for the per-block SQNR and the outlier rates
 FP16_BYTES = 2
 SCALE_BYTES = 4  # scales and thresholds are stored as fp32
 
 
-# ------------------------------------------------------------------------------------ metrics
-def predict(model: nn.Module, images: Tensor, batch: int = EVAL_BATCH) -> Tensor:
-    """argmax predictions (N,) on the CPU; the batches run on the model's device."""
-    from ouro.calib.evaluation import predict as _predict
-
-    return _predict(model, images, batch)
-
-
-def top1(pred: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * float((pred == labels).float().mean())
-
-
-def sqnr_db(ref: Tensor, x: Tensor) -> float:
-    """20 log10(||ref|| / ||ref - x||) in dB (inf when identical)."""
-    num = ref.double().norm()
-    den = (ref.double() - x.double()).norm()
-    if den == 0:
-        return math.inf
-    return float(20 * torch.log10(num / den))
-
-
-def _block_streams(model: nn.Module, images: Tensor) -> list[Tensor]:
-    """Residual stream after each block (residual + mixer output), (N, L, d) per block."""
-    outs: list[list[Tensor]] = [[] for _ in model.layers]
-    hooks = []
-    for i, blk in enumerate(model.layers):
-        def hook(_m, _a, out, i=i):
-            o, res = out
-            outs[i].append((res + o.float()).detach().cpu())
-        hooks.append(blk.register_forward_hook(hook))
-    try:
-        predict(model, images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(o) for o in outs]
-
-
-def block_sqnr(model: nn.Module, qmodel: nn.Module, images: Tensor) -> list[float]:
-    """SQNR (dB) of the quantized model's residual stream after each block vs the FP model's."""
-    fp = _block_streams(model, images)
-    q = _block_streams(qmodel, images)
-    return [round(sqnr_db(a, b), 3) for a, b in zip(fp, q)]
-
-
-def outlier_rates(qmodel: nn.Module, images: Tensor) -> dict[str, float]:
+def outlier_rates(qmodel, images: Tensor) -> dict[str, float]:
     """Fraction of activation elements quantized as outliers, per quantizer (runs `images`)."""
     from ouro.calib.quant import QuantMode, iter_quant_ops, set_quant_mode
 
@@ -103,7 +52,7 @@ def outlier_rates(qmodel: nn.Module, images: Tensor) -> dict[str, float]:
     return {n: round(q.stats()["outlier_rate"], 6) for n, q in qs if "outlier_rate" in q.stats()}
 
 
-def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
+def memory_compression(model: nn.Module, qmodel) -> dict:
     """Memory vs FP16: packed integer weights plus every scale and threshold (fp32).
 
     Integer tensors: the weight of each linear with a weight quantizer, and every constant a
@@ -114,8 +63,8 @@ def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
     from ouro.calib.quant import iter_quant_ops
 
     fp16_q = q_bytes = 0.0
-    for i, ops in iter_quant_ops(qmodel):
-        mixer = qmodel.layers[i].mixer
+    for _, ops in iter_quant_ops(qmodel):
+        mixer = qmodel.module.get_submodule(ops.prefix)
         weights = {id(q): getattr(mixer, name).weight.numel() for name, q in ops.weight.items()}
         for _, q in ops.quantizers():
             sd = q.state_dict()
@@ -123,7 +72,7 @@ def memory_compression(model: nn.Module, qmodel: nn.Module) -> dict:
             n_int = weights.get(id(q), sd["codes"].numel() if "codes" in keys else 0)
             if n_int:
                 fp16_q += n_int * FP16_BYTES
-                q_bytes += n_int * q.bits / 8
+                q_bytes += n_int * q.format.bits / 8
             q_bytes += sum(sd[k].numel() * SCALE_BYTES for k in keys if k != "codes" and sd[k].is_floating_point())
     total_fp16 = sum(p.numel() for p in model.parameters()) * FP16_BYTES
     model_q = total_fp16 - fp16_q + q_bytes
@@ -203,7 +152,7 @@ def quantize(ctx) -> nn.Module:
     if a.load_calib:
         with ctx.stage("load_calib"):
             ctx.qmodel = load_quant_state(ctx.model, a.load_calib)
-            ctx.recipe = ctx.qmodel.ouro_recipe
+            ctx.recipe = ctx.qmodel.recipe
         ctx.report["calibration"] = {"quant_state": str(a.load_calib)}
     else:
         spec = parse_calib_spec(a.calib, a.calib_dir)
@@ -215,13 +164,13 @@ def quantize(ctx) -> nn.Module:
         ctx.report["calibration"] = {"source": spec.kind, "images": int(images.shape[0]), "seed": a.seed}
         with ctx.stage("calibrate"):
             ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed, progress=getattr(ctx, "is_main", True))
-        ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.ouro_calib_losses]
+        ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.calib_losses]
     if a.save_calib:
         with ctx.stage("save_calib"):
-            save_quant_state(ctx.qmodel, a.save_calib)
+            atomic_write(a.save_calib, lambda tmp: save_quant_state(ctx.qmodel, tmp))
     ctx.report["recipe"] = ctx.recipe.to_dict()
     ctx.report["method"] = ctx.recipe.method.value
-    ctx.report["method_info"] = getattr(ctx.qmodel, "ouro_method_info", {})
+    ctx.report["method_info"] = ctx.qmodel.method_info
     quantized_metrics(ctx)
     if getattr(ctx, "is_main", True):
         print(format_table({**ctx.report, "timings": dict(ctx.timings)}))
@@ -242,7 +191,7 @@ def quantized_metrics(ctx) -> None:
             ctx._fp_pred, _ = _predict_all(ctx, ctx.model, "evaluate FP")
         ctx.report["fp_top1"] = round(top1(ctx._fp_pred, y), 3)
     ctx.report["top1_delta"] = round(ctx.report["quant_top1"] - ctx.report["fp_top1"], 3)
-    ctx.report["top1_agreement"] = round(100.0 * float((qpred == ctx._fp_pred).float().mean()), 3)
+    ctx.report["top1_agreement"] = round(agreement(qpred, ctx._fp_pred), 3)
     if not getattr(ctx, "is_main", True):  # the per-block metrics are rank 0's (it writes the report)
         return
     sub = evaluation_set(ctx, SQNR_MAX_IMAGES)[0]

@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ouro.calib.files import atomic_write
+
 from .engine_config import (
     FIRST_ALWAYS_STRONGLY_TYPED_MAJOR,
     EngineConfig,
     EngineConfigError,
     TensorRTUnavailableError,
-    atomic_write_bytes,
     tensorrt_missing_message,
 )
 
@@ -91,9 +92,9 @@ def build_engine(cfg: EngineConfig, *, log: Callable[[str], None] = print) -> Pa
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {cfg.onnx_path} (see the log above)")
-    atomic_write_bytes(cfg.plan_path, bytes(serialized))
+    atomic_write(cfg.plan_path, bytes(serialized))
     if cache is not None:
-        atomic_write_bytes(cfg.timing_cache, bytes(config.get_timing_cache().serialize()))
+        atomic_write(cfg.timing_cache, bytes(config.get_timing_cache().serialize()))
     log(f"wrote {cfg.plan_path} ({cfg.plan_path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
         f"batch profile {cfg.batch}")
     return cfg.plan_path

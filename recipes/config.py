@@ -20,7 +20,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ouro.calib.quantizers import DEFAULT_K_SIGMA, DELTA_K_SIGMA, ThresholdPolicy
+from .formats import (
+    DEFAULT_K_SIGMA,
+    DEFAULT_STD_CORRECTION,
+    DELTA_K_SIGMA,
+    Bits,
+    FormatError,
+    QuantFormats,
+    RecipeError,
+    Target,
+    ThresholdPolicy,
+    check_target,
+    parse_bits,
+)
+from .methods import Method, NoParams, OuroMambaParams, formats_for, method_params_type, register_method_params
 
 __all__ = [
     "RECIPE_VERSION",
@@ -39,22 +52,13 @@ __all__ = [
     "list_presets",
     "get_preset",
     "resolve_recipe",
+    "check_recipe_target",
 ]
 
-RECIPE_VERSION = 1
-"""Bumped whenever the meaning of a recipe field (and so of a saved QuantState) changes."""
-
-
-class RecipeError(ValueError):
-    """A recipe or preset is invalid; the message names the key and the allowed values."""
-
-
-class Method(str, Enum):
-    OUROMAMBA = "ouromamba"
-    PTQ4VM = "ptq4vm"
-    QMAMBA = "qmamba"
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
+RECIPE_VERSION = 2
+"""Bumped whenever the meaning of a recipe field (and so of a saved QuantState) changes.
+2: std_correction (the outlier threshold's std, Bessel's by default; version 1 meant 0) and "fp16"
+   instead of 16 for values kept in floating point."""
 
 
 class LossKind(str, Enum):
@@ -73,11 +77,6 @@ EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm"
 """The one shared never-quantize list: patch embed, depthwise convs, RMSNorms, classifier head."""
 
 _PRESET_PACKAGE = "ouro.recipes"
-
-
-def _check_bits(name: str, v: int, lo: int = 2, hi: int = 16) -> None:
-    if not isinstance(v, int) or not lo <= v <= hi:
-        raise RecipeError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
 
 
 def _enum(cls: type[Enum], v: Any, key: str) -> Enum:
@@ -117,52 +116,6 @@ class CalibConfig:
             raise RecipeError(f"calib.lp_norm must be > 0, got {self.lp_norm}")
 
 
-# ------------------------------------------------------------------------- method params registry
-_METHOD_PARAMS: dict[Method, type] = {}
-
-
-def register_method_params(method: Method | str, cls: type) -> type:
-    """Register the frozen dataclass holding `method`'s own parameters (usable as a decorator arg).
-
-    The class needs defaults for every field and validates itself in __post_init__."""
-    m = _enum(Method, method, "method")
-    _METHOD_PARAMS[m] = cls
-    return cls
-
-
-def method_params_type(method: Method | str) -> type:
-    m = _enum(Method, method, "method")
-    if m not in _METHOD_PARAMS:
-        import ouro.calib.quant  # noqa: F401  (method implementations register their params on import)
-    return _METHOD_PARAMS.get(m, NoParams)
-
-
-@dataclass(frozen=True)
-class NoParams:
-    """Methods without parameters of their own."""
-
-
-@dataclass(frozen=True)
-class OuroMambaParams:
-    """OuroMamba-specific knobs (seed Algorithm 2; ALGORITHMS.md §1.2)."""
-
-    inlier_granularity: str = "token"  # "token": S_I(t) of shape (1, L, 1); "tensor": one scalar (what a per-tensor kernel needs)
-    outlier_detection: str = "dynamic"  # "dynamic" (Alg. 2, the product); "static"/"none": ablation only (seed Table 5)
-    static_outlier_fraction: float = 0.08  # "static": fraction of channels in the fixed offline list (64 of 768 in the seed)
-    delta_before_bias: bool = False  # quantize Delta = dt_proj(x) before its bias is added (bias added in FP after)
-
-    def __post_init__(self) -> None:
-        if self.inlier_granularity not in ("token", "tensor"):
-            raise RecipeError(f"ouromamba.inlier_granularity must be 'token' or 'tensor', got {self.inlier_granularity!r}")
-        if self.outlier_detection not in ("dynamic", "static", "none"):
-            raise RecipeError(f"ouromamba.outlier_detection must be 'dynamic', 'static' or 'none', got {self.outlier_detection!r}")
-        if not 0.0 < self.static_outlier_fraction < 1.0:
-            raise RecipeError(f"ouromamba.static_outlier_fraction must be in (0, 1), got {self.static_outlier_fraction}")
-
-
-register_method_params(Method.OUROMAMBA, OuroMambaParams)
-
-
 def _params_from_dict(method: Method, d: dict | None):
     cls = method_params_type(method)
     d = dict(d or {})
@@ -178,18 +131,20 @@ def _params_from_dict(method: Method, d: dict | None):
 class Recipe:
     """A complete quantization recipe (the only input of `calibrate` besides model and data).
 
-    w_bits / a_bits: weights per output channel / activation inliers. a_bits_outlier: outlier
-    channels (16 = kept in FP16). Bits 16 anywhere mean "not quantized, fp16 round trip"."""
+    w_bits / a_bits: weights / activation inliers; a_bits_outlier: OuroMamba's outlier channels.
+    Each is an integer bit width or "fp16" (`FP16`: not quantized, kept in floating point). What
+    every site computes under the recipe is `self.formats` (`ouro.recipes.formats_for`)."""
 
     name: str
     method: Method = Method.OUROMAMBA
-    w_bits: int = 4
-    a_bits: int = 4
-    a_bits_outlier: int = 8
+    w_bits: Bits = 4
+    a_bits: Bits = 4
+    a_bits_outlier: Bits = 8
     n_refresh: int = 10
     threshold_policy: ThresholdPolicy = ThresholdPolicy.DYNAMIC
     k_sigma: float = DEFAULT_K_SIGMA  # theta = mu + k*sigma for linear inputs, B and C
     k_sigma_delta: float = DELTA_K_SIGMA  # ... and for Delta
+    std_correction: int = DEFAULT_STD_CORRECTION  # the threshold's std: 1 Bessel (torch.std, official code), 0 population
     linear_layers: tuple[str, ...] = LINEAR_LAYERS
     ssm_operands: tuple[str, ...] = ("delta", "B", "C", "A", "D")
     exclude: tuple[str, ...] = EXCLUDED_MODULES
@@ -204,16 +159,19 @@ class Recipe:
             raise RecipeError("recipe name must be a non-empty string")
         s(self, "method", _enum(Method, self.method, "method"))
         s(self, "threshold_policy", _enum(ThresholdPolicy, self.threshold_policy, "threshold_policy"))
-        _check_bits("w_bits", self.w_bits)
-        _check_bits("a_bits", self.a_bits)
-        _check_bits("a_bits_outlier", self.a_bits_outlier)
-        if self.a_bits_outlier < self.a_bits:
+        for k in ("w_bits", "a_bits", "a_bits_outlier"):
+            s(self, k, parse_bits(getattr(self, k), k))
+        if isinstance(self.a_bits, int) and isinstance(self.a_bits_outlier, int) and self.a_bits_outlier < self.a_bits:
             raise RecipeError(f"a_bits_outlier ({self.a_bits_outlier}) must be >= a_bits ({self.a_bits})")
+        if not isinstance(self.a_bits, int) and isinstance(self.a_bits_outlier, int):
+            raise RecipeError(f"a_bits_outlier ({self.a_bits_outlier}) must be fp16 when a_bits is {self.a_bits.value}")
         if not isinstance(self.n_refresh, int) or self.n_refresh < 1:
             raise RecipeError(f"n_refresh must be an integer >= 1, got {self.n_refresh!r}")
         for k in ("k_sigma", "k_sigma_delta"):
             if not float(getattr(self, k)) > 0:
                 raise RecipeError(f"{k} must be > 0, got {getattr(self, k)}")
+        if self.std_correction not in (0, 1) or isinstance(self.std_correction, bool):
+            raise RecipeError(f"std_correction must be 0 or 1 (1: Bessel's correction, as torch.std), got {self.std_correction!r}")
         for key, allowed in (("linear_layers", LINEAR_LAYERS), ("ssm_operands", SSM_OPERANDS)):
             v = tuple(getattr(self, key))
             bad = [x for x in v if x not in allowed]
@@ -236,6 +194,15 @@ class Recipe:
             )
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"recipe version {self.version} is not supported (this ouro reads version {RECIPE_VERSION})")
+        try:
+            formats_for(self)  # every site's format is valid (e.g. k_sigma > 0, outliers >= inliers)
+        except FormatError as e:
+            raise RecipeError(f"recipe {self.name!r}: {e}") from None
+
+    @property
+    def formats(self) -> QuantFormats:
+        """The format of every site (linear input, linear weight, each scan operand) under this recipe."""
+        return formats_for(self)
 
     # -- conveniences ------------------------------------------------------------------------
     def quantizes_linear(self, name: str) -> bool:
@@ -356,11 +323,13 @@ def get_preset(name: str, method: Method | str = Method.OUROMAMBA) -> Recipe:
     return Recipe.from_dict(d, source=f"preset {key} ({m.value})")
 
 
-def resolve_recipe(preset: str | None = None, recipe_file: str | Path | None = None, method: Method | str | None = None) -> Recipe:
+def resolve_recipe(preset: str | None = None, recipe_file: str | Path | None = None, method: Method | str | None = None,
+                   target: Target | str | None = None) -> Recipe:
     """The recipe the CLI uses: a preset or a TOML file, then `--method` if given.
 
     A recipe file may name a method; `--method` overrides it (method_params are then reset to the
-    method's defaults unless the file's method is the same)."""
+    method's defaults unless the file's method is the same). With `target`, a recipe that target
+    cannot express is refused here, before any work (`check_recipe_target`)."""
     if preset and recipe_file:
         raise RecipeError("give either a preset or a recipe file, not both")
     if recipe_file:
@@ -370,9 +339,18 @@ def resolve_recipe(preset: str | None = None, recipe_file: str | Path | None = N
         r = Recipe.from_toml(p.read_text(), source=str(p))
         if method is not None and _enum(Method, method, "method") is not r.method:
             r = replace(r, method=_enum(Method, method, "method"), method_params=None)
-        return r
-    if not preset:
-        if method is None:
-            raise RecipeError("no recipe: give a preset (--w4a4, --w4a8, --w6a6, --w8a8) or --recipe FILE")
-        preset = "w4a4"
-    return get_preset(preset, Method.OUROMAMBA if method is None else method)
+    else:
+        if not preset:
+            if method is None:
+                raise RecipeError("no recipe: give a preset (--w4a4, --w4a8, --w6a6, --w8a8) or --recipe FILE")
+            preset = "w4a4"
+        r = get_preset(preset, Method.OUROMAMBA if method is None else method)
+    if target is not None:
+        check_recipe_target(r, target)
+    return r
+
+
+def check_recipe_target(recipe: Recipe, target: Target | str) -> None:
+    """Raise `TargetError` (a RecipeError) when `target` cannot express `recipe`, naming the target,
+    what it supports, and a target that would take the recipe."""
+    check_target(recipe.formats, target, recipe_name=recipe.name)

@@ -34,14 +34,16 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from ouro.calib.data import load_digits_split
-    from quant_accuracy import load_model, logit_sqnr, logits
+    from quant_accuracy import load_model
+
+    from ouro.calib.metrics import logits, sqnr_db, top1
 
     model = load_model(a.checkpoint)
     xt, yt = load_digits_split("test")
     images = calibration_images(model, parse_calib_spec(a.calib), demo=True, seed=a.seed)
     loop = make_forward_loop(images)
     fp_logits = logits(model, xt)
-    fp = 100.0 * float((fp_logits.argmax(-1) == yt).float().mean())
+    fp = top1(fp_logits, yt)
     rows = []
     print(f"FP top-1 {fp:.2f} %   calibration: {a.calib}   cells: top-1 % (SQNR of the logits vs FP, dB)")
     print(f"{'W/A':<6} " + " ".join(f"{m:>16}" for m in MODES))
@@ -55,7 +57,7 @@ def main() -> None:
             t0 = time.perf_counter()
             q = calibrate(model, r, loop, seed=a.seed, progress=False)
             out = logits(q, xt)
-            acc, sq = 100.0 * float((out.argmax(-1) == yt).float().mean()), logit_sqnr(fp_logits, out)
+            acc, sq = top1(out, yt), sqnr_db(fp_logits, out)
             accs.append(f"{acc:6.2f} ({sq:5.2f})")
             rows.append(dict(preset=p, detection=mode, top1=round(acc, 2), logit_sqnr_db=round(sq, 2), fp_top1=round(fp, 2),
                              calib_s=round(time.perf_counter() - t0, 1)))

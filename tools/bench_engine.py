@@ -3,21 +3,26 @@
     python tools/bench_engine.py --engine fp16=vim_s_fp16.plan --engine w4a4=vim_s.plan \
         --onnx vim_s.onnx --plugin-lib build/trt/libouro_trt_plugins.so [--batch 1,32,128] [--iterations 200]
 
-Each measurement is one `trtexec --loadEngine=...` run (the exact command is printed, see
-tools/trtexec.md): CUDA graphs, no host<->device copies, spin-wait, warm-up first, so the numbers are
-the engine's own GPU time. The table reports mean / median / p99 latency (ms), throughput
-(images/s = batch x queries/s) and the speed-up of each engine over the first one.
+Each measurement is one `trtexec --loadEngine=... --exportTimes=times.json` run (the exact command is
+printed, see tools/trtexec.md): CUDA graphs, no host<->device copies, spin-wait, warm-up first, so the
+numbers are the engine's own GPU time. The numbers are read from the --exportTimes JSON (one record
+per timed inference; library decision: trtexec's machine-readable output instead of regular
+expressions over its log): mean / median / p99 of `latencyMs` (nearest rank), throughput = inferences /
+the span from the first inference's start to the last one's end (as trtexec computes it), in
+images/s = batch x queries/s, and the speed-up of each engine over the first one.
 The input name and shape come from --onnx (any of the engines' ONNX files) or from --input NAME:CxHxW.
 Needs trtexec (TensorRT) on PATH or $TRTEXEC and a GPU; without them it stops with what to install.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
-import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,26 +50,31 @@ class TrtexecResult:
     p99_ms: float
 
 
-# trtexec's performance summary, e.g.
-#   [I] Throughput: 1234.5 qps
-#   [I] Latency: min = 0.80 ms, max = 1.10 ms, mean = 0.81 ms, median = 0.81 ms, percentile(90%) = ..., percentile(99%) = 0.9 ms
-# ("GPU Compute Time" has the same form; with --noDataTransfers the two agree, we take "Latency").
-_THROUGHPUT = re.compile(r"Throughput:\s*([0-9.eE+-]+)\s*qps")
-_LATENCY = re.compile(r"\]\s*Latency:(.*)")
-_FIELD = re.compile(r"(mean|median|percentile\(99%\))\s*=\s*([0-9.eE+-]+)\s*ms")
+START_KEYS = ("startEnqMs", "startH2dMs", "startInMs", "startComputeMs")
+END_KEYS = ("endD2hMs", "endOutMs", "endComputeMs")
+"""Per-inference timestamps of trtexec's --exportTimes records (TensorRT 8-11 and the older In/Out names)."""
 
 
-def parse_trtexec_output(text: str) -> TrtexecResult:
-    """Extract throughput and latency statistics from trtexec's performance summary."""
-    tp = _THROUGHPUT.search(text)
-    lat = _LATENCY.search(text)
-    if not tp or not lat:
-        raise BenchError("could not find trtexec's 'Throughput:' / 'Latency:' summary lines in its output")
-    fields = dict(_FIELD.findall(lat.group(1)))
-    missing = [k for k in ("mean", "median", "percentile(99%)") if k not in fields]
-    if missing:
-        raise BenchError(f"trtexec latency line lacks {missing}: {lat.group(0).strip()}")
-    return TrtexecResult(float(tp.group(1)), float(fields["mean"]), float(fields["median"]), float(fields["percentile(99%)"]))
+def _percentile(sorted_ms: list[float], p: float) -> float:
+    """Nearest-rank percentile of ascending values (p in (0, 100])."""
+    return sorted_ms[max(0, math.ceil(p / 100 * len(sorted_ms)) - 1)]
+
+
+def parse_trtexec_times(records: list[dict]) -> TrtexecResult:
+    """Throughput and latency statistics from trtexec's --exportTimes JSON (a list of per-inference records)."""
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "latencyMs" in r for r in records):
+        raise BenchError("the --exportTimes file holds no inference records with 'latencyMs' (is it trtexec's output?)")
+    start = [next((r[k] for k in START_KEYS if k in r), None) for r in records]
+    end = [next((r[k] for k in END_KEYS if k in r), None) for r in records]
+    if None in start or None in end:
+        raise BenchError(f"--exportTimes records lack start/end timestamps (looked for {START_KEYS} / {END_KEYS})")
+    span_ms = max(end) - min(start)
+    if span_ms <= 0:
+        raise BenchError(f"--exportTimes records span {span_ms} ms; cannot compute a throughput")
+    lat = sorted(float(r["latencyMs"]) for r in records)
+    n = len(lat)
+    median = lat[n // 2] if n % 2 else (lat[n // 2 - 1] + lat[n // 2]) / 2
+    return TrtexecResult(n / (span_ms / 1e3), sum(lat) / n, median, _percentile(lat, 99))
 
 
 def parse_engine_arg(text: str) -> tuple[str, Path]:
@@ -130,16 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in a.batch.split(",")]
         trtexec = find_trtexec()
         rows = []
-        for label, plan in engines:
-            for batch in batches:
-                cmd = trtexec_bench_command(plan, spec, batch, plugin_library=a.plugin_lib,
-                                            iterations=a.iterations, trtexec=trtexec)
-                print(f"$ {shell_join(cmd)}", file=sys.stderr)
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=TRTEXEC_TIMEOUT_S)
-                if r.returncode != 0:
-                    raise BenchError(f"trtexec failed for {label} at batch {batch} (exit {r.returncode}):\n"
-                                     f"{(r.stdout + r.stderr)[-3000:]}")
-                rows.append((label, batch, parse_trtexec_output(r.stdout)))
+        with tempfile.TemporaryDirectory(prefix="bench_engine.") as tmp:
+            for label, plan in engines:
+                for batch in batches:
+                    times = Path(tmp) / f"{label}_b{batch}.json"
+                    cmd = trtexec_bench_command(plan, spec, batch, plugin_library=a.plugin_lib,
+                                                iterations=a.iterations, trtexec=trtexec, export_times=times)
+                    print(f"$ {shell_join(cmd)}", file=sys.stderr)
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TRTEXEC_TIMEOUT_S)
+                    if r.returncode != 0 or not times.is_file():
+                        raise BenchError(f"trtexec failed for {label} at batch {batch} (exit {r.returncode}):\n"
+                                         f"{(r.stdout + r.stderr)[-3000:]}")
+                    rows.append((label, batch, parse_trtexec_times(json.loads(times.read_text()))))
     except BenchError as e:
         print(f"bench_engine: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
-"""Export benchmark: ONNX export time, onnxruntime vs PyTorch error, node counts before/after the
-graph passes, and onnxruntime CPU latency of the FP and quantized graphs.
+"""Export benchmark: ONNX export time, onnxruntime vs PyTorch error, node counts of the traced Q/DQ
+graph and of the plugin graph, and onnxruntime CPU latency of the FP and quantized graphs.
 
     python tools/bench_export.py --arch vim_small            # random weights
     python tools/bench_export.py --demo --preset w4a4        # the embedded demo model
@@ -20,9 +20,8 @@ from ouro.calib.models import build_model
 from ouro.calib.quant import calibrate
 from ouro.exporter import onnxruntime_session
 from ouro.exporter.onnx_export import example_input, export_fp
-from ouro.exporter.passes import apply_passes
-from ouro.exporter.qdq import export_qdq
-from ouro.recipes import get_preset
+from ouro.exporter.quantized import export_quantized, trace_quantized
+from ouro.recipes import Target, get_preset
 
 
 def latency(sess, x: np.ndarray, iters: int) -> float:
@@ -69,11 +68,11 @@ def main() -> None:
     t0 = time.perf_counter()
     q = calibrate(model, recipe, lambda m: m(calib), progress=False)
     rows.append((f"{a.preset} static calibration (s)", f"{time.perf_counter() - t0:.1f}"))
-    qdq = export_qdq(q)
-    rows.append((f"{a.preset} QDQ export time (s)", f"{qdq.seconds:.1f}"))
+    qdq = trace_quantized(q)
+    rows.append((f"{a.preset} Q/DQ trace time (s)", f"{qdq.seconds:.1f}"))
     t0 = time.perf_counter()
-    plugin = apply_passes(qdq.model)
-    rows.append((f"{a.preset} graph passes (s)", f"{time.perf_counter() - t0:.1f}"))
+    plugin = export_quantized(q, Target.PLUGIN).model
+    rows.append((f"{a.preset} plugin graph export, trace included (s)", f"{time.perf_counter() - t0:.1f}"))
     sess_q = onnxruntime_session(plugin)
     with torch.no_grad():
         fq = q(x).numpy()
@@ -87,7 +86,7 @@ def main() -> None:
         print(f"  {k:<{w}}  {v}")
     before = Counter(n.op_type for n in qdq.model.graph.node)
     after = Counter(n.op_type for n in plugin.graph.node)
-    print(f"\n  node counts, QDQ graph -> plugin graph (after passes)\n  {'op type':<20} {'before':>7} {'after':>7}")
+    print(f"\n  node counts, traced Q/DQ graph -> plugin graph\n  {'op type':<20} {'before':>7} {'after':>7}")
     for op in sorted(set(before) | set(after), key=lambda o: (-before.get(o, 0), o)):
         print(f"  {op:<20} {before.get(op, 0):>7} {after.get(op, 0):>7}")
     print(f"  {'total':<20} {sum(before.values()):>7} {sum(after.values()):>7}")

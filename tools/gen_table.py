@@ -62,10 +62,9 @@ def load_model(checkpoint: str | None):
 
         return load_demo_model()
     from ouro.calib.checkpoint import load_checkpoint
-    from ouro.calib.models.vim import VimConfig
+    from ouro.calib.data import DEMO_CONFIG
 
-    demo = VimConfig(embed_dim=96, depth=6, img_size=32, patch_size=8, stride=8, num_classes=10, name="vim_demo_digits")
-    return load_checkpoint(checkpoint, arch=demo).eval()
+    return load_checkpoint(checkpoint, arch=DEMO_CONFIG).eval()
 
 
 def source_images(model, name: str, n: int, seed: int, base: GenConfig, cache: Path | None) -> tuple[torch.Tensor, float]:
@@ -116,7 +115,7 @@ def main() -> int:
         for (m, p), name in zip(cols, names):
             t0 = time.perf_counter()
             q = calibrate(model, resolve_recipe(preset=p, method=m), make_forward_loop(x), seed=a.seed, progress=False)
-            row[name] = round(evaluate_top1(q, xt, yt, progress=False), 2)
+            row[name] = round(evaluate_top1(q.module, xt, yt, progress=False), 2)
             row[f"{name}_calib_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -16,10 +16,12 @@ import time
 import torch
 
 from ouro.calib.imagefolder import calibration_images, make_forward_loop, parse_calib_spec
+from ouro.calib.metrics import logits, sqnr_db, top1
 from ouro.calib.quant import calibrate
 from ouro.recipes import get_preset
 
 BARS = {"w8a8": 0.5, "w4a8": 2.0, "w4a4": 5.0}  # issue 4: allowed top-1 drop (points); w6a6 has no bar
+BATCH = 128
 
 
 def load_model(checkpoint: str | None):
@@ -32,28 +34,14 @@ def load_model(checkpoint: str | None):
     return load_demo_model()
 
 
-def logits(model, x, batch: int = 128) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def top1(model, x, y, batch: int = 128) -> float:
-    return 100.0 * float((logits(model, x, batch).argmax(-1) == y).float().mean())
-
-
-def logit_sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """SQNR (dB) of the quantized logits vs FP: finer than top-1 where top-1 saturates (the demo)."""
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
 def run(model, presets, policies, calib: str, seed: int, overrides: dict | None = None) -> list[dict]:
     from ouro.calib.data import load_digits_split
 
     xt, yt = load_digits_split("test")
     images = calibration_images(model, parse_calib_spec(calib), demo=True, seed=seed)
     loop = make_forward_loop(images)
-    fp_logits = logits(model, xt)
-    fp = 100.0 * float((fp_logits.argmax(-1) == yt).float().mean())
+    fp_logits = logits(model, xt, BATCH)
+    fp = top1(fp_logits, yt)
     rows = []
     for p in presets:
         for pol in policies:
@@ -61,10 +49,10 @@ def run(model, presets, policies, calib: str, seed: int, overrides: dict | None 
             t0 = time.perf_counter()
             q = calibrate(model, r, loop, seed=seed, progress=False)
             dt = time.perf_counter() - t0
-            out = logits(q, xt)
-            acc = 100.0 * float((out.argmax(-1) == yt).float().mean())
+            out = logits(q, xt, BATCH)
+            acc = top1(out, yt)
             rows.append(dict(preset=p, policy=pol, images=len(images), fp_top1=round(fp, 2), quant_top1=round(acc, 2),
-                             delta=round(acc - fp, 2), bar=BARS.get(p), logit_sqnr_db=round(logit_sqnr(fp_logits, out), 2),
+                             delta=round(acc - fp, 2), bar=BARS.get(p), logit_sqnr_db=round(sqnr_db(fp_logits, out), 2),
                              calib_s=round(dt, 1)))
             print_row(rows[-1])
     return rows

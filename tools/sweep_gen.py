@@ -87,7 +87,7 @@ def main() -> int:
         from ouro.recipes import resolve_recipe
 
         q = calibrate(model, resolve_recipe(preset=a.calib_preset, method=a.calib_method), make_forward_loop(x), seed=a.seed, progress=False)
-        return evaluate_top1(q, xt, yt, progress=False)
+        return evaluate_top1(q.module, xt, yt, progress=False)
 
     rows = [("real (other subset)", "-", "-", "-", float("nan"), float("nan"), scale_gap(model, real_b, ref), top1(real_b), 0.0)]
     noise = generate(model, a.n, a.seed, base.replace(iterations=0), progress=False).images

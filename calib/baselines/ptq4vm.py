@@ -24,17 +24,16 @@ from the recipe (`calib.steps`, `calib.batch_size`) so a CPU run stays in budget
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ouro.recipes import CalibConfig, Method, Recipe, RecipeError, register_method_params
+from ouro.recipes import ActFormat, CalibConfig, FloatFormat, Method, PTQ4VMParams, Recipe, WeightFormat
 
 from ..quant.base import MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
+from ..quant.qdq import asym_act_qdq, weight_dq
 from ..quantizers import fake_quant_asym, fake_quant_sym, qmax
-from ._common import EPS_SCALE
+from .common import EPS_SCALE
 
 __all__ = [
     "PTQ4VMParams",
@@ -52,17 +51,6 @@ SIGMA_W_MIN = 1e-5
 SIGMA_MIN = 1e-5
 LR_SIGMA = 1e-2
 """AdamW learning rate of the smoothing scales sigma (official Vim setting; lr_w = lr_a come from calib)."""
-
-
-@dataclass(frozen=True)
-class PTQ4VMParams:  # registered below as the recipe's method_params for --method ptq4vm
-    """PTQ4VM's own knobs (defaults: the official Vim settings)."""
-
-    alpha: float = 0.5  # SmoothQuant migration strength (0.65 for VMamba)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise RecipeError(f"ptq4vm.alpha must be in [0, 1], got {self.alpha}")
 
 
 def lp_error(a: Tensor, b: Tensor, p: float, dim) -> Tensor:
@@ -124,9 +112,6 @@ def weight_scale_init(w: Tensor, bits: int, p: float = 2.4, grid_points: int = 1
     return torch.clamp(bmax / q, min=EPS_SCALE)[:, None]
 
 
-register_method_params(Method.PTQ4VM, PTQ4VMParams)
-
-
 def _params(recipe: Recipe) -> PTQ4VMParams:
     p = recipe.method_params
     return p if isinstance(p, PTQ4VMParams) else PTQ4VMParams()
@@ -141,9 +126,9 @@ class PTSQuant(Quantizer):
 
     group = "act"
 
-    def __init__(self, bits: int, L: int, K: int, alpha: float) -> None:
-        super().__init__()
-        self.bits, self.alpha = bits, alpha
+    def __init__(self, fmt: ActFormat, L: int, K: int, alpha: float) -> None:
+        super().__init__(fmt)
+        self.bits, self.alpha = fmt.bits, alpha
         self.sigma = nn.Parameter(torch.ones(K))
         self.scale = nn.Parameter(torch.ones(1, L, 1))
         self.register_buffer("zero", torch.zeros(1, L, 1))
@@ -182,6 +167,9 @@ class PTSQuant(Quantizer):
             raise ValueError(f"PTQ4VM per-token scales are sized for L={self.scale.shape[1]} tokens, input has L={x.shape[1]}")
         return fake_quant_asym(x.float() / self.sigma, self.scale, self.zero, self.bits)
 
+    def export(self, x: Tensor) -> Tensor:
+        return asym_act_qdq(x, self.scale, self.zero, self.node_name, self.format, sigma=self.sigma)
+
 
 class SmoothedWeightQuant(Quantizer):
     """Per-output-channel symmetric quantizer of W * sigma: s_w (N, 1), L_p grid-search init
@@ -189,9 +177,9 @@ class SmoothedWeightQuant(Quantizer):
 
     group = "weight"
 
-    def __init__(self, bits: int, out_features: int) -> None:
-        super().__init__()
-        self.bits = bits
+    def __init__(self, fmt: WeightFormat, out_features: int) -> None:
+        super().__init__(fmt)
+        self.bits = fmt.bits
         self.scale = nn.Parameter(torch.ones(out_features, 1))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
@@ -215,6 +203,10 @@ class SmoothedWeightQuant(Quantizer):
             raise RuntimeError("SmoothedWeightQuant used before its PTSQuant initialised it")
         return fake_quant_sym(x, self.scale, self.bits)
 
+    def export(self, w: Tensor) -> Tensor:
+        """DequantizeLinear of the int8 codes of W * sigma (w is that product)."""
+        return weight_dq(w, self.format, self.node_name, self.scale)
+
 
 def _ptq4vm_linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tensor) -> Tensor:
     """PTS(x / sigma) @ Q_w(W * sigma)^T + b in QUANT mode; the FP linear (while observing) otherwise."""
@@ -222,7 +214,7 @@ def _ptq4vm_linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tens
     qw = ops.weight[name] if name in ops.weight else None
     if qa is None:
         raise ValueError(f"PTQ4VM quantizes a linear layer's input and weight together; {name!r} has no input quantizer")
-    if qa.mode is not QuantMode.QUANT:
+    if qa.mode not in (QuantMode.QUANT, QuantMode.EXPORT):
         if qa.mode is QuantMode.OBSERVE:
             qa.bind(module.weight, qw)
         return F.linear(qa(x), module.weight, module.bias)
@@ -230,12 +222,14 @@ def _ptq4vm_linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tens
     return F.linear(qa(x), qw(w) if qw is not None else w, None if module.bias is None else module.bias.float())
 
 
-def _make_act(site: Site, recipe: Recipe) -> Quantizer:
-    return PTSQuant(recipe.a_bits, site.shape[0], site.shape[1], _params(recipe).alpha)
+def _make_act(site: Site, recipe: Recipe) -> Quantizer | None:
+    fmt = recipe.formats.linear_act
+    return None if isinstance(fmt, FloatFormat) else PTSQuant(fmt, site.shape[0], site.shape[1], _params(recipe).alpha)
 
 
-def _make_weight(site: Site, recipe: Recipe) -> Quantizer:
-    return SmoothedWeightQuant(recipe.w_bits, site.shape[0])
+def _make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
+    fmt = recipe.formats.linear_weight
+    return None if isinstance(fmt, FloatFormat) else SmoothedWeightQuant(fmt, site.shape[0])
 
 
 def _make_ssm(site: Site, recipe: Recipe) -> None:
@@ -257,7 +251,7 @@ PTQ4VM_SPEC = register_method(
         make_ssm=_make_ssm,
         linear=_ptq4vm_linear,
         lr=_lr,
-        info=lambda qmodel: {"method": "ptq4vm", "alpha": _params(qmodel.ouro_recipe).alpha, "lr_sigma": LR_SIGMA, "quantized": "linear layers only"},
+        info=lambda module, recipe: {"method": "ptq4vm", "alpha": _params(recipe).alpha, "lr_sigma": LR_SIGMA, "quantized": "linear layers only"},
         description="PTQ4VM: per-token static asymmetric activations, SmoothQuant sigma, per-channel weights, JLSS (cosine)",
     ),
 )

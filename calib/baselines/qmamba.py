@@ -38,23 +38,21 @@ as the kernel receives it), B, C (uniform), Abar (LtSQ or uniform), h (TGQ) and 
 comparison on the same tensors as the other methods: conv1d stays FP (the shared exclusion list);
 QDrop's random drop of activation quantization is not used (unknown in the paper).
 Bits: every activation (h and Abar included) at the recipe's a_bits; weights, A and D at w_bits.
-Method outputs: `qmodel.ouro_method_info["abar_quantizers"]` lists, per layer and direction, the
+Method outputs: `QuantizedModel.method_info["abar_quantizers"]` lists, per layer and direction, the
 quantizer the skewness condition chose and its statistic (QuantState header and report).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ouro.recipes import CalibConfig, LossKind, Method, Recipe, RecipeError, register_method_params
+from ouro.recipes import ActFormat, CalibConfig, FloatFormat, LossKind, Method, QMambaParams, Recipe
 
 from ..quant.base import SCAN_OPERANDS, MethodSpec, QuantizedMixerOps, QuantMode, Quantizer, Site, register_method
 from ..quantizers import fake_quant_asym, round_ste
-from ..scan import ScanInputs, TemporalGroupQuant, selective_scan
-from ._common import EPS_SCALE, MIN_SCALE_MULT, TensorAsymQuant, asym_qparams, fold_scale_mult_, quantile_range
+from ..scan import ScanInputs, TemporalGroupQuant
+from .common import EPS_SCALE, MIN_SCALE_MULT, TensorAsymQuant, asym_qparams, fold_scale_mult_, quantile_range
 
 __all__ = [
     "QMambaParams",
@@ -74,23 +72,6 @@ __all__ = [
 
 LTSQ_MIN_RATIO = 2.0**-40
 """(u - Abar)/s is clamped below by this before log2: values at or above u take the top code."""
-
-
-@dataclass(frozen=True)
-class QMambaParams:
-    """QMamba's own knobs (paper defaults)."""
-
-    tau: float = 0.9  # skewness boundary of Eq. 5 (1.0: never LtSQ; 0.0: always)
-    group: int = 10  # TGQ group length g
-    percentile: float = 0.01  # activation init range [p, 1 - p] (1st / 99th percentile)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.tau <= 1.0:
-            raise RecipeError(f"qmamba.tau must be in [0, 1], got {self.tau}")
-        if self.group < 1:
-            raise RecipeError(f"qmamba.group must be >= 1, got {self.group}")
-        if not 0.0 <= self.percentile < 0.5:
-            raise RecipeError(f"qmamba.percentile must be in [0, 0.5), got {self.percentile}")
 
 
 # ----------------------------------------------------------------------------------- LtSQ
@@ -153,9 +134,6 @@ def tgq_init(h: Tensor, group: int, bits: int, reverse: bool, lo_q: float, hi_q:
 
 
 # ------------------------------------------------------------------------------ quantizers
-register_method_params(Method.QMAMBA, QMambaParams)
-
-
 def _params(recipe: Recipe) -> QMambaParams:
     p = recipe.method_params
     return p if isinstance(p, QMambaParams) else QMambaParams()
@@ -170,9 +148,9 @@ class AbarQuant(Quantizer):
 
     group = "act"
 
-    def __init__(self, bits: int, tau: float, p: float) -> None:
-        super().__init__()
-        self.bits, self.tau, self.p = bits, tau, p
+    def __init__(self, fmt: ActFormat, tau: float, p: float) -> None:
+        super().__init__(fmt)
+        self.bits, self.tau, self.p = fmt.bits, tau, p
         self.upper = nn.Parameter(torch.ones(()))
         self.span = nn.Parameter(torch.ones(()), requires_grad=False)
         self.span_mult = nn.Parameter(torch.ones(()))
@@ -219,6 +197,11 @@ class AbarQuant(Quantizer):
     def choice(self) -> dict:
         return {"quantizer": "ltsq" if bool(self.use_ltsq) else "uniform", "skew_stat": round(float(self.skew_stat), 6), "tau": self.tau}
 
+    def export_tables(self) -> tuple[bool, list[Tensor]]:
+        """(LtSQ chosen?, [scale, zero, upper, span]): the four scalars of both grids, for the scan node."""
+        t = [self.scale * self.scale_mult, self.zero, self.upper, self.span * self.span_mult]
+        return bool(self.use_ltsq), [v.detach().float().reshape(()) for v in t]
+
 
 class TGQQuant(Quantizer):
     """TGQ of the hidden state h of one direction: ceil(L/g) groups of g scan steps, each with a
@@ -228,10 +211,10 @@ class TGQQuant(Quantizer):
 
     group = "act"
 
-    def __init__(self, bits: int, L: int, group: int, p: float) -> None:
-        super().__init__()
-        self.bits, self.L, self.g, self.p = bits, L, group, p
-        G = TemporalGroupQuant.num_groups(L, group)
+    def __init__(self, fmt: ActFormat, L: int, p: float) -> None:
+        super().__init__(fmt)
+        self.bits, self.L, self.g, self.p = fmt.bits, L, fmt.group, p
+        G = TemporalGroupQuant.num_groups(L, fmt.group)
         self.scale = nn.Parameter(torch.ones(G), requires_grad=False)
         self.scale_mult = nn.Parameter(torch.ones(G))
         self.register_buffer("zero", torch.zeros(G))
@@ -273,6 +256,10 @@ class TGQQuant(Quantizer):
 
     def state_keys(self) -> list[str]:
         return ["scale", "zero"]  # scale_mult is 1 after freeze
+
+    def export_tables(self) -> list[Tensor]:
+        """[scale, zero], one per group (G,): the scan node's h_scale / h_zero (group = step // g)."""
+        return [(self.scale * self.scale_mult).detach().float(), self.zero.detach().float()]
 
 
 def quantized_scan(
@@ -317,30 +304,37 @@ def _qmamba_scan(ops: QuantizedMixerOps, direction: str, inputs: ScanInputs) -> 
     for op, arg in SCAN_OPERANDS.items():
         q = _get(ops.ssm, f"{op}_{direction}")
         if q is not None:
-            inputs = inputs._replace(**{arg: q(getattr(inputs, arg))})
+            inputs = inputs._replace(**{arg: ops.quantize_operand(q, getattr(inputs, arg))})
     abar, hq = _get(ops.ssm, f"abar_{direction}"), _get(ops.ssm, f"h_{direction}")
     if abar is None and hq is None:
-        return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
+        return ops.scan_core(direction, inputs)
+    if ops.exporting:  # the exporter's scan core emits the recurrence with its abar / h quantizers
+        return ops.scan_core(direction, inputs, abar_quant=abar, h_quant=hq)
     return quantized_scan(*inputs, reverse=direction == "bwd", abar_quant=abar, h_quant=None if hq is None else hq.hook)
 
 
-def _make_act(site: Site, recipe: Recipe) -> Quantizer:
-    return TensorAsymQuant(recipe.a_bits, "percentile", _params(recipe).percentile, relative=True)
+def _make_act(site: Site, recipe: Recipe) -> Quantizer | None:
+    fmt = recipe.formats.linear_act
+    return None if isinstance(fmt, FloatFormat) else TensorAsymQuant(fmt, "percentile", _params(recipe).percentile, relative=True)
 
 
-def _make_weight(site: Site, recipe: Recipe) -> Quantizer:
-    return TensorAsymQuant(recipe.w_bits, "minmax", group="weight", relative=True)
+def _make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
+    fmt = recipe.formats.linear_weight
+    return None if isinstance(fmt, FloatFormat) else TensorAsymQuant(fmt, "minmax", group="weight", relative=True)
 
 
-def _make_ssm(site: Site, recipe: Recipe) -> Quantizer:
+def _make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
     prm = _params(recipe)
+    fmt = recipe.formats.ssm_format(site.name)
+    if isinstance(fmt, FloatFormat):
+        return None
     if site.name in ("A", "D"):  # the two SSM weights: tensor-wise, min-max
-        return TensorAsymQuant(recipe.w_bits, "minmax", group="weight", relative=True)
+        return TensorAsymQuant(fmt, "minmax", group="weight", relative=True)
     if site.name == "abar":
-        return AbarQuant(recipe.a_bits, prm.tau, prm.percentile)
+        return AbarQuant(fmt, prm.tau, prm.percentile)
     if site.name == "h":
-        return TGQQuant(recipe.a_bits, site.shape[0], prm.group, prm.percentile)
-    return TensorAsymQuant(recipe.a_bits, "percentile", prm.percentile, relative=True)
+        return TGQQuant(fmt, site.shape[0], prm.percentile)
+    return TensorAsymQuant(fmt, "percentile", prm.percentile, relative=True)
 
 
 QMAMBA_SPEC = register_method(
@@ -352,7 +346,7 @@ QMAMBA_SPEC = register_method(
         scan=_qmamba_scan,
         loss=LossKind.MSE,
         cosine_lr=True,
-        info=lambda qmodel: {"method": "qmamba", "abar_quantizers": ltsq_choices(qmodel)},
+        info=lambda module, recipe: {"method": "qmamba", "abar_quantizers": ltsq_choices(module)},
         description="QMamba: LtSQ on exp(dt*A) (skewness condition), TGQ on h, tensor-wise uniform elsewhere, block MSE reconstruction",
     ),
 )

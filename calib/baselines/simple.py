@@ -13,10 +13,10 @@ Nothing is learnable, so the core's tuning loop has nothing to optimise whatever
 """
 from __future__ import annotations
 
-from ouro.recipes import Method, Recipe
+from ouro.recipes import FloatFormat, Method, Recipe
 
 from ..quant.base import MethodSpec, Quantizer, Site, register_method
-from ._common import ChannelSymWeightQuant, TensorAsymQuant
+from .common import ChannelSymWeightQuant, TensorAsymQuant
 
 __all__ = ["PERCENTILE_P", "MINMAX_SPEC", "PERCENTILE_SPEC", "simple_spec"]
 
@@ -27,25 +27,30 @@ PERCENTILE_P = 0.01
 def simple_spec(init: str) -> MethodSpec:
     """The MethodSpec of a static per-tensor baseline with activation range init `init`."""
 
-    def make_act(site: Site, recipe: Recipe) -> Quantizer:
-        return TensorAsymQuant(recipe.a_bits, init, PERCENTILE_P, learnable=False)
+    def make_act(site: Site, recipe: Recipe) -> Quantizer | None:
+        fmt = recipe.formats.linear_act
+        return None if isinstance(fmt, FloatFormat) else TensorAsymQuant(fmt, init, PERCENTILE_P, learnable=False)
 
-    def make_weight(site: Site, recipe: Recipe) -> Quantizer:
-        return ChannelSymWeightQuant(recipe.w_bits, site.shape[0], learnable=False)
+    def make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
+        fmt = recipe.formats.linear_weight
+        return None if isinstance(fmt, FloatFormat) else ChannelSymWeightQuant(fmt, site.shape[0], learnable=False)
 
     def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
-        if site.name == "h":
-            raise NotImplementedError(f"method {init!r} cannot quantize h inside the recurrence; drop 'h' from ssm_operands")
+        if site.name in ("h", "abar"):
+            raise NotImplementedError(f"method {init!r} cannot quantize {site.name} inside the recurrence; drop it from ssm_operands")
+        fmt = recipe.formats.ssm_format(site.name)
+        if isinstance(fmt, FloatFormat):
+            return None
         if site.name in ("A", "D"):
-            return TensorAsymQuant(recipe.a_bits, "minmax", learnable=False)
-        return TensorAsymQuant(recipe.a_bits, init, PERCENTILE_P, learnable=False)
+            return TensorAsymQuant(fmt, "minmax", learnable=False)
+        return TensorAsymQuant(fmt, init, PERCENTILE_P, learnable=False)
 
     return MethodSpec(
         make_act=make_act,
         make_weight=make_weight,
         make_ssm=make_ssm,
         description=f"{init}: static per-tensor asymmetric activations, per-channel min-max weights, no tuning",
-        info=lambda qmodel: {"method": init, "activation_range": "[1st, 99th] percentile" if init == "percentile" else "[min, max]"},
+        info=lambda module, recipe: {"method": init, "activation_range": "[1st, 99th] percentile" if init == "percentile" else "[min, max]"},
     )
 
 

@@ -25,10 +25,10 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["GenConfig", "IMAGENET_MEAN", "IMAGENET_STD", "CHECKPOINT_AUTO_BYTES"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_AUTO_BYTES = 4 << 30
 """checkpoint=None turns checkpointing on above this estimated activation memory per mini-batch."""
 

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data import DEMO_CONFIG
 from ..distributed import SINGLE, DistContext
-
-from .config import IMAGENET_MEAN, IMAGENET_STD, GenConfig
+from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from .config import GenConfig
 from .losses import gen_losses
 from .storage import NPZ_NAME, GenFolder, atomic_save, load_synthetic_dir, model_fingerprint, write_pngs
 
@@ -58,7 +59,6 @@ class GenResult:
 
 
 # ------------------------------------------------------------------------------------------ range
-DEMO_NAME = "vim_demo_digits"  # VimConfig.name of the embedded demo model (tools/train_demo.py)
 
 
 def _demo_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -86,7 +86,7 @@ def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tu
 
         if hasattr(data, "input_normalization"):
             mean, std = (tuple(float(v) for v in t) for t in data.input_normalization(model))
-        elif model.cfg.name == DEMO_NAME:
+        elif model.cfg.name == DEMO_CONFIG.name:
             mean, std = _demo_normalization()
         elif C == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD

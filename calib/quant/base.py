@@ -12,11 +12,17 @@ Quantizer life cycle (driven by `calibrate`):
     init_from_stats(calib)   static initialisation (L_p grid search), frees the statistics
     mode QUANT    -> forward is the fake quantization (`quantize`), differentiable (STE)
     freeze()      -> after tuning: weights become integer codes; forward = codes * scale
+    mode EXPORT   -> forward is `export`: the quantizer's standard Q/DQ nodes (ouro.calib.quant.qdq),
+                     computing in PyTorch exactly what those nodes compute (the static part)
+Each quantizer holds its `format` (ouro.recipes.formats), built from the recipe's `formats_for`.
 State for QuantState: `state_dict()` of the quantizer (parameters and buffers) after `freeze()`.
+A calibrated model is a `QuantizedModel`: the quantized module plus its recipe and calibration facts.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ouro.recipes import CalibConfig, LossKind, Method, Recipe
+from ouro.recipes import ActFormat, CalibConfig, LossKind, Method, QuantFormats, Recipe, WeightFormat
 
 from ..models.vim import MambaMixer, MixerOps, VisionMamba
 from ..scan import ScanInputs, selective_scan
@@ -34,16 +40,22 @@ __all__ = [
     "Quantizer",
     "Site",
     "QuantizedMixerOps",
+    "QuantizedModel",
+    "ScanCore",
     "MethodSpec",
     "METHODS",
+    "SCAN_OPERANDS",
     "register_method",
     "get_method",
     "LOSSES",
+    "default_linear",
+    "default_scan",
+    "fp_scan_core",
     "quantize_model",
     "iter_quant_ops",
     "iter_quantizers",
     "set_quant_mode",
-    "model_recipe",
+    "export_mode",
 ]
 
 
@@ -51,18 +63,28 @@ class QuantMode(str, Enum):
     FP = "fp"
     OBSERVE = "observe"
     QUANT = "quant"
+    EXPORT = "export"
 
 
 class Quantizer(nn.Module):
     """Base class of every quantizer module (the protocol, with defaults).
 
-    Subclasses implement `quantize` and `init_from_stats`; they set `group` to the name of the
-    optimizer parameter group their learnable tensors belong to ("act", "weight", or a method's own)."""
+    Subclasses implement `quantize`, `init_from_stats` and `export`; they set `group` to the name of
+    the optimizer parameter group their learnable tensors belong to ("act", "weight", or a method's
+    own), and hold their `format`. `node_name` names the quantizer's nodes in an exported graph
+    (`QuantizedMixerOps.build` sets it: `<mixer path>.<linear>` or `<mixer path>.scan_<dir>.<operand>`)."""
 
     group: str = "act"
+    applied_in_linear: bool = False
+    """A scan operand quantized inside its producing linear instead of in the scan (OuroMamba's
+    delta_before_bias); the scan then leaves it alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: ActFormat | WeightFormat) -> None:
         super().__init__()
+        if not isinstance(fmt, (ActFormat, WeightFormat)):
+            raise TypeError(f"{type(self).__name__} needs an ActFormat or WeightFormat, got {type(fmt).__name__}")
+        self.format = fmt
+        self.node_name = ""
         self.mode = QuantMode.QUANT
         self.track_stats = False
         self._observed: list[Tensor] = []
@@ -87,6 +109,11 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def export(self, x: Tensor) -> Tensor:
+        """QuantMode.EXPORT: the quantizer's standard Q/DQ nodes in an ONNX trace (a function of
+        ouro.calib.quant.qdq), whose PyTorch forward computes what those nodes compute."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.format.describe()}) has no Q/DQ export")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Learnable tensors by optimizer group (default: all parameters in `self.group`)."""
@@ -117,6 +144,8 @@ class Quantizer(nn.Module):
         if self.mode is QuantMode.OBSERVE:
             self.observe(x)
             return x
+        if self.mode is QuantMode.EXPORT:
+            return self.export(x)
         return self.quantize(x)
 
 
@@ -140,26 +169,40 @@ class Site:
 QuantizerBuilder = Callable[[Site, Recipe], "Quantizer | None"]
 
 
-def _default_linear(ops: "QuantizedMixerOps", name: str, module: nn.Linear, x: Tensor) -> Tensor:
+def default_linear(ops: "QuantizedMixerOps", name: str, module: nn.Linear, x: Tensor) -> Tensor:
+    """Quantize the input and the weight with the site quantizers, then the FP linear."""
     xq = ops.act[name](x) if name in ops.act else x
     w = ops.weight[name](module.weight) if name in ops.weight else module.weight
     return F.linear(xq, w, module.bias)
 
 
-SCAN_OPERANDS = {"delta": "delta", "B": "Bm", "C": "Cm", "A": "A", "D": "Dskip", "u": "u"}
-"""Quantizer site name of a scan operand -> its `ScanInputs` field."""
+SCAN_OPERANDS = {"A": "A", "D": "Dskip", "delta": "delta", "B": "Bm", "C": "Cm", "u": "u"}
+"""Quantizer site name of a scan operand -> its `ScanInputs` field, in the order they are quantized
+(independent of each other; the constants A and D first, as the exported graph lists them)."""
+
+ScanCore = Callable[..., Tensor]
+"""scan_core(direction, inputs, *, abar_quant=None, h_quant=None) -> y: the recurrence itself, after
+the operands are quantized. `fp_scan_core` in PyTorch; an exporter swaps in one that emits a node."""
 
 
-def _default_scan(ops: "QuantizedMixerOps", direction: str, inputs: ScanInputs) -> Tensor:
-    """Quantize the scan operands present in `ops.ssm` (delta pre-softplus, B, C, A, D), FP scan."""
+def fp_scan_core(direction: str, inputs: ScanInputs, *, abar_quant=None, h_quant=None) -> Tensor:
+    if abar_quant is not None:
+        from ..scan import selective_scan_ref
+
+        return selective_scan_ref(*inputs, delta_softplus=True, reverse=direction == "bwd", abar_quant=abar_quant, h_quant=h_quant)
+    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd", h_quant=h_quant)
+
+
+def default_scan(ops: "QuantizedMixerOps", direction: str, inputs: ScanInputs) -> Tensor:
+    """Quantize the scan operands present in `ops.ssm` (A, D, delta pre-softplus, B, C, u), FP scan."""
     for op, arg in SCAN_OPERANDS.items():
-        k = f"{op}_{direction}"
-        if k in ops.ssm and not getattr(ops.ssm[k], "applied_in_linear", False):
-            inputs = inputs._replace(**{arg: ops.ssm[k](getattr(inputs, arg))})
+        q = ops.ssm[f"{op}_{direction}"] if f"{op}_{direction}" in ops.ssm else None
+        if q is not None and not q.applied_in_linear:
+            inputs = inputs._replace(**{arg: ops.quantize_operand(q, getattr(inputs, arg))})
     for inner in ("h", "abar"):
         if f"{inner}_{direction}" in ops.ssm:
             raise NotImplementedError(f"quantizing {inner} inside the recurrence needs a method-specific scan (MethodSpec.scan)")
-    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
+    return ops.scan_core(direction, inputs)
 
 
 @dataclass(frozen=True)
@@ -167,22 +210,25 @@ class MethodSpec:
     """How a method quantizes a mixer. Builders return None to leave a site in FP.
 
     linear(ops, name, module, x) and scan(ops, direction, inputs: ScanInputs) default to: quantize the input
-    and the weight / the SSM operands with the site quantizers, then run the FP op.
+    and the weight / the SSM operands with the site quantizers, then run the FP op (the scan through
+    `ops.scan_core`). In export mode the same functions run with the quantizers in QuantMode.EXPORT;
+    export_linear, when set, replaces `linear` there (a method whose linear is one fused Q/DQ export).
     lr(group, calib) gives each optimizer group its learning rate.
     loss: None = the recipe's calib.loss.
     cosine_lr: anneal each block's learning rates to 0 over calib.steps (CosineAnnealingLR, QDrop/QMamba).
-    info(qmodel) -> dict: method-specific facts stored as `qmodel.ouro_method_info` (QuantState header, report)."""
+    info(module, recipe) -> dict: method-specific facts (`QuantizedModel.method_info`: QuantState header, report)."""
 
     make_act: QuantizerBuilder
     make_weight: QuantizerBuilder
     make_ssm: QuantizerBuilder
-    linear: Callable = _default_linear
-    scan: Callable = _default_scan
+    linear: Callable = default_linear
+    scan: Callable = default_scan
+    export_linear: Callable | None = None
     lr: Callable[[str, CalibConfig], float] = lambda group, c: c.lr_weight if group == "weight" else c.lr_act
     loss: LossKind | None = None
     description: str = ""
     cosine_lr: bool = False
-    info: Callable[[nn.Module], dict] | None = None
+    info: Callable[[nn.Module, Recipe], dict] | None = None
 
 
 METHODS: dict[Method, MethodSpec] = {}
@@ -196,9 +242,9 @@ def register_method(method: Method | str, spec: MethodSpec) -> MethodSpec:
 def get_method(method: Method | str) -> MethodSpec:
     m = Method(method)
     if m not in METHODS:
-        from . import _register_all  # noqa: F401  (imports every method module)
+        from . import registry  # noqa: F401  (imports every method module)
     if m not in METHODS:
-        from ._register_all import IMPORT_ERRORS
+        from .registry import IMPORT_ERRORS
 
         why = "; ".join(f"{k}: {v}" for k, v in IMPORT_ERRORS.items())
         raise NotImplementedError(
@@ -226,20 +272,27 @@ class QuantizedMixerOps(nn.Module):
     """The quantizers of one mixer, plugged into `mixer.ops` by `install`.
 
     act[name] / weight[name]: input / weight quantizer of linear `name`;
-    ssm[f"{operand}_{direction}"]: scan-operand quantizers (one per direction, not shared)."""
+    ssm[f"{operand}_{direction}"]: scan-operand quantizers (one per direction, not shared).
+    prefix: the mixer's module path (e.g. "layers.3.mixer"), the prefix of its node names in an
+    exported graph. scan_core: the recurrence the method's scan ends in (`fp_scan_core`; an
+    exporter swaps it through `export_mode`)."""
 
-    def __init__(self, spec: MethodSpec, layer: int) -> None:
+    def __init__(self, spec: MethodSpec, layer: int, prefix: str = "") -> None:
         super().__init__()
         self.spec = spec
         self.layer = layer
+        self.prefix = prefix or f"layers.{layer}.mixer"
         self.act = nn.ModuleDict()
         self.weight = nn.ModuleDict()
         self.ssm = nn.ModuleDict()
+        self.scan_core: ScanCore = fp_scan_core
+        self.exporting = False
 
     @classmethod
-    def build(cls, mixer: MambaMixer, recipe: Recipe, layer: int, spec: MethodSpec | None = None) -> "QuantizedMixerOps":
+    def build(cls, mixer: MambaMixer, recipe: Recipe, layer: int, spec: MethodSpec | None = None,
+              prefix: str = "") -> "QuantizedMixerOps":
         spec = spec or get_method(recipe.method)
-        ops = cls(spec, layer)
+        ops = cls(spec, layer, prefix)
         cfg = mixer.cfg
         L = cfg.seq_len
         for name in recipe.linear_layers:
@@ -249,8 +302,10 @@ class QuantizedMixerOps(nn.Module):
             qa = spec.make_act(Site(layer, "act", name, (L, mod.in_features)), recipe)
             qw = spec.make_weight(Site(layer, "weight", name, tuple(mod.weight.shape)), recipe)
             if qa is not None:
+                qa.node_name = f"{ops.prefix}.{name}"
                 ops.act[name] = qa
             if qw is not None:
+                qw.node_name = f"{ops.prefix}.{name}"
                 ops.weight[name] = qw
         shapes = {
             "delta": (L, cfg.d_inner), "B": (L, cfg.d_state), "C": (L, cfg.d_state),
@@ -261,6 +316,7 @@ class QuantizedMixerOps(nn.Module):
             for direction in ("fwd", "bwd"):
                 q = spec.make_ssm(Site(layer, "ssm", op, shapes[op], direction), recipe)
                 if q is not None:
+                    q.node_name = f"{ops.prefix}.scan_{direction}.{op}"
                     ops.ssm[f"{op}_{direction}"] = q
         return ops
 
@@ -269,10 +325,20 @@ class QuantizedMixerOps(nn.Module):
         mixer.ops = MixerOps(linear=self.linear, scan=self.scan)
 
     def linear(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:
+        if self.exporting and self.spec.export_linear is not None:
+            return self.spec.export_linear(self, name, module, x)
         return self.spec.linear(self, name, module, x)
 
     def scan(self, direction: str, inputs: ScanInputs) -> Tensor:
         return self.spec.scan(self, direction, inputs)
+
+    def quantize_operand(self, q: Quantizer, x: Tensor) -> Tensor:
+        """q(x) for a scan operand. In export mode an activation's Q/DQ nodes are emitted in the
+        mixer's scope (named by the quantizer's node_name), as a linear's are; constants (A, D) go
+        through the quantizer module and are folded into the graph."""
+        if self.exporting and isinstance(q.format, ActFormat):
+            return q.export(x)
+        return q(x)
 
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
         for d, prefix in ((self.act, "act"), (self.weight, "weight"), (self.ssm, "ssm")):
@@ -280,46 +346,96 @@ class QuantizedMixerOps(nn.Module):
                 yield f"{prefix}.{k}", q
 
 
+# ------------------------------------------------------------------------------ the calibrated model
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A calibrated fake-quant model and what made it.
+
+    module: a quantized copy of the FP model (quantizers installed in every mixer; the FP model is
+    untouched); recipe: the recipe it was calibrated under (`formats` = recipe.formats);
+    calib_losses: the last tuning loss of each block (empty when loaded from a QuantState);
+    method_info: facts the method records (QuantState header, report). Call it like the model."""
+
+    module: VisionMamba
+    recipe: Recipe
+    calib_losses: tuple[float, ...] = ()
+    method_info: dict = field(default_factory=dict)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    @property
+    def cfg(self):
+        return self.module.cfg
+
+    @property
+    def formats(self) -> QuantFormats:
+        return self.recipe.formats
+
+    def eval(self) -> "QuantizedModel":
+        self.module.eval()
+        return self
+
+
+def _module(m) -> nn.Module:
+    return m.module if isinstance(m, QuantizedModel) else m
+
+
 # ------------------------------------------------------------------------------ model helpers
-def quantize_model(model: VisionMamba, recipe: Recipe) -> VisionMamba:
+def quantize_model(model: VisionMamba, recipe: Recipe) -> QuantizedModel:
     """A deep copy of `model` with (uninitialised) quantizers installed in every mixer."""
-    import copy
-
     spec = get_method(recipe.method)
-    qmodel = copy.deepcopy(model)
-    for p in qmodel.parameters():  # only quantizer tensors are learned
+    qmodule = copy.deepcopy(model)
+    for p in qmodule.parameters():  # only quantizer tensors are learned
         p.requires_grad_(False)
-    for i, blk in enumerate(qmodel.layers):
+    paths = {id(m): n for n, m in qmodule.named_modules()}
+    for i, blk in enumerate(qmodule.layers):
         with torch.device(blk.mixer.in_proj.weight.device):  # quantizers live with their mixer
-            ops = QuantizedMixerOps.build(blk.mixer, recipe, i, spec)
+            ops = QuantizedMixerOps.build(blk.mixer, recipe, i, spec, prefix=paths[id(blk.mixer)])
         ops.install(blk.mixer)
-    qmodel.ouro_recipe = recipe
-    return qmodel
+    return QuantizedModel(qmodule, recipe)
 
 
-def model_recipe(qmodel: nn.Module) -> Recipe:
-    r = getattr(qmodel, "ouro_recipe", None)
-    if r is None:
-        raise ValueError("this model carries no quantization recipe (was it made by calibrate / load_quant_state?)")
-    return r
-
-
-def iter_quant_ops(qmodel: VisionMamba) -> Iterator[tuple[int, QuantizedMixerOps]]:
-    for i, blk in enumerate(qmodel.layers):
+def iter_quant_ops(qmodel: QuantizedModel | nn.Module) -> Iterator[tuple[int, QuantizedMixerOps]]:
+    for i, blk in enumerate(_module(qmodel).layers):
         q = getattr(blk.mixer, "quant", None)
         if isinstance(q, QuantizedMixerOps):
             yield i, q
 
 
-def iter_quantizers(module: nn.Module) -> Iterator[tuple[str, Quantizer]]:
-    for name, m in module.named_modules():
+def iter_quantizers(module: QuantizedModel | nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    for name, m in _module(module).named_modules():
         if isinstance(m, Quantizer):
             yield name, m
 
 
-def set_quant_mode(module: nn.Module, mode: QuantMode | str, *, track_stats: bool | None = None) -> None:
+def set_quant_mode(module: QuantizedModel | nn.Module, mode: QuantMode | str, *, track_stats: bool | None = None) -> None:
     mode = QuantMode(mode)
     for _, q in iter_quantizers(module):
         q.mode = mode
         if track_stats is not None:
             q.track_stats = track_stats
+
+
+@contextmanager
+def export_mode(qmodel: QuantizedModel, make_scan_core: Callable[[str], ScanCore]) -> Iterator[QuantizedModel]:
+    """Every quantizer in QuantMode.EXPORT and every mixer's scan ending in `make_scan_core(prefix)`
+    (prefix: the mixer's module path); the previous modes and cores are restored on exit.
+
+    Run the model inside (traced by torch.onnx.export, or eagerly: then it computes what the
+    exported Q/DQ graph computes, the twin of that graph)."""
+    ops = [o for _, o in iter_quant_ops(qmodel)]
+    if len(ops) != len(_module(qmodel).layers):
+        raise ValueError("this model is not calibrated: some mixers carry no quantizers (use calibrate or load_quant_state)")
+    modes = [(q, q.mode) for _, q in iter_quantizers(qmodel)]
+    saved = [(o, o.scan_core) for o in ops]
+    try:
+        set_quant_mode(qmodel, QuantMode.EXPORT)
+        for o in ops:
+            o.scan_core, o.exporting = make_scan_core(o.prefix), True
+        yield qmodel
+    finally:
+        for q, m in modes:
+            q.mode = m
+        for o, core in saved:
+            o.scan_core, o.exporting = core, False

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ouro.recipes import Recipe
 
 from ..models.vim import VisionMamba
-from .base import LOSSES, QuantMode, get_method, iter_quantizers, quantize_model, set_quant_mode
+from .base import LOSSES, QuantizedModel, QuantMode, get_method, iter_quantizers, quantize_model, set_quant_mode
 
 __all__ = ["calibrate", "capture_block_inputs", "ForwardLoop", "intra_op_threads", "small_work_threads"]
 
@@ -93,11 +93,11 @@ def calibrate(
     *,
     seed: int = 0,
     progress: bool = True,
-) -> VisionMamba:
+) -> QuantizedModel:
     """Calibrate a quantized copy of `model` under `recipe`; `model` itself is left untouched.
 
-    Returns the fake-quant model (quantizers frozen, mode QUANT, eval()); its recipe is
-    `qmodel.ouro_recipe`. Save it with `ouro.calib.quant.save_quant_state`."""
+    Returns the `QuantizedModel` (quantizers frozen, mode QUANT, eval()): the fake-quant module, its
+    recipe, the block losses and the method's info. Save it with `ouro.calib.quant.save_quant_state`."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be an ouro.recipes.Recipe, got {type(recipe).__name__}")
     torch.manual_seed(seed)
@@ -105,15 +105,15 @@ def calibrate(
     model.eval()
     spec = get_method(recipe.method)
     loss_fn = LOSSES[spec.loss or recipe.calib.loss]
-    c = recipe.calib
     x0 = capture_block_inputs(model, forward_loop)
     with intra_op_threads(small_work_threads(model)):
         return _calibrate(model, recipe, x0, gen, loss_fn, spec, progress)
 
 
-def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> VisionMamba:
+def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> QuantizedModel:
     c = recipe.calib
-    qmodel = quantize_model(model, recipe)
+    qm = quantize_model(model, recipe)
+    qmodel = qm.module
     qmodel.eval()
     n = x0.shape[0]
     fp_h, fp_r = x0, None
@@ -166,7 +166,5 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> VisionMamba:
         losses.append(last)
         bar.set_postfix(block=i, loss=f"{last:.4g}")
     set_quant_mode(qmodel, QuantMode.QUANT)
-    qmodel.ouro_calib_losses = losses
-    if spec.info is not None:
-        qmodel.ouro_method_info = spec.info(qmodel)
-    return qmodel
+    info = spec.info(qmodel, recipe) if spec.info is not None else {}
+    return QuantizedModel(qmodel, recipe, tuple(losses), info)

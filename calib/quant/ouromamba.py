@@ -40,29 +40,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ouro.recipes import CalibConfig, Method, Recipe
+from ouro.recipes import FP16, ActFormat, CalibConfig, FloatFormat, Method, Recipe, ThresholdPolicy, WeightFormat
+from ouro.recipes.formats import abi_bits
 
-from ..quantizers import (
-    FP_PASSTHROUGH_BITS,
-    ThresholdPolicy,
-    _fp16_roundtrip,
-    fake_quant_sym,
-    outlier_fake_quant,
-    qmax,
-    quant_sym_ref,
-)
-from .base import MethodSpec, Quantizer, Site, _default_linear, register_method
+from ..quantizers import channel_std, fake_quant_sym, fp16_roundtrip, outlier_fake_quant, qmax, quant_sym_ref
+from .base import MethodSpec, QuantizedMixerOps, Quantizer, Site, default_linear, register_method
 from .observers import SCALE_EPS, lp_scale_search
+from .qdq import QLinearFn, SymActQDQFn, SymActSpec
 
 __all__ = ["OutlierActQuantizer", "ChannelWeightQuantizer", "dynamic_outlier_mask", "static_outlier_fake_quant", "OUROMAMBA"]
 
 
-def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
+def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int, std_correction: int = 0) -> Tensor:
     """Outlier mask used for the static init (official `extracter_refresh`): |x| > mu + k sigma per
-    token, accumulated inside each n_refresh window (a channel once an outlier stays one). (N, L, C) bool."""
+    token (sigma with `std_correction`, as the quantizer's threshold), accumulated inside each
+    n_refresh window (a channel once an outlier stays one). (N, L, C) bool."""
     N, L, C = x.shape
     a = x.abs()
-    th = a.mean(-1, keepdim=True) + k_sigma * a.std(-1, correction=0, keepdim=True)
+    th = a.mean(-1, keepdim=True) + k_sigma * channel_std(a, std_correction, keepdim=True)
     m = a > th
     W = -(-L // n_refresh)
     pad = W * n_refresh - L
@@ -73,14 +68,14 @@ def dynamic_outlier_mask(x: Tensor, k_sigma: float, n_refresh: int) -> Tensor:
 
 def static_outlier_fake_quant(x: Tensor, static_scale: Tensor, mask: Tensor, bits_inlier: int, bits_outlier: int) -> Tensor:
     """Ablation only (seed Table 5 "static"): a fixed channel list `mask` (C,) is always the
-    outliers (dynamic per-token scale at bits_outlier, or fp16); the rest are static S_I(t) inliers."""
+    outliers (dynamic per-token scale at bits_outlier, or fp16 for the ABI's 16); the rest are static S_I(t) inliers."""
     xf = x.float()
     m = mask.to(torch.bool).view(1, 1, -1)
     inl = torch.where(m, torch.zeros_like(xf), xf)
     out = torch.where(m, xf, torch.zeros_like(xf))
     x_in = fake_quant_sym(inl, static_scale, bits_inlier)
-    if bits_outlier >= FP_PASSTHROUGH_BITS:
-        return x_in + _fp16_roundtrip(out)
+    if bits_outlier >= abi_bits(FP16):
+        return x_in + fp16_roundtrip(out)
     amax = out.detach().abs().amax(-1, keepdim=True)
     s_o = torch.where(amax > 0, amax / qmax(bits_outlier), torch.ones_like(amax))
     return x_in + fake_quant_sym(out, s_o, bits_outlier)
@@ -89,61 +84,88 @@ def static_outlier_fake_quant(x: Tensor, static_scale: Tensor, mask: Tensor, bit
 class OutlierActQuantizer(Quantizer):
     """OuroMamba activation quantizer: static S_I(t) inliers + dynamic outliers (`outlier_fake_quant`).
 
-    static_scale: (1, L, 1) (granularity "token") or (1, 1, 1) ("tensor"); learned through `ratio`.
-    theta: (L,) buffer, the calibrated threshold (used by policy "calibrated" only).
-    fake_quant: the function quantize() calls, (x, scale, bits_in, bits_out, n_refresh, policy, k_sigma=,
-    theta=, return_mask=True) -> (x_hat, mask); tools/calib_cost.py swaps in the `_ref`-based one."""
+    format: an ActFormat, symmetric, per token ((1, L, 1) scale) or per tensor ((1, 1, 1)); its
+    `outliers` (None: no outlier split, the "none" ablation) give outlier bits, n_refresh, threshold
+    policy and k. static_scale is learned through `ratio`; theta: (L,) buffer, the calibrated
+    threshold (policy "calibrated" only). applied_in_linear: Delta quantized inside dt_proj, before
+    its bias (delta_before_bias). fake_quant: the function quantize() calls, (x, scale, bits_in,
+    bits_out, n_refresh, policy, k_sigma=, theta=, std_correction=, return_mask=True) -> (x_hat, mask);
+    tools/calib_cost.py swaps in the `_ref`-based one."""
 
     group = "act"
     fake_quant = staticmethod(outlier_fake_quant)
 
-    def __init__(
-        self,
-        seq_len: int,
-        bits_inlier: int,
-        bits_outlier: int,
-        n_refresh: int,
-        policy: ThresholdPolicy | str,
-        k_sigma: float,
-        granularity: str = "token",
-        *,
-        detection: str = "dynamic",
-        channels: int | None = None,
-        static_fraction: float = 0.08,
-    ) -> None:
-        super().__init__()
-        self.detection, self.static_fraction = detection, static_fraction
-        if detection == "static":
+    def __init__(self, seq_len: int, fmt: ActFormat, *, channels: int | None = None, static_fraction: float = 0.08,
+                 applied_in_linear: bool = False) -> None:
+        super().__init__(fmt)
+        if not isinstance(fmt, ActFormat) or not fmt.symmetric or fmt.smoothing or fmt.log2:
+            raise ValueError(f"OutlierActQuantizer takes a symmetric ActFormat, got {fmt}")
+        self.static_fraction = static_fraction
+        self.applied_in_linear = applied_in_linear
+        if self.detection == "static":
             if channels is None:
                 raise ValueError("static outlier detection needs the channel count")
             self.register_buffer("static_mask", torch.zeros(channels, dtype=torch.bool))
-        self.bits_inlier, self.bits_outlier = bits_inlier, bits_outlier
-        self.n_refresh, self.k_sigma = n_refresh, float(k_sigma)
-        self.policy = ThresholdPolicy(policy)
-        self.granularity = granularity
         self.seq_len = seq_len
-        shape = (1, seq_len if granularity == "token" else 1, 1)
+        shape = (1, seq_len if self.granularity == "token" else 1, 1)
         self.register_buffer("static_scale", torch.ones(shape))
         self.ratio = nn.Parameter(torch.ones(shape))
         self.register_buffer("theta", torch.zeros(seq_len))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
+    # -- the format, as the _ref functions take it ------------------------------------------------
+    @property
+    def bits_inlier(self) -> int:
+        return self.format.bits
+
+    @property
+    def bits_outlier(self) -> int:
+        """Outlier bits in the kernels' ABI spelling (16: fp16 outliers)."""
+        o = self.format.outliers
+        return abi_bits(o.bits) if o is not None else self.format.bits
+
+    @property
+    def n_refresh(self) -> int:
+        o = self.format.outliers
+        return o.n_refresh if o is not None else 1
+
+    @property
+    def k_sigma(self) -> float:
+        o = self.format.outliers
+        return float(o.k_sigma) if o is not None else 0.0
+
+    @property
+    def std_correction(self) -> int:
+        o = self.format.outliers
+        return o.std_correction if o is not None else 0
+
+    @property
+    def policy(self) -> ThresholdPolicy:
+        o = self.format.outliers
+        return o.threshold if o is not None else ThresholdPolicy.DYNAMIC
+
+    @property
+    def granularity(self) -> str:
+        return self.format.granularity.value
+
+    @property
+    def detection(self) -> str:
+        """"dynamic" (the product), "static" (fixed list) or "none" (no outlier split)."""
+        o = self.format.outliers
+        return "none" if o is None else o.detection.value
+
     def extra_repr(self) -> str:
-        return (
-            f"A{self.bits_inlier}/O{self.bits_outlier}, n_refresh={self.n_refresh}, theta={self.policy.value}, "
-            f"k={self.k_sigma}, S_I per {self.granularity}, outliers {self.detection}"
-        )
+        return (f"{self.format.describe()}, n_refresh={self.n_refresh}, theta={self.policy.value}, k={self.k_sigma}, "
+                f"std correction {self.std_correction}")
 
     def init_from_stats(self, calib: CalibConfig) -> None:
         x = self.observed()
         if x.shape[1] != self.seq_len:
             raise ValueError(f"activation has {x.shape[1]} tokens, the quantizer was built for L={self.seq_len}")
         a = x.abs()
-        th = a.mean(-1) + self.k_sigma * a.std(-1, correction=0)  # (N, L)
+        th = a.mean(-1) + self.k_sigma * channel_std(a, self.std_correction)  # (N, L)
         self.theta.copy_(th.mean(0))
-        if self.bits_inlier >= FP_PASSTHROUGH_BITS:
-            return
-        mask = dynamic_outlier_mask(x, self.k_sigma, self.n_refresh)
+        mask = dynamic_outlier_mask(x, self.k_sigma, self.n_refresh, self.std_correction)
         if self.detection == "static":  # the channels most often detected, fixed offline
             k = max(1, round(self.static_fraction * x.shape[-1]))
             top = mask.float().mean((0, 1)).topk(k).indices
@@ -166,6 +188,19 @@ class OutlierActQuantizer(Quantizer):
         """The inlier scale S_I in force (learned ratio folded in until `freeze`)."""
         return self.static_scale if bool(self.frozen) else self.static_scale * self.ratio
 
+    def token_scale(self) -> Tensor:
+        """The inlier scale as (1, L, 1) (a per-tensor scale is broadcast over the tokens): the
+        `inlier_scale` table of the plugin nodes and the Div/Mul scale of the Q/DQ graph."""
+        L = self.seq_len
+        s = self.scale().detach().float().reshape(-1)
+        return (s.expand(L) if s.numel() == 1 else s).reshape(1, L, 1).contiguous()
+
+    def theta_table(self) -> Tensor:
+        """(L,) the calibrated thresholds for policy "calibrated", zeros for "dynamic" (unused there)."""
+        if self.policy is ThresholdPolicy.CALIBRATED:
+            return self.theta.detach().float().reshape(-1)
+        return torch.zeros(self.seq_len)
+
     def freeze(self) -> None:
         with torch.no_grad():
             if not bool(self.frozen):
@@ -175,36 +210,36 @@ class OutlierActQuantizer(Quantizer):
         self.ratio.requires_grad_(False)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self.bits_inlier >= FP_PASSTHROUGH_BITS:
-            return _fp16_roundtrip(x.float())
         if self.detection == "none":
             return fake_quant_sym(x.float(), self.scale(), self.bits_inlier)
         if self.detection == "static":
             return static_outlier_fake_quant(x, self.scale(), self.static_mask, self.bits_inlier, self.bits_outlier)
         x_hat, mask = self.fake_quant(  # the x_hat of outlier_quant_ref, bit for bit, without its codes
             x, self.scale(), self.bits_inlier, self.bits_outlier, self.n_refresh, self.policy,
-            k_sigma=self.k_sigma, theta=self.theta, return_mask=True,
+            k_sigma=self.k_sigma, theta=self.theta, std_correction=self.std_correction, return_mask=True,
         )
         if self.track_stats:
             self._stat_num += float(mask.sum())
             self._stat_den += float(mask.numel())
         return x_hat
 
+    def export(self, x: Tensor) -> Tensor:
+        """The static inlier grid as Q/DQ (outliers are not Q/DQ: the plugin node computes them)."""
+        return SymActQDQFn.apply(x, self.token_scale(), SymActSpec(self.node_name, self.format))
+
     def stats(self) -> dict[str, float]:
         return {"outlier_rate": self._stat_num / self._stat_den} if self._stat_den else {}
 
     def state_keys(self) -> list[str]:
-        keys = ["frozen"]
-        if self.bits_inlier < FP_PASSTHROUGH_BITS:
-            keys.append("static_scale")
-            if self.detection == "static":
-                keys.append("static_mask")
-            elif self.detection == "dynamic" and self.policy is ThresholdPolicy.CALIBRATED:
-                keys.append("theta")
+        keys = ["frozen", "static_scale"]
+        if self.detection == "static":
+            keys.append("static_mask")
+        elif self.detection == "dynamic" and self.policy is ThresholdPolicy.CALIBRATED:
+            keys.append("theta")
         return keys
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        if self.bits_inlier >= FP_PASSTHROUGH_BITS or bool(self.frozen):
+        if bool(self.frozen):
             return {}
         return {self.group: [self.ratio]}
 
@@ -212,22 +247,33 @@ class OutlierActQuantizer(Quantizer):
 class ChannelWeightQuantizer(Quantizer):
     """Symmetric restricted-range quantizer of a constant tensor (a weight, or SSM A / D).
 
-    per_channel: one scale per row (dim 0), shape (N, 1, ...); else one scale, shape (1, ...).
-    After `freeze()` the integer codes are a buffer and forward returns codes * scale exactly."""
+    format: a symmetric WeightFormat, per channel (one scale per row, dim 0, shape (N, 1, ...)) or per
+    tensor (shape (1, ...)). After `freeze()` the integer codes are a buffer and forward returns
+    codes * scale exactly (in export mode too: a constant is folded into the graph; a linear's
+    export reads `codes` and `scale` itself)."""
 
     group = "weight"
 
-    def __init__(self, shape: tuple[int, ...], bits: int, per_channel: bool = True) -> None:
-        super().__init__()
-        self.bits, self.per_channel = bits, per_channel
-        sshape = (shape[0] if per_channel else 1,) + (1,) * (len(shape) - 1)
+    def __init__(self, shape: tuple[int, ...], fmt: WeightFormat) -> None:
+        super().__init__(fmt)
+        if not isinstance(fmt, WeightFormat) or not fmt.symmetric:
+            raise ValueError(f"ChannelWeightQuantizer takes a symmetric WeightFormat, got {fmt}")
+        sshape = (shape[0] if self.per_channel else 1,) + (1,) * (len(shape) - 1)
         self.register_buffer("scale", torch.ones(sshape))
         self.ratio = nn.Parameter(torch.ones(sshape))
         self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def per_channel(self) -> bool:
+        return self.format.granularity.value == "channel"
+
     def extra_repr(self) -> str:
-        return f"W{self.bits}, {'per channel' if self.per_channel else 'per tensor'}"
+        return self.format.describe()
 
     def observe(self, x: Tensor) -> None:
         self._observed = [x.detach().float()]  # a constant: keep the latest
@@ -268,66 +314,76 @@ class ChannelWeightQuantizer(Quantizer):
         self._weight = w.detach().float()
         return fake_quant_sym(w.float(), self.scale * self.ratio, self.bits)
 
+    def export(self, w: Tensor) -> Tensor:
+        if not bool(self.frozen):
+            raise RuntimeError(f"{self.node_name}: weight quantizer is not frozen (calibration did not finish)")
+        return self.quantize(w)
+
 
 # ------------------------------------------------------------------------------- registration
-def _granularity(recipe: Recipe) -> str:
-    return getattr(recipe.method_params, "inlier_granularity", "token")
-
-
-def _act(site: Site, recipe: Recipe, k: float) -> OutlierActQuantizer | None:
-    if recipe.a_bits >= FP_PASSTHROUGH_BITS:
+def _act(site: Site, recipe: Recipe, fmt) -> OutlierActQuantizer | None:
+    if fmt is None or isinstance(fmt, FloatFormat):
         return None
-    mp = recipe.method_params
-    return OutlierActQuantizer(
-        site.shape[0], recipe.a_bits, recipe.a_bits_outlier, recipe.n_refresh, recipe.threshold_policy, k, _granularity(recipe),
-        detection=getattr(mp, "outlier_detection", "dynamic"), channels=site.shape[-1],
-        static_fraction=getattr(mp, "static_outlier_fraction", 0.08),
-    )
+    return OutlierActQuantizer(site.shape[0], fmt, channels=site.shape[-1],
+                               static_fraction=recipe.method_params.static_outlier_fraction)
 
 
 def make_act(site: Site, recipe: Recipe) -> Quantizer | None:
-    return _act(site, recipe, recipe.k_sigma)
+    return _act(site, recipe, recipe.formats.linear_act)
 
 
 def make_weight(site: Site, recipe: Recipe) -> Quantizer | None:
-    return None if recipe.w_bits >= FP_PASSTHROUGH_BITS else ChannelWeightQuantizer(site.shape, recipe.w_bits)
+    fmt = recipe.formats.linear_weight
+    return None if isinstance(fmt, FloatFormat) else ChannelWeightQuantizer(site.shape, fmt)
 
 
 def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
-    if site.name == "delta":
-        q = _act(site, recipe, recipe.k_sigma_delta)
-        if q is not None:
-            q.applied_in_linear = bool(getattr(recipe.method_params, "delta_before_bias", False))
+    formats = recipe.formats
+    fmt = formats.ssm_format(site.name)
+    if site.name in ("delta", "B", "C"):
+        q = _act(site, recipe, fmt)
+        if q is not None and site.name == "delta":
+            q.applied_in_linear = formats.delta_before_bias
         return q
-    if site.name in ("B", "C"):
-        return _act(site, recipe, recipe.k_sigma)
-    if recipe.a_bits >= FP_PASSTHROUGH_BITS:
-        return None
-    if site.name == "A":
-        return ChannelWeightQuantizer(site.shape, recipe.a_bits, per_channel=True)
-    if site.name == "D":
-        return ChannelWeightQuantizer(site.shape, recipe.a_bits, per_channel=False)
+    if site.name in ("A", "D"):
+        return None if isinstance(fmt, FloatFormat) else ChannelWeightQuantizer(site.shape, fmt)
     raise NotImplementedError(
         f"OuroMamba does not quantize SSM operand {site.name!r} (h stays FP in the recurrence, like the official code); "
         "remove it from the recipe's ssm_operands"
     )
 
 
-def linear(ops, name: str, module: nn.Linear, x: Tensor) -> Tensor:
+def linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tensor) -> Tensor:
     """Default quantized linear, except dt_proj(_b) when its Delta quantizer is `applied_in_linear`:
     then Delta is quantized on dt_proj's output before the bias, and the bias is added in FP."""
     if name.startswith("dt_proj"):
         key = "delta_fwd" if name == "dt_proj" else "delta_bwd"
         q = ops.ssm[key] if key in ops.ssm else None
-        if q is not None and getattr(q, "applied_in_linear", False):
+        if q is not None and q.applied_in_linear:
             xq = ops.act[name](x) if name in ops.act else x
             w = ops.weight[name](module.weight) if name in ops.weight else module.weight
             y = q(torch.nn.functional.linear(xq, w))
             return y if module.bias is None else y + module.bias
-    return _default_linear(ops, name, module, x)
+    return default_linear(ops, name, module, x)
+
+
+def export_linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tensor) -> Tensor:
+    """Export mode: one fused Q/DQ linear (`QLinearFn`): the input's inlier Q/DQ, the int8 weight
+    codes per output channel, MatMul and the bias (zeros when the layer has none)."""
+    qa, qw = ops.act[name] if name in ops.act else None, ops.weight[name] if name in ops.weight else None
+    if qa is None and qw is None:
+        return nn.functional.linear(x, module.weight, module.bias)
+    if qa is None or qw is None:
+        raise NotImplementedError(f"{ops.prefix}.{name}: the OuroMamba linear export needs both the input and the weight quantized")
+    if not bool(qw.frozen):
+        raise RuntimeError(f"{qw.node_name}: weight quantizer is not frozen (calibration did not finish)")
+    bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_features)
+    return QLinearFn.apply(x, qa.token_scale(), qw.codes, qw.scale.detach().float().reshape(-1), bias.float(),
+                           SymActSpec(qa.node_name, qa.format))
 
 
 OUROMAMBA = register_method(
     Method.OUROMAMBA,
-    MethodSpec(make_act=make_act, make_weight=make_weight, make_ssm=make_ssm, linear=linear, description="OuroMamba-Quant (dynamic outliers)"),
+    MethodSpec(make_act=make_act, make_weight=make_weight, make_ssm=make_ssm, linear=linear, export_linear=export_linear,
+               description="OuroMamba-Quant (dynamic outliers)"),
 )

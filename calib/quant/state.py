@@ -5,7 +5,7 @@ Weight codes of <= 4 bits with an even last dimension are stored packed (`pack_i
 `.int4`, uint8); other codes as int8. Scales and thresholds are fp32, exactly as used.
 Header (safetensors metadata key "ouro", JSON):
     format, format_version, recipe (TOML), recipe_version, method, arch (VimConfig dict),
-    package_version, method_info (free-form dict a method may attach as `qmodel.ouro_method_info`)
+    package_version, method_info (free-form dict a method records: `QuantizedModel.method_info`)
 Loading rebuilds the quantizers from the recipe on the FP model and loads the tensors, so the
 reloaded model reproduces the calibrated model's outputs bit-exactly.
 """
@@ -15,16 +15,16 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from ouro.recipes import RECIPE_VERSION, Recipe
+from ouro.recipes import RECIPE_VERSION, Recipe, RecipeError
 
 from ..models.vim import VisionMamba
 from ..quantizers import pack_int4, unpack_int4
-from .base import QuantMode, iter_quant_ops, model_recipe, quantize_model, set_quant_mode
+from .base import QuantizedModel, QuantMode, iter_quant_ops, quantize_model, set_quant_mode
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "QuantStateError", "save_quant_state", "load_quant_state", "read_header", "quant_state_tensors"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "QuantStateError", "save_quant_state", "load_quant_state", "read_header", "read_recipe",
+           "quant_state_tensors"]
 
 FORMAT = "ouro-quant-state"
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-def quant_state_tensors(qmodel: VisionMamba) -> dict[str, Tensor]:
+def quant_state_tensors(qmodel: QuantizedModel) -> dict[str, Tensor]:
     """The tensors a QuantState stores (int4 codes packed), keyed as in the file."""
     out: dict[str, Tensor] = {}
     for i, ops in iter_quant_ops(qmodel):
@@ -52,18 +52,18 @@ def quant_state_tensors(qmodel: VisionMamba) -> dict[str, Tensor]:
             for k in q.state_keys():
                 key = f"layers.{i}.{qname}.{k}"
                 t = sd[k].detach().cpu().contiguous()
-                if k == "codes" and getattr(q, "bits", 8) <= 4 and t.shape[-1] % 2 == 0:
+                if k == "codes" and q.format.bits <= 4 and t.shape[-1] % 2 == 0:
                     out[key + INT4_SUFFIX] = pack_int4(t)
                 else:
                     out[key] = t
     return out
 
 
-def save_quant_state(qmodel: VisionMamba, path: str | Path) -> Path:
+def save_quant_state(qmodel: QuantizedModel, path: str | Path) -> Path:
     """Write the QuantState of a calibrated model (from `calibrate`)."""
     from safetensors.torch import save_file
 
-    recipe = model_recipe(qmodel)
+    recipe = qmodel.recipe
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,7 +72,7 @@ def save_quant_state(qmodel: VisionMamba, path: str | Path) -> Path:
         "method": recipe.method.value,
         "arch": qmodel.cfg.to_dict(),
         "package_version": _package_version(),
-        "method_info": getattr(qmodel, "ouro_method_info", {}),
+        "method_info": qmodel.method_info,
     }
     path = Path(path)
     save_file(quant_state_tensors(qmodel), str(path), metadata={"ouro": json.dumps(header)})
@@ -100,28 +100,38 @@ def read_header(path: str | Path) -> dict:
     return h
 
 
-def _arch_mismatch(saved: dict, cfg: dict) -> list[str]:
-    keys = sorted((set(saved) | set(cfg)) - set(_ARCH_LABEL_KEYS))
-    return [f"{k}: file {saved.get(k)!r} vs model {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
-
-
-def load_quant_state(model: VisionMamba, path: str | Path) -> VisionMamba:
-    """A quantized copy of the FP `model` with the calibration of `path` (no data needed)."""
-    from safetensors.torch import load_file
-
-    h = read_header(path)
+def read_recipe(path: str | Path, header: dict | None = None) -> Recipe:
+    """The recipe a QuantState was calibrated under (from its header; no tensors are read), so a
+    target that cannot express it is refused before the model is loaded."""
+    h = read_header(path) if header is None else header
     if h.get("recipe_version") != RECIPE_VERSION:
         raise QuantStateError(
             f"{path}: recipe version {h.get('recipe_version')} (written by ouro {h.get('package_version')}) "
             f"does not match this ouro's recipe version {RECIPE_VERSION}; recalibrate"
         )
+    try:
+        return Recipe.from_toml(h["recipe"], source=f"{path} header")
+    except RecipeError as e:
+        raise QuantStateError(f"{path}: its recipe is not valid for this ouro ({e}); recalibrate") from None
+
+
+def _arch_mismatch(saved: dict, cfg: dict) -> list[str]:
+    keys = sorted((set(saved) | set(cfg)) - set(_ARCH_LABEL_KEYS))
+    return [f"{k}: file {saved.get(k)!r} vs model {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+
+
+def load_quant_state(model: VisionMamba, path: str | Path) -> QuantizedModel:
+    """A quantized copy of the FP `model` with the calibration of `path` (no data needed)."""
+    from safetensors.torch import load_file
+
+    h = read_header(path)
+    recipe = read_recipe(path, h)
     diff = _arch_mismatch(h.get("arch", {}), model.cfg.to_dict())
     if diff:
         raise QuantStateError(
             f"{path}: QuantState is for architecture {h.get('arch', {}).get('name')!r}, the model is "
             f"{model.cfg.name!r}; differences: {'; '.join(diff)}"
         )
-    recipe = Recipe.from_toml(h["recipe"], source=f"{path} header")
     qmodel = quantize_model(model, recipe)
     tensors = load_file(str(path))
     seen: set[str] = set()
@@ -151,6 +161,5 @@ def load_quant_state(model: VisionMamba, path: str | Path) -> VisionMamba:
     if extra:
         raise QuantStateError(f"{path}: {len(extra)} tensor(s) the recipe does not use, e.g. {extra[:3]}")
     set_quant_mode(qmodel, QuantMode.QUANT)
-    qmodel.ouro_method_info = h.get("method_info", {})
     qmodel.eval()
-    return qmodel
+    return QuantizedModel(qmodel.module, recipe, (), h.get("method_info", {}))

@@ -12,7 +12,6 @@ import torch
 
 from ouro.calib.models import VimConfig, build_model
 from ouro.exporter.cli import main
-from ouro.exporter.outputs import OutputError, atomic_write
 
 SMALL = VimConfig(embed_dim=64, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10, name="small")
 
@@ -97,7 +96,7 @@ def test_unknown_pass_and_opset_fail_before_work(files, capsys, tmp_path):
 
 def test_print_passes(capsys):
     rc, out, _ = _run(["--print-passes"], capsys)
-    assert rc == 0 and "fuse_outlier_linear" in out and "quantize_selective_scan" in out
+    assert rc == 0 and "fp16_io" in out and "lower_selective_scan" in out and "default:" in out
 
 
 def test_w4a4_plugin_and_qdq(files, capsys, tmp_path):
@@ -117,6 +116,34 @@ def test_w4a4_plugin_and_qdq(files, capsys, tmp_path):
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(qdq)).graph.node}
 
 
+@pytest.mark.parametrize("name", ["m.onnx", "m.plan"])
+def test_w6a6_refused_before_calibration_by_the_plugin_targets(files, capsys, tmp_path, name):
+    _, ckpt, calib = files
+    rc, out, err = _run([ckpt, "--w6a6", "--calib-dir", calib, "-o", tmp_path / name], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert "plugin ONNX / TensorRT engine" in err and "6-bit (supported: 4, 8)" in err and ".qdq.onnx" in err
+    assert out == "" and not list(tmp_path.iterdir())  # refused before loading, calibrating or writing
+
+
+def test_w6a6_qdq_and_a_baseline(files, capsys, tmp_path):
+    """`--w6a6 -o x.qdq.onnx` works (plain onnxruntime); so does a baseline's QDQ graph, checked with Polygraphy;
+    a QuantState whose recipe the plugin graph cannot express is refused before the model is loaded."""
+    import onnxruntime as ort
+
+    _, ckpt, calib = files
+    qdq, state = tmp_path / "w6a6.qdq.onnx", tmp_path / "w6a6.safetensors"
+    rc, _, err = _run([ckpt, "--w6a6", "--calib-dir", calib, "--save-calib", state, "-o", qdq], capsys)
+    assert rc == 0, err
+    sess = ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])  # no ouro ops registered
+    assert sess.run(None, {"images": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, SMALL.num_classes)
+    rc, _, err = _run([ckpt, "--load-calib", state, "-o", tmp_path / "m.onnx"], capsys)
+    assert rc == 2 and "cannot express recipe 'w6a6'" in err and not (tmp_path / "m.onnx").exists()
+    base = tmp_path / "ptq4vm.qdq.onnx"
+    rc, stdout, err = _run([ckpt, "--w4a4", "--method", "ptq4vm", "--calib-dir", calib, "-o", base, "--check"], capsys)
+    assert rc == 0, err
+    assert "Polygraphy PASSED" in stdout
+
+
 def test_plan_without_tensorrt_writes_onnx_then_explains(files, capsys, tmp_path):
     pytest.importorskip("onnx")
     try:
@@ -130,22 +157,6 @@ def test_plan_without_tensorrt_writes_onnx_then_explains(files, capsys, tmp_path
     assert rc == 2
     assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.plan").exists()
     assert "tensorrt" in err.lower() and "trtexec" in err
-
-
-def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
-    target = tmp_path / "x.onnx"
-
-    def writer(tmp):
-        tmp.write_bytes(b"partial")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, writer, force=False)
-    assert list(tmp_path.iterdir()) == []
-    target.write_text("keep")
-    with pytest.raises(OutputError, match="--force"):
-        atomic_write(target, lambda t: t.write_text("new"), force=False)
-    assert target.read_text() == "keep"
 
 
 @pytest.mark.slow

@@ -24,6 +24,24 @@ def test_demo_w8a8_report_and_reload(tmp_path, capsys):
     assert json.loads(rep2.read_text())["quant_top1"] == r["quant_top1"]
 
 
-def test_synthetic_or_bad_calib_spec_is_a_clean_error(capsys):
-    assert main(["--demo", "--w8a8", "--calib", "imagenet:5", "-o", "/tmp/never.safetensors", "--force"]) == 2
-    assert "real:N or synthetic:N" in capsys.readouterr().err
+@pytest.mark.parametrize("spec,msg", [("imagenet:5", "real:N or synthetic:N"), ("synthetic:0", "must be >= 1")])
+def test_bad_calib_spec_is_a_clean_error(capsys, tmp_path, spec, msg):
+    assert main(["--demo", "--w8a8", "--calib", spec, "-o", str(tmp_path / "never.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_synthetic_calib_spec_calibrates_on_gen_images(capsys, tmp_path):
+    """`--calib synthetic:N` draws N OuroMamba-Gen images (no data) and calibrates on them."""
+    import torch
+
+    from ouro.calib.models import VimConfig, build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": build_model(VimConfig(embed_dim=16, depth=1, img_size=16, patch_size=4, stride=4,
+                                               num_classes=3, name="tiny")).state_dict()}, ckpt)
+    rep = tmp_path / "r.json"
+    assert main([str(ckpt), "--w8a8", "--calib", "synthetic:2", "--report", str(rep), "-o", str(tmp_path / "q.safetensors")]) == 0
+    cal = json.loads(rep.read_text())["calibration"]
+    assert cal["source"] == "synthetic" and cal["images"] == 2 and (tmp_path / "q.safetensors").is_file()

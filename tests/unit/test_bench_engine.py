@@ -1,5 +1,5 @@
-"""tools/bench_engine.py without TensorRT: argument parsing, trtexec-summary parsing, the table,
-and the clear error when trtexec is missing."""
+"""tools/bench_engine.py without TensorRT: argument parsing, reading trtexec's --exportTimes JSON,
+the table, and the clear error when trtexec is missing."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,20 +15,29 @@ bench = importlib.util.module_from_spec(spec)
 sys.modules["bench_engine"] = bench  # dataclasses resolve their module by name
 spec.loader.exec_module(bench)
 
-# The two summary lines in trtexec's format (a parser fixture, not a measurement).
-TRTEXEC_SUMMARY = """\
-[11/23/2026-10:00:00] [I] === Performance summary ===
-[11/23/2026-10:00:00] [I] Throughput: 250.5 qps
-[11/23/2026-10:00:00] [I] Latency: min = 3.9 ms, max = 4.5 ms, mean = 3.99 ms, median = 3.98 ms, percentile(90%) = 4.1 ms, percentile(95%) = 4.2 ms, percentile(99%) = 4.4 ms
-[11/23/2026-10:00:00] [I] GPU Compute Time: min = 3.9 ms, max = 4.5 ms, mean = 3.99 ms, median = 3.98 ms, percentile(90%) = 4.1 ms, percentile(95%) = 4.2 ms, percentile(99%) = 4.4 ms
-"""
+def _record(start: float, latency: float) -> dict:
+    """One --exportTimes record in TensorRT 10/11's format (no data transfers: h2d/d2h take no time)."""
+    return {"startEnqMs": start, "endEnqMs": start + 0.01, "startH2dMs": start, "endH2dMs": start,
+            "startComputeMs": start, "endComputeMs": start + latency, "startD2hMs": start + latency,
+            "endD2hMs": start + latency, "h2dMs": 0.0, "computeMs": latency, "d2hMs": 0.0, "latencyMs": latency}
 
 
-def test_parse_trtexec_output():
-    r = bench.parse_trtexec_output(TRTEXEC_SUMMARY)
-    assert (r.throughput_qps, r.mean_ms, r.median_ms, r.p99_ms) == (250.5, 3.99, 3.98, 4.4)
-    with pytest.raises(bench.BenchError, match="Throughput"):
-        bench.parse_trtexec_output("[I] nothing here")
+def test_parse_trtexec_times():
+    # 100 back-to-back inferences of 4 ms then one of 8 ms: 101 inferences in 408 ms
+    recs, t = [], 0.0
+    for lat in [4.0] * 100 + [8.0]:
+        recs.append(_record(t, lat))
+        t += lat
+    r = bench.parse_trtexec_times(recs)
+    assert r.throughput_qps == pytest.approx(101 / 0.408)
+    assert r.mean_ms == pytest.approx((400 + 8) / 101) and r.median_ms == 4.0 and r.p99_ms == 4.0  # nearest rank: 100th of 101
+    assert bench.parse_trtexec_times([_record(0.0, 2.0), _record(2.0, 6.0)]).median_ms == 4.0
+    old = [{"startInMs": 0.0, "endOutMs": 5.0, "latencyMs": 5.0}]  # the older In/Out names
+    assert bench.parse_trtexec_times(old).throughput_qps == pytest.approx(200.0)
+    for bad, msg in (([], "no inference records"), ([{"computeMs": 1.0}], "no inference records"),
+                     ([{"latencyMs": 1.0}], "lack start/end")):
+        with pytest.raises(bench.BenchError, match=msg):
+            bench.parse_trtexec_times(bad)
 
 
 def test_format_table_speedup_relative_to_first_engine():

@@ -48,7 +48,7 @@ def test_deterministic_and_fp_model_untouched(setup):
         assert torch.equal(q1(x), q2(x))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model.layers[0].mixer, "quant")
-    assert len(q1.ouro_calib_losses) == TINY.depth
+    assert len(q1.calib_losses) == TINY.depth and q1.recipe == r
 
 
 def test_installs_expected_quantizers(setup):
@@ -85,15 +85,29 @@ def test_tuning_reduces_block_loss(setup):
     losses = []
     for r in (r0, r1):
         q = calibrate(model, r, loop, progress=False)
-        out, _ = q.layers[0](x0, None)
+        out, _ = q.module.layers[0](x0, None)
         losses.append(float((1 - torch.nn.functional.cosine_similarity(fp_out, out, dim=-1)).mean().detach()))
     assert losses[1] < losses[0]
 
 
-def test_mse_loss_selectable(setup):
+def test_mse_loss_selectable(setup, monkeypatch):
+    """calib.loss = "mse" makes every tuning step use the MSE loss (and never the cosine one), and the
+    recorded block losses are that loss's values."""
+    from ouro.calib.quant import LOSSES
+    from ouro.recipes import LossKind
+
     model, _, loop = setup
+    calls = {k: [] for k in LossKind}
+    for kind, fn in dict(LOSSES).items():
+        def spy(fp, q, kind=kind, fn=fn):
+            v = fn(fp, q)
+            calls[kind].append(float(v.detach()))
+            return v
+
+        monkeypatch.setitem(LOSSES, kind, spy)
     q = calibrate(model, get_preset("w4a4").with_(calib={**FAST, "loss": "mse"}), loop, progress=False)
-    assert all(v == v for v in q.ouro_calib_losses)  # finite, not NaN
+    assert len(calls[LossKind.MSE]) == FAST["steps"] * TINY.depth and not calls[LossKind.COSINE]
+    assert list(q.calib_losses) == calls[LossKind.MSE][FAST["steps"] - 1 :: FAST["steps"]]
 
 
 def test_h_operand_refused_for_ouromamba(setup):
@@ -125,7 +139,7 @@ def test_delta_before_bias_option(setup, tmp_path):
     model, x, loop = setup
     r = get_preset("w4a4").with_(method_params=OuroMambaParams(delta_before_bias=True), calib=FAST)
     q = calibrate(model, r, loop, progress=False)
-    d = q.layers[0].mixer.quant.ssm["delta_fwd"]
+    d = q.module.layers[0].mixer.quant.ssm["delta_fwd"]
     assert d.applied_in_linear
     save_quant_state(q, tmp_path / "q.safetensors")
     q2 = load_quant_state(model, tmp_path / "q.safetensors")

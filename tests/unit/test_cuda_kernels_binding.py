@@ -88,20 +88,24 @@ def _build_kernels() -> None:
     for cmd in cmds:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    if "OURO_TRT_BUILD_DIR" in os.environ:
-        os.environ[ck.LIB_ENV] = str(bdir / ck.LIB_NAME)
+    return bdir / ck.LIB_NAME
 
 
 @pytest.fixture(scope="module")
 def native_lib():
-    try:
-        return ck.load_library()
-    except ck.KernelUnavailable:
-        if os.environ.get(ck.LIB_ENV):
-            pytest.skip(f"{ck.LIB_ENV} is set but the library there does not load")
-    _build_kernels()
-    ck._LIB = None
-    return ck.load_library()
+    """The loaded library (built first when needed). The environment and the binding's cached handle
+    are restored afterwards (MonkeyPatch), so later tests see the process as it was."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "_LIB", None)
+        try:
+            lib = ck.load_library()
+        except ck.KernelUnavailable:
+            if os.environ.get(ck.LIB_ENV):
+                pytest.skip(f"{ck.LIB_ENV} is set but the library there does not load")
+            mp.setenv(ck.LIB_ENV, str(_build_kernels()))
+            mp.setattr(ck, "_LIB", None)
+            lib = ck.load_library()
+        yield lib
 
 
 FAKE = 0x10000  # 16-byte aligned fake device address, never dereferenced by validation

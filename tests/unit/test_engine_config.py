@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from ouro.exporter import engine_config as ec
+from ouro.exporter import native
 from ouro.exporter.engine_config import (
     BatchProfile,
     EngineConfig,
@@ -102,6 +103,7 @@ def test_trtexec_bench_command_exact():
     assert cmd == ["trtexec", "--loadEngine=vim_s.plan", "--shapes=images:32x3x224x224",
                    "--dynamicPlugins=lib/libouro_trt_plugins.so", "--iterations=100", "--warmUp=500", "--duration=0",
                    "--useCudaGraph", "--noDataTransfers", "--useSpinWait"]
+    assert ec.trtexec_bench_command("vim_s.plan", spec, 1, export_times="t.json")[-1] == "--exportTimes=t.json"
     with pytest.raises(EngineConfigError, match="batch"):
         ec.trtexec_bench_command("x.plan", spec, 0)
 
@@ -123,30 +125,15 @@ def test_find_plugin_library(tmp_path, monkeypatch):
     with pytest.raises(EngineConfigError, match=ec.PLUGIN_LIBRARY_ENV):
         ec.find_plugin_library()
     monkeypatch.delenv(ec.PLUGIN_LIBRARY_ENV)
-    monkeypatch.setattr(ec, "repo_root", lambda: tmp_path)
+    monkeypatch.setattr(native, "repo_root", lambda: tmp_path)
     assert ec.find_plugin_library() is None
-    (tmp_path / ec.IN_TREE_BUILD_DIR).mkdir(parents=True)
-    (tmp_path / ec.IN_TREE_BUILD_DIR / ec.PLUGIN_LIBRARY_NAME).write_bytes(b"\x7fELF")
-    assert ec.find_plugin_library() == tmp_path / ec.IN_TREE_BUILD_DIR / ec.PLUGIN_LIBRARY_NAME
+    (tmp_path / native.IN_TREE_BUILD_DIR).mkdir(parents=True)
+    (tmp_path / native.IN_TREE_BUILD_DIR / ec.PLUGIN_LIBRARY_NAME).write_bytes(b"\x7fELF")
+    assert ec.find_plugin_library() == tmp_path / native.IN_TREE_BUILD_DIR / ec.PLUGIN_LIBRARY_NAME
 
 
 def test_onnx_path_for_plan():
     assert ec.onnx_path_for_plan("out/vim_s.plan").as_posix() == "out/vim_s.onnx"
-
-
-def test_atomic_write_bytes_leaves_nothing_on_error(tmp_path, monkeypatch):
-    target = tmp_path / "sub" / "m.plan"
-    ec.atomic_write_bytes(target, b"abc")
-    assert target.read_bytes() == b"abc"
-
-    def boom(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ec.os, "replace", boom)
-    with pytest.raises(KeyboardInterrupt):
-        ec.atomic_write_bytes(target, b"new")
-    assert target.read_bytes() == b"abc"  # old content intact
-    assert sorted(p.name for p in target.parent.iterdir()) == ["m.plan"]  # no temp file left
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-TensorRT path cannot be exercised")
@@ -185,7 +172,7 @@ def test_custom_ops_and_missing_plugin_library(tmp_path, monkeypatch):
     assert ec.custom_ops_in_onnx(plugin_onnx) == {"SelectiveScan": 1}
     assert ec.custom_ops_in_onnx(_write_model(tmp_path / "fp.onnx")) == {}
     monkeypatch.delenv(ec.PLUGIN_LIBRARY_ENV, raising=False)
-    monkeypatch.setattr(ec, "repo_root", lambda: tmp_path)  # no in-tree build
+    monkeypatch.setattr(native, "repo_root", lambda: tmp_path)  # no in-tree build
     cfg = EngineConfig.for_plan(tmp_path / "p.plan")
     assert cfg.onnx_path == tmp_path / "p.onnx" and cfg.plugin_library is None
     with pytest.raises(EngineConfigError, match=r"SelectiveScan x1.*--plugin-lib"):

@@ -1,4 +1,4 @@
-"""Quantized exports (W8A8, W4A4): QDQ graph, passes -> plugin graph, onnxruntime vs PyTorch fake-quant."""
+"""Quantized exports (W8A8, W4A4): QDQ graphs, the plugin graph, onnxruntime vs their PyTorch twins."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +12,12 @@ from ouro.calib.models import VimConfig, build_model
 from ouro.calib.quant import calibrate, iter_quant_ops
 from ouro.calib.quantizers import outlier_quant_ref, unpack_int4
 from ouro.exporter import onnxruntime_session
-from ouro.exporter.check import PLUGIN_TOL, compare_graph, fp16_linear_names
+from ouro.exporter.check import PLUGIN_TOL, compare_graph, fp16_io_nodes
 from ouro.exporter.onnx_export import example_input
-from ouro.exporter.outputs import PORTABLE_QDQ_PASSES, Stage
-from ouro.exporter.passes import DEFAULT_PASSES, apply_passes
-from ouro.exporter.qdq import QDQError, _QuantHooks, export_qdq, quant_metadata
-from ouro.recipes import get_preset
+from ouro.exporter.outputs import Stage
+from ouro.exporter.passes import FP32_IO_PASSES
+from ouro.exporter.quantized import QDQError, export_quantized, qdq_twin
+from ouro.recipes import Target, get_preset
 
 QDQ_RTOL = PLUGIN_TOL[0]
 """QDQ graph vs its PyTorch twin (the same static Q/DQ numerics), max |diff| / max |logits|; same
@@ -38,12 +38,12 @@ def _demo_model():
         pytest.skip(f"demo model unavailable: {e}")
 
 
-def _calibrated(cfg, preset: str, n_images: int = 8):
+def _calibrated(cfg, preset: str, n_images: int = 8, method: str = "ouromamba"):
     torch.manual_seed(0)
     model = _demo_model() if cfg == "demo" else build_model(cfg).eval()
     cfg = model.cfg
     images = torch.randn(n_images, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
-    recipe = get_preset(preset)
+    recipe = get_preset(preset, method)
     recipe = recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=n_images))
     return model, calibrate(model, recipe, lambda m: m(images), progress=False)
 
@@ -52,41 +52,52 @@ def _calibrated(cfg, preset: str, n_images: int = 8):
 def exported(request):
     which, preset = request.param
     model, q = _calibrated(SMALL if which == "small" else "demo", preset)
-    qdq = export_qdq(q).model
-    return preset, model, q, qdq, apply_passes(qdq)
+    return preset, model, q, export_quantized(q, Target.QDQ_ONNXRUNTIME).model, export_quantized(q, Target.PLUGIN, passes=FP32_IO_PASSES).model
 
 
 def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _plain_session(model: onnx.ModelProto):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def test_qdq_graph(exported):
+    """The .qdq.onnx file: standard ops only (scans as ONNX Scan loops), INT4 weights at 4 bits, runs in
+    plain onnxruntime and equals the model in export mode (its twin)."""
     preset, model, q, qdq, _ = exported
     onnx.checker.check_model(qdq)
     assert max(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert all(n.domain in ("", "ai.onnx") for n in qdq.graph.node) and not qdq.metadata_props
     ops = [n.op_type for n in qdq.graph.node]
     depth = model.cfg.depth
     n_linear = 6 * depth
     assert ops.count("MatMul") == n_linear and ops.count("QuantizeLinear") == n_linear + 3 * 2 * depth  # + delta/B/C
+    assert ops.count("Scan") == 2 * depth
     int4 = [t for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) == (2 * n_linear if preset == "w4a4" else 0)  # codes + zero point per weight
-    meta = quant_metadata(qdq)
-    assert set(meta["linears"]) == {f"layers.{i}.mixer.{n}" for i in range(depth)
-                                    for n in ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")}
     x = example_input(model, 3)
-    out = onnxruntime_session(qdq).run(None, {"images": x.numpy()})[0]
-    with _QuantHooks(q), torch.no_grad():
+    with qdq_twin(q), torch.no_grad():
         twin = q(x).numpy()
-    assert _rel(out, twin) < QDQ_RTOL
-    # the file as written: scans lowered to ONNX Scan loops, runs in plain onnxruntime
-    portable = apply_passes(qdq, PORTABLE_QDQ_PASSES)
-    onnx.checker.check_model(portable)
-    assert all(n.domain in ("", "ai.onnx") for n in portable.graph.node)
-    assert [o.domain for o in portable.opset_import if o.domain not in ("", "ai.onnx")] == []
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    plain = ort.InferenceSession(portable.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    assert _rel(plain.run(None, {"images": x.numpy()})[0], twin) < QDQ_RTOL
+    assert _rel(_plain_session(qdq).run(None, {"images": x.numpy()})[0], twin) < QDQ_RTOL
+
+
+def test_qdq_for_tensorrt_keeps_scan_plugin_nodes(exported):
+    preset, model, q, _, _ = exported
+    trt = export_quantized(q, Target.QDQ_TENSORRT).model
+    ops = [n.op_type for n in trt.graph.node]
+    assert ops.count("SelectiveScan") == 2 * model.cfg.depth and "Scan" not in ops
+    inits = _inits(trt)
+    zeros = [inits[n.input[2]] for n in trt.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(zeros) == ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
+    assert all(not z.astype(np.int64).any() for z in zeros)  # symmetric: every zero point is 0
+    x = example_input(model, 2)
+    with qdq_twin(q), torch.no_grad():
+        twin = q(x).numpy()
+    assert _rel(onnxruntime_session(trt).run(None, {"images": x.numpy()})[0], twin) < QDQ_RTOL
 
 
 def test_plugin_graph_matches_fake_quant(exported):
@@ -94,7 +105,7 @@ def test_plugin_graph_matches_fake_quant(exported):
     onnx.checker.check_model(plugin)
     ops = [n.op_type for n in plugin.graph.node]
     assert ops.count("OutlierLinear") == 6 * model.cfg.depth and ops.count("SelectiveScan") == 2 * model.cfg.depth
-    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops and not plugin.metadata_props
     for batch in (1, 3):
         x = example_input(model, batch)
         out = onnxruntime_session(plugin).run(None, {"images": x.numpy()})[0]
@@ -141,10 +152,12 @@ def test_integer_codes_bit_exact(exported):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     s_node = torch.from_numpy(_inits(plugin)[node.input[3]].copy())
     ours = outlier_quant_ref(xin, s_node, attrs["a_bits"], attrs["o_bits"], attrs["n_refresh"],
-                             ("dynamic", "calibrated")[attrs["threshold_policy"]], k_sigma=attrs["k_sigma"])
+                             ("dynamic", "calibrated")[attrs["threshold_policy"]], k_sigma=attrs["k_sigma"],
+                             std_correction=attrs["std_correction"])
     qa = dict(iter_quant_ops(q))[1].act["x_proj"]
+    assert attrs["std_correction"] == qa.std_correction == 1  # Bessel's by default, written on the node
     theirs = outlier_quant_ref(xin, qa.scale(), qa.bits_inlier, qa.bits_outlier, qa.n_refresh, qa.policy,
-                               k_sigma=qa.k_sigma, theta=qa.theta)
+                               k_sigma=qa.k_sigma, theta=qa.theta, std_correction=qa.std_correction)
     assert torch.equal(ours.inlier_codes, theirs.inlier_codes)
     assert torch.equal(ours.outlier_mask, theirs.outlier_mask)
     assert torch.equal(ours.outlier_codes, theirs.outlier_codes)
@@ -155,7 +168,7 @@ def test_polygraphy_comparison_in_process(exported, tmp_path):
     _, model, q, qdq, plugin = exported
     cfg = model.cfg
     images = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
-    for stage, graph in ((Stage.PLUGIN, plugin), (Stage.QDQ, apply_passes(qdq, PORTABLE_QDQ_PASSES))):
+    for stage, graph in ((Stage.PLUGIN, plugin), (Stage.QDQ, qdq)):
         path = tmp_path / f"{stage.value}.onnx"
         onnx.save(graph, str(path))
         res = compare_graph(str(path), stage, model, q, images, tol=PLUGIN_TOL)
@@ -163,13 +176,18 @@ def test_polygraphy_comparison_in_process(exported, tmp_path):
         assert -1.0 <= res.metrics_vs_fp["cosine"] <= 1.0 and 0.0 <= res.metrics_vs_fp["top1_agreement"] <= 1.0
 
 
-def test_fp16_linear_io_graph_and_its_twin(exported, tmp_path):
-    """After the opt-in fp16_linear_io pass, every OutlierLinear takes fp16; the check's PyTorch twin
-    rounds exactly those linears' inputs and outputs to fp16, and the comparison passes."""
-    _, model, q, qdq, plugin = exported
-    g16 = apply_passes(qdq, (*DEFAULT_PASSES[:-1], "fp16_linear_io", DEFAULT_PASSES[-1]))
-    linears = {n.name for n in g16.graph.node if n.op_type == "OutlierLinear"}
-    assert linears and fp16_linear_names(g16) == linears and not fp16_linear_names(plugin)
+def test_fp16_io_graph_and_its_twin(exported, tmp_path):
+    """After the fp16_io pass every OutlierLinear and SelectiveScan takes fp16 activations; the check's
+    PyTorch twin rounds exactly those nodes' activations in and out to fp16, and the comparison passes."""
+    _, model, q, _, plugin = exported
+    g16 = export_quantized(q, Target.PLUGIN, passes=("fp16_io", "cleanup")).model
+    plugin_nodes = {n.name for n in g16.graph.node if n.op_type in ("OutlierLinear", "SelectiveScan")}
+    assert len(plugin_nodes) == 8 * model.cfg.depth
+    assert fp16_io_nodes(g16) == plugin_nodes and not fp16_io_nodes(plugin)
+    for n in g16.graph.node:
+        if n.op_type == "SelectiveScan":  # u, delta, B, C, z through a Cast to fp16; A and D fp32
+            casts = {c.output[0] for c in g16.graph.node if c.op_type == "Cast"}
+            assert [i in casts for i in n.input[:7]] == [True, True, False, True, True, False, True]
     cfg = model.cfg
     images = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "plugin_fp16io.onnx"
@@ -180,10 +198,10 @@ def test_fp16_linear_io_graph_and_its_twin(exported, tmp_path):
 
 def test_bad_inputs_fail_clearly():
     model, q = _calibrated(SMALL, "w8a8", n_images=4)
-    with pytest.raises(QDQError, match="no quantization recipe"):
-        export_qdq(model)
+    with pytest.raises(QDQError, match="needs a QuantizedModel"):
+        export_quantized(model, Target.PLUGIN)
     with pytest.raises(QDQError, match="unsupported opset 17"):
-        export_qdq(q, opset=17)
+        export_quantized(q, Target.PLUGIN, opset=17)
 
 
 @pytest.mark.slow
@@ -193,9 +211,57 @@ def test_vim_tiny_plugin_matches_fake_quant(preset):
     rounding flip is amplified block after block, so the full random 24-block stack is no test of
     the export (the per-node outputs still agree; see the closing note)."""
     model, q = _calibrated(build_model("vim_tiny", depth=4).cfg, preset, n_images=2)
-    plugin = apply_passes(export_qdq(q).model)
+    plugin = export_quantized(q, Target.PLUGIN, passes=FP32_IO_PASSES).model
     x = example_input(model, 1)
     out = onnxruntime_session(plugin).run(None, {"images": x.numpy()})[0]
     with torch.no_grad():
         fq = q(x).numpy()
     assert _rel(out, fq) < PLUGIN_RTOL
+
+
+# ------------------------------------------------------------------------------ every method exports
+TINY = VimConfig(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8, num_classes=10, name="tiny-export")
+BASELINES = [("ptq4vm", {}), ("minmax", {}), ("percentile", {}), ("qmamba", {"tau": 0.0}), ("qmamba", {"tau": 1.0})]
+
+
+def _tiny_method(method: str, params: dict):
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    r = get_preset("w4a4", method)
+    r = r.with_(calib=dict(steps=1, init_samples=8, batch_size=4), **({"method_params": params} if params else {}))
+    return model, calibrate(model, r, lambda m: m(images), progress=False)
+
+
+@pytest.mark.parametrize("method,params", BASELINES, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{x}" for k, x in v.items()))
+def test_baseline_exports_to_qdq_and_matches_fake_quant(method, params):
+    """Every baseline's W4A4 model is a QDQ graph that plain onnxruntime runs and that matches the
+    PyTorch fake-quant model: its quantizers are static, so the graph expresses all of it (QMamba's
+    Abar (LtSQ with tau 0, uniform with tau 1) and TGQ on h inside the lowered Scan loop)."""
+    model, q = _tiny_method(method, params)
+    qdq = export_quantized(q, Target.QDQ_ONNXRUNTIME).model
+    assert all(n.domain in ("", "ai.onnx") for n in qdq.graph.node)
+    ops = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Scan"} <= ops
+    if method == "qmamba":
+        ltsq = [c["quantizer"] == "ltsq" for c in q.method_info["abar_quantizers"]]
+        assert all(ltsq) if params["tau"] == 0.0 else not any(ltsq)
+        assert ("Log" in ops) == (params["tau"] == 0.0)  # the LtSQ grid is lowered with the loop
+    x = example_input(model, 3)
+    with torch.no_grad():
+        fq = q(x).numpy()
+        with qdq_twin(q):
+            twin = q(x).numpy()
+    np.testing.assert_array_equal(twin, fq)  # nothing of these methods is dropped by the QDQ graph
+    assert _rel(_plain_session(qdq).run(None, {"images": x.numpy()})[0], fq) < QDQ_RTOL
+
+
+@pytest.mark.parametrize("method", ["ptq4vm", "minmax", "percentile", "qmamba"])
+def test_baselines_are_refused_by_the_tensorrt_targets(method):
+    from ouro.recipes import TargetError, check_recipe_target
+
+    r = get_preset("w4a4", method)
+    for target in (Target.PLUGIN, Target.QDQ_TENSORRT):
+        with pytest.raises(TargetError, match=r"asymmetric .*Write the QDQ ONNX for onnxruntime \(\.qdq\.onnx\) instead"):
+            check_recipe_target(r, target)
+    check_recipe_target(r, Target.QDQ_ONNXRUNTIME)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from ouro.calib.models import VimConfig, build_model
 from ouro.exporter.cli import RunContext
-from ouro.exporter.pipeline import evaluate_fp, memory_compression, quantize, sqnr_db, write_report
+from ouro.calib.metrics import sqnr_db
+from ouro.exporter.pipeline import evaluate_fp, memory_compression, quantize, write_report
 from ouro.recipes import get_preset
 
 TINY = VimConfig(embed_dim=16, depth=2, img_size=16, patch_size=4, stride=4, num_classes=2, name="tiny-test")

@@ -22,12 +22,23 @@ from ouro.calib.quantizers import (
     quant_asym_ref,
     quant_sym_ref,
 )
-from ouro.recipes import CalibConfig
+from ouro.recipes import FP16, ActFormat, CalibConfig, OutlierDetection, OutlierFormat, WeightFormat
 
 BITS = st.sampled_from([2, 3, 4, 6, 8])
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FP16_MAX = 65504.0
 OUTLIER_ERR_SLACK = 1 + 1e-5  # |x - x_hat| <= S_O / 2 up to fp32 rounding of the scale
+
+
+def _act(L: int, bits: int, bits_out, n_refresh: int, policy, k: float = 3.0, detection: str = "dynamic", std_correction: int = 1,
+         **kw) -> OutlierActQuantizer:
+    """OutlierActQuantizer of the format (bits, outlier bits (16: fp16), n_refresh, policy, k, std correction)."""
+    if detection == "none":
+        fmt = ActFormat(bits)
+    else:
+        out = FP16 if bits_out == 16 else bits_out
+        fmt = ActFormat(bits, outliers=OutlierFormat(out, n_refresh, policy, k, std_correction, detection=OutlierDetection(detection)))
+    return OutlierActQuantizer(L, fmt, **kw)
 
 
 def _tensor(seed: int, shape, scale: float = 1.0) -> torch.Tensor:
@@ -157,8 +168,18 @@ def test_16_bits_pass_through_as_fp16(seed):
     x = _tensor(seed, (2, 5, 8), 3.0)
     assert torch.equal(fake_quant_sym(x, torch.tensor(0.1), 16), x.half().float())
     assert torch.equal(fake_quant_asym(x, torch.tensor(0.1), torch.tensor(3.0), 16), x.half().float())
-    q = OutlierActQuantizer(5, 16, 16, 10, "dynamic", 3.0)
-    assert torch.equal(q(x), x.half().float())
+    # above the _ref functions FP16 is a format, not a bit width: a recipe with fp16 activations
+    # installs no activation quantizer, and fp16 outliers are the ABI's 16
+    from ouro.calib.models import VimConfig, build_model
+    from ouro.calib.quant import quantize_model
+    from ouro.recipes import Recipe
+
+    q = _act(5, 4, 16, 10, "dynamic")
+    assert q.bits_outlier == 16 and q.format.outliers.bits is FP16
+    tiny = build_model(VimConfig(embed_dim=8, depth=1, img_size=8, patch_size=4, stride=4, num_classes=2))
+    qm = quantize_model(tiny, Recipe(name="a16", w_bits=4, a_bits="fp16", a_bits_outlier="fp16"))
+    ops = qm.module.layers[0].mixer.quant
+    assert len(ops.act) == 0 and len(ops.weight) == 6
 
 
 @pytest.mark.parametrize("bits_out", [8, 16])
@@ -179,13 +200,30 @@ def test_no_nan_or_inf(case, policy, bits_out):
     for s in (torch.full((1, L, 1), 0.1), torch.full((1, L, 1), 1e-8)):
         y = outlier_fake_quant(x, s, 4, bits_out, 5, policy, theta=torch.ones(L))
         assert torch.isfinite(y).all()
-    q = OutlierActQuantizer(L, 4, bits_out, 5, policy, 3.0)
+    q = _act(L, 4, bits_out, 5, policy, 3.0)
     q.mode = q.mode.OBSERVE
     q(x)
     q.init_from_stats(CalibConfig(grid_points=10))
     assert torch.isfinite(q.static_scale).all() and (q.static_scale > 0).all()
     q.mode = q.mode.QUANT
     assert torch.isfinite(q(x)).all()
+
+
+def test_std_correction_of_the_dynamic_threshold():
+    """theta = mean + k std over the channels, std with Bessel's correction (the recipes' default, as
+    torch.std in the official code) or without. |I| = [0, 0, 0, v]: mean v/4, population std
+    v sqrt(3)/4 = 0.433 v, Bessel std v/2. With k = 1.6 the spike is an outlier only without the
+    correction (theta 0.943 v vs 1.05 v)."""
+    x = torch.tensor([[[0.0, 0.0, 0.0, 2.0]]])
+    s = torch.tensor([0.01])  # max|I| / qmax > S_I: the token triggers
+    masks = [outlier_quant_ref(x, s, 4, 8, 1, "dynamic", k_sigma=1.6, std_correction=c).outlier_mask[0, 0, 3] for c in (0, 1)]
+    assert masks == [True, False]
+    q = _act(1, 4, 8, 1, "dynamic", 1.6)
+    assert q.std_correction == 1 and torch.equal(q.quantize(x), outlier_fake_quant(x, q.scale(), 4, 8, 1, k_sigma=1.6, std_correction=1))
+    one = outlier_quant_ref(torch.tensor([[[3.0]]]), s, 4, 8, 1, "dynamic", std_correction=1)  # C = 1: divisor max(0, 1)
+    assert torch.isfinite(one.x_hat).all()
+    with pytest.raises(ValueError, match="std_correction must be 0 or 1"):
+        outlier_quant_ref(x, s, 4, 8, 1, "dynamic", std_correction=2)
 
 
 def test_per_time_step_scale_is_per_token():
@@ -200,13 +238,13 @@ def test_outlier_act_quantizer_matches_reference_and_init():
     L, C = 12, 16
     x = _tensor(0, (8, L, C))
     x[:, :, 5] *= 20
-    q = OutlierActQuantizer(L, 4, 8, 4, "dynamic", 3.0)
+    q = _act(L, 4, 8, 4, "dynamic", 3.0)
     q.mode = q.mode.OBSERVE
     assert torch.equal(q(x), x)
     q.init_from_stats(CalibConfig())
     q.clear_observed()
     q.mode = q.mode.QUANT
-    ref = outlier_fake_quant(x, q.static_scale.detach(), 4, 8, 4, "dynamic")
+    ref = outlier_fake_quant(x, q.static_scale.detach(), 4, 8, 4, "dynamic", std_correction=1)
     assert torch.equal(q(x), ref)
     # init excluded the outlier channel: the inlier scale is far below the outlier magnitude / qmax
     assert float(q.static_scale.detach().max()) < float(x[:, :, 5].abs().max()) / 7
@@ -218,14 +256,14 @@ def test_outlier_act_quantizer_matches_reference_and_init():
 def test_dynamic_outlier_mask_accumulates_within_windows():
     x = torch.zeros(1, 6, 16)  # one spike among 16 channels has z = sqrt(15) > 3
     x[0, 1, 2] = 100.0  # detected at t=1
-    m = dynamic_outlier_mask(x + 0.01 * _tensor(1, (1, 6, 16)), 3.0, 3)
+    m = dynamic_outlier_mask(x + 0.01 * _tensor(1, (1, 6, 16)), 3.0, 3, std_correction=1)  # z = 15/4 with Bessel's
     assert m[0, 1, 2] and m[0, 2, 2]  # kept for the rest of window 0
     assert not m[0, 3, 2]  # window 1 starts empty
 
 
 def test_weight_quantizer_freeze_is_exact():
     w = _tensor(2, (6, 10))
-    q = ChannelWeightQuantizer((6, 10), 4)
+    q = ChannelWeightQuantizer((6, 10), WeightFormat(4))
     q.mode = q.mode.OBSERVE
     q(w)
     q.init_from_stats(CalibConfig())
@@ -247,7 +285,7 @@ def test_static_and_no_outlier_detection_ablation_modes():
     x[:, :, 7] *= 40
     qs = {}
     for det in ("static", "none"):
-        q = OutlierActQuantizer(L, 4, 8, 3, "dynamic", 3.0, detection=det, channels=C, static_fraction=0.1)
+        q = _act(L, 4, 8, 3, "dynamic", 3.0, detection=det, channels=C, static_fraction=0.1)
         q.mode = q.mode.OBSERVE
         q(x)
         q.init_from_stats(CalibConfig(grid_points=20))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ouro.calib.quantizers import ThresholdPolicy
 from ouro.recipes import (
+    FP16,
     EXCLUDED_MODULES,
     LINEAR_LAYERS,
     RECIPE_VERSION,
@@ -14,6 +14,7 @@ from ouro.recipes import (
     OuroMambaParams,
     Recipe,
     RecipeError,
+    ThresholdPolicy,
     get_preset,
     list_presets,
     resolve_recipe,
@@ -21,9 +22,9 @@ from ouro.recipes import (
 
 ISSUE_PRESETS = {  # issue 4: name -> (w_bits, a_bits, a_bits_outlier)
     "w4a4": (4, 4, 8),
-    "w4a8": (4, 8, 16),
+    "w4a8": (4, 8, FP16),
     "w6a6": (6, 6, 8),
-    "w8a8": (8, 8, 16),
+    "w8a8": (8, 8, FP16),
 }
 
 
@@ -56,6 +57,11 @@ def test_qmamba_w6a4_overlay():
     [
         (dict(w_bits=1), "w_bits must be an integer in"),
         (dict(a_bits=17), "a_bits must be an integer in"),
+        (dict(a_bits_outlier=16), 'a_bits_outlier = 16 is not a bit width here: write "fp16"'),
+        (dict(w_bits="int4"), "w_bits must be an integer in"),
+        (dict(a_bits="fp16", a_bits_outlier=8), "a_bits_outlier .8. must be fp16 when a_bits is fp16"),
+        (dict(k_sigma=0.0), "k_sigma must be > 0"),
+        (dict(std_correction=2), "std_correction must be 0 or 1"),
         (dict(a_bits=8, a_bits_outlier=4), "a_bits_outlier .4. must be >= a_bits .8."),
         (dict(n_refresh=0), "n_refresh must be"),
         (dict(linear_layers=("in_proj", "conv1d")), "linear_layers has unknown entries .'conv1d'."),
@@ -75,6 +81,8 @@ def test_validation_names_the_key(bad, match):
 
 def test_typed_defaults_and_with():
     r = Recipe(name="x")
+    assert r.std_correction == 1 and r.formats.linear_act.outliers.std_correction == 1  # Bessel's by default
+    assert r.with_(std_correction=0).formats.ssm_format("delta").outliers.std_correction == 0  # the named option
     assert isinstance(r.calib, CalibConfig) and isinstance(r.method_params, OuroMambaParams)
     r2 = r.with_(threshold_policy="calibrated", calib={"steps": 3})
     assert r2.threshold_policy is ThresholdPolicy.CALIBRATED and r2.calib.steps == 3 and r.calib.steps == 10

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ouro.recipes import CalibConfig
+from ouro.recipes import ActFormat, CalibConfig, WeightFormat
 
 from ..quant.base import Quantizer
+from ..quant.qdq import asym_act_qdq, weight_dq
 from ..quantizers import fake_quant_asym, fake_quant_sym, qmax
 
 __all__ = [
@@ -75,17 +76,22 @@ def asym_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 class TensorAsymQuant(Quantizer):
     """One asymmetric (scale, zero) for the whole tensor: s * (clamp(round(x/s) + z, 0, 2**b-1) - z).
 
+    format: an asymmetric per-tensor ActFormat (an activation: exported as Q/DQ) or WeightFormat (a
+    constant: exported as DequantizeLinear of its uint8 codes).
     init "minmax": [min, max] of the observed tensor; "percentile": [q_p, q_(1-p)] quantiles.
     The zero point is a fixed integer. The scale is learnable unless learnable=False; with
     relative=True the optimizer learns a multiplier `scale_mult` (init 1) of the initial scale, so
     one learning rate means the same relative step for scales of very different magnitudes;
     `freeze` folds it into `scale`."""
 
-    def __init__(self, bits: int, init: str = "minmax", p: float = 0.01, group: str = "act", learnable: bool = True, relative: bool = False) -> None:
-        super().__init__()
+    def __init__(self, fmt: ActFormat | WeightFormat, init: str = "minmax", p: float = 0.01, group: str = "act",
+                 learnable: bool = True, relative: bool = False) -> None:
+        super().__init__(fmt)
         if init not in ("minmax", "percentile"):
             raise ValueError(f"init must be 'minmax' or 'percentile', got {init!r}")
-        self.bits, self.init, self.p, self.group = bits, init, p, group
+        if fmt.symmetric or fmt.granularity.value != "tensor":
+            raise ValueError(f"TensorAsymQuant takes an asymmetric per-tensor format, got {fmt}")
+        self.bits, self.init, self.p, self.group = fmt.bits, init, p, group
         self.scale = nn.Parameter(torch.ones(()), requires_grad=learnable and not relative)
         self.scale_mult = nn.Parameter(torch.ones(()), requires_grad=learnable and relative)
         self.register_buffer("zero", torch.zeros(()))
@@ -118,6 +124,12 @@ class TensorAsymQuant(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         return fake_quant_asym(x, self.scale * self.scale_mult, self.zero, self.bits)
 
+    def export(self, x: Tensor) -> Tensor:
+        s = (self.scale * self.scale_mult).detach()
+        if isinstance(self.format, WeightFormat):
+            return weight_dq(x, self.format, self.node_name, s, self.zero)
+        return asym_act_qdq(x, s, self.zero, self.node_name, self.format)
+
 
 def fold_scale_mult_(scale: nn.Parameter, mult: nn.Parameter) -> None:
     """scale <- scale * mult, mult <- 1 (after tuning: the QuantState then holds the final scale)."""
@@ -131,9 +143,11 @@ class ChannelSymWeightQuant(Quantizer):
 
     group = "weight"
 
-    def __init__(self, bits: int, out_features: int, learnable: bool = True) -> None:
-        super().__init__()
-        self.bits = bits
+    def __init__(self, fmt: WeightFormat, out_features: int, learnable: bool = True) -> None:
+        super().__init__(fmt)
+        if not fmt.symmetric or fmt.granularity.value != "channel":
+            raise ValueError(f"ChannelSymWeightQuant takes a symmetric per-channel WeightFormat, got {fmt}")
+        self.bits = fmt.bits
         self.scale = nn.Parameter(torch.ones(out_features, 1), requires_grad=learnable)
 
     def observe(self, x: Tensor) -> None:
@@ -151,3 +165,6 @@ class ChannelSymWeightQuant(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         return fake_quant_sym(x, self.scale, self.bits)
+
+    def export(self, w: Tensor) -> Tensor:
+        return weight_dq(w, self.format, self.node_name, self.scale)
