@@ -29,8 +29,8 @@ from ouro.calib.quantizers import outlier_fake_quant, outlier_quant_ref
 from ouro.recipes import get_preset
 
 
-def _ref_fake_quant(x, s, bi, bo, n, policy, *, k_sigma, theta, return_mask):
-    r = outlier_quant_ref(x, s, bi, bo, n, policy, k_sigma=k_sigma, theta=theta)
+def _ref_fake_quant(x, s, bi, bo, n, policy, *, k_sigma, theta, std_correction, return_mask):
+    r = outlier_quant_ref(x, s, bi, bo, n, policy, k_sigma=k_sigma, theta=theta, std_correction=std_correction)
     return (r.x_hat, r.outlier_mask) if return_mask else r.x_hat
 
 
