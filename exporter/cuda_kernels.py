@@ -39,6 +39,7 @@ __all__ = [
     "ActQuant",
     "OutlierLinearResult",
     "library_path",
+    "open_library",
     "load_library",
     "available",
     "last_gemm_path",
@@ -277,12 +278,10 @@ def library_path() -> Path:
     return library_candidate("ouro_kernels")
 
 
-def load_library() -> ctypes.CDLL:
-    """Load (once) and self-check the kernel library; raise KernelUnavailable with a fix if that fails."""
-    global _LIB
-    if _LIB is not None:
-        return _LIB
-    path = library_path()
+def open_library(path: Path | str) -> ctypes.CDLL:
+    """Load a kernel library from `path` (the CUDA build, or the CPU-emulator build of the same sources, whose
+    launch plans are the same host code) with the binding's prototypes and ABI self-check; not cached."""
+    path = Path(path)
     if not path.is_file():
         raise KernelUnavailable(f"ouro CUDA kernel library not found at {path}; {BUILD_HINT}")
     try:
@@ -302,8 +301,15 @@ def load_library() -> ctypes.CDLL:
                 f"ABI mismatch: {struct.__name__} is {ctypes.sizeof(struct)} bytes here but {native} bytes in {path}; "
                 f"rebuild the library from this checkout ({BUILD_HINT})"
             )
-    _LIB = lib
     return lib
+
+
+def load_library() -> ctypes.CDLL:
+    """Load (once) and self-check the kernel library; raise KernelUnavailable with a fix if that fails."""
+    global _LIB
+    if _LIB is None:
+        _LIB = open_library(library_path())
+    return _LIB
 
 
 def available() -> bool:

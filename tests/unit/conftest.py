@@ -34,7 +34,6 @@ def kernel_emu_lib(tmp_path_factory):
     """libouro_kernels' own sources compiled with g++ under the CPU emulator (tests/unit/kernel_emu): the kernels
     run on the CPU, the host code (dispatch, workspace, launch plans) is the library's. A ctypes.CDLL with the
     binding's prototypes. Skips without g++."""
-    import ctypes
     import shutil
     import subprocess
     from pathlib import Path
@@ -54,9 +53,6 @@ def kernel_emu_lib(tmp_path_factory):
            "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
-    lib = ctypes.CDLL(str(out))
-    for name, (restype, argtypes) in ck._PROTOTYPES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
+    lib = ck.open_library(out)
     lib.path = out
     return lib
