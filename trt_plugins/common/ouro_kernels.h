@@ -31,7 +31,7 @@ typedef enum
     OURO_ERR_UNSUPPORTED_SHAPE = 3, // e.g. K not a multiple of the required granularity
     OURO_ERR_OUTLIER_CAPACITY = 4,  // more outlier channels in a window than max_outliers
     OURO_ERR_WORKSPACE = 5,         // workspace smaller than ouro*WorkspaceSize()
-    OURO_ERR_CUDA = 6,              // a CUDA launch/runtime error (see cudaGetLastError)
+    OURO_ERR_CUDA = 6,              // a CUDA launch/runtime error (read with cudaPeekAtLastError after launches)
     OURO_ERR_UNSUPPORTED_ARCH = 7,
     OURO_ERR_NOT_IMPLEMENTED = 8    // (v1.3) a requested path that this library does not implement
 } ouroStatus_t;
@@ -45,8 +45,8 @@ typedef enum
 typedef enum
 {
     OURO_PATH_NONE = 0,
-    OURO_PATH_SM80_S4_TENSORCORE = 1, // native INT4 MMA (sm_80 / sm_86)
-    OURO_PATH_S8_TENSORCORE = 2,      // 4-bit values held in int8, INT8 MMA (sm_89 / sm_90, and all INT8)
+    OURO_PATH_SM80_S4_TENSORCORE = 1, // native INT4 MMA (sm_80 / sm_86 / sm_89)
+    OURO_PATH_S8_TENSORCORE = 2,      // INT8 MMA (sm_90 with 4-bit weights unpacked in registers, and all INT8)
     OURO_PATH_SIMT_FALLBACK = 3,      // plain CUDA cores (any arch; used for tiny or odd shapes)
     OURO_PATH_SM90_WGMMA = 4          // (v1.3) reserved: Hopper wgmma; NOT implemented, requests return
                                       // OURO_ERR_NOT_IMPLEMENTED (sm_90 runs OURO_PATH_S8_TENSORCORE, mma.sync)
@@ -172,15 +172,10 @@ OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOutlierLinearP
 // ---------------------------------------------------------------------------------------------
 // Additions (v1.2, additive): the fused epilogue
 // ---------------------------------------------------------------------------------------------
-// OURO_EPILOGUE_FUSED: the inlier dequantization acc * S_I(t) * s_w[n] (+ bias) runs in the CUTLASS GEMM's
-// epilogue (an epilogue visitor tree), which writes fp16 y directly; the outlier GEMM then adds
-// float(acc_out) * S_O[m] * s_w[n] to y in the same kernel, only for windows that have outliers. No int32
-// M x N buffer goes through memory. y differs from the reference by the extra fp16 rounding of the inlier
-// term (within the fp16 tolerance of the tests); the integer codes and accumulators are unchanged.
-// Needs a tensor-core path, fp16 x and y, N % 8 == 0, 16-byte aligned w_scale and bias.
-// OURO_EPILOGUE_SEPARATE: the five-kernel pipeline whose y equals the reference's fp32 expression
-// rounded once; the only epilogue that can write the debug accumulators.
-// OURO_EPILOGUE_AUTO (what ouroOutlierLinear uses): fused when possible and no debug accumulator is requested.
+// OURO_EPILOGUE_FUSED: the outlier term and the dequantization inside one tensor-core GEMM that writes y once
+// (the design changed in v1.3; see the v1.3 section below). OURO_EPILOGUE_SEPARATE: the five-kernel pipeline whose
+// y equals the reference's fp32 expression rounded once. OURO_EPILOGUE_AUTO (what ouroOutlierLinear uses): fused
+// whenever the shape allows. Since v1.3 both epilogues write the debug outputs and run fp16 and fp32 x.
 typedef enum
 {
     OURO_EPILOGUE_AUTO = 0,
@@ -188,10 +183,10 @@ typedef enum
     OURO_EPILOGUE_SEPARATE = 2
 } ouroEpilogue_t;
 
-// The general entry point: forced path and epilogue (AUTO for either = automatic), the path and epilogue
-// that ran (outputs may be NULL), and per-step timings when step_ms (float[5]) is non-NULL, in which case
-// the call synchronises and returns OURO_ERR_OUTLIER_CAPACITY itself. Forcing FUSED where it cannot run
-// returns OURO_ERR_UNSUPPORTED_SHAPE (or OURO_ERR_INVALID_ARGUMENT with debug accumulators requested).
+// Forced path and epilogue (AUTO for either = automatic), the path and epilogue that ran (outputs may be NULL),
+// and per-step timings when step_ms (float[5]) is non-NULL, in which case the call synchronises and returns
+// OURO_ERR_OUTLIER_CAPACITY itself. Forcing FUSED where it cannot run returns OURO_ERR_UNSUPPORTED_SHAPE.
+// ouroOutlierLinearRun (v1.3) is the general entry point (adds tactics and the overflow report).
 OURO_API ouroStatus_t ouroOutlierLinearEx(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested_path,
                                           ouroEpilogue_t requested_epilogue, cudaStream_t stream,
                                           ouroGemmPath_t* path_out, ouroEpilogue_t* epilogue_out, float* step_ms);
