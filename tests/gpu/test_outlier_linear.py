@@ -33,7 +33,7 @@ def _assert_matches(c: LinearCase, res: ck.OutlierLinearResult, ref=None):
     assert torch.equal(res.acc_inlier.long(), ref.acc_in), "inlier accumulators differ"
     y = res.y
     clean = ~ref.outlier_mask.any(-1)  # (B, L) rows without outliers
-    assert clean.any() and not clean.all(), "the case must have rows with and without outliers"
+    assert clean.any(), "the case must have rows without outliers"
     assert torch.equal(y[clean], ref.y.to(y.dtype)[clean]), "rows without outliers differ from the reference"
     if c.bits_outlier < 16:
         assert torch.equal(res.acc_outlier.long(), ref.acc_out), "outlier accumulators differ"
@@ -68,7 +68,7 @@ def test_vim_shapes_w4a4(B, K, N):
     res = _run(c)
     assert res.epilogue == "fused" and res.tactic in ck.tactic_names()
     ref = _assert_matches(c, res)
-    assert ref.outlier_rate > 0
+    assert ref.outlier_rate > 0 and ref.outlier_mask.any(-1).any()
     expected = "sm80_s4_tensorcore" if _s4_device() else "s8_tensorcore"
     assert res.path == expected == ck.last_gemm_path()
 

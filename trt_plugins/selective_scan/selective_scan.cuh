@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kPrepMaxThreads) operand_stats_kernel(StatsArg
 
 // ------------------------------------------------------------------ kernel 1: the scan
 template <typename XT>
-struct ChunkSmem
+struct alignas(16) ChunkSmem // 16-byte aligned: cp.async targets
 {
     XT u[2][kChunk][kChannels];
     XT delta[2][kChunk][kChannels];

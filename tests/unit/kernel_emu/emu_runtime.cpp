@@ -234,6 +234,14 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes)
         std::fprintf(stderr, "emu: cp.async src-size %d outside [0, %d]\n", src_bytes, bytes);
         std::abort();
     }
+    // PTX: both addresses aligned to the copy size (a GPU raises a misaligned-address error otherwise)
+    const auto misaligned = [bytes](const void* p) { return reinterpret_cast<uintptr_t>(p) % bytes != 0; };
+    if (misaligned(dst) || (src_bytes > 0 && misaligned(src)))
+    {
+        std::fprintf(stderr, "emu: cp.async of %d bytes with a misaligned address (dst %p, src %p)\n", bytes, dst,
+                     src);
+        std::abort();
+    }
     g_pending[tid()].open.push_back(Copy{dst, src, bytes, src_bytes});
 }
 
