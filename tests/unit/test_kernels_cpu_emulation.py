@@ -476,3 +476,18 @@ def test_scan_quantized_operands_and_tgq(emu, cc, reverse, corr):
                              h_quant=hq)
     got = _scan(emu, u, delta, A, Bm, Cm, Dskip, z, reverse=reverse, qs=qs, hq=hq)
     torch.testing.assert_close(got, ref, rtol=SCAN_RTOL, atol=SCAN_RTOL)
+
+
+def test_scan_operands_with_their_own_windows(emu, cc):
+    """Each quantized operand keeps its own n_refresh (window grid), as ouroActQuant_t allows."""
+    B, L, D, S = 1, 23, 32, 16
+    u, _, A, _, _, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S)
+    delta = case(B, L, D, 1, seed=4, n_refresh=7, dtype=torch.float32).x * 0.5
+    Bm = case(B, L, S, 1, seed=5, outlier_frac=0.13, n_refresh=3, dtype=torch.float32).x
+    sd, sb = ((3.0 * x.std(dim=(0, 2)) / 7).contiguous() for x in (delta, Bm))
+    qs = (ck._ActQuantC(bits=4, bits_outlier=8, n_refresh=7, policy=0, k_sigma=4.0, scale=sd.data_ptr()),
+          ck._ActQuantC(bits=4, bits_outlier=16, n_refresh=3, policy=0, k_sigma=3.0, scale=sb.data_ptr()), None)
+    ref = selective_scan_ref(u, outlier_fake_quant(delta, sd, 4, 8, 7, k_sigma=4.0), A,
+                             outlier_fake_quant(Bm, sb, 4, 16, 3, k_sigma=3.0), Bm, Dskip, z)
+    got = _scan(emu, u, delta, A, Bm, Bm, Dskip, z, reverse=False, qs=qs)
+    torch.testing.assert_close(got, ref, rtol=SCAN_RTOL, atol=SCAN_RTOL)

@@ -178,7 +178,6 @@ extern "C" OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams
     a.h_group = p->h_group;
     a.h_scale = p->h_scale;
     a.h_zero = p->h_zero;
-    a.W = 1;
 
     // Kernel 0 for each quantized operand: join positions and S_O (windows by original token position).
     WsCarver ws(p->workspace);
@@ -190,15 +189,12 @@ extern "C" OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams
         scan::OperandQuant& out;
     };
     const Slot slots[] = {{p->delta_q, p->delta, p->D, a.dq}, {p->b_q, p->Bm, p->S, a.bq}, {p->c_q, p->Cm, p->S, a.cq}};
-    int n_refresh = 0;
     for (const Slot& s : slots)
     {
-        s.out = scan::OperandQuant{s.q, nullptr, nullptr};
+        s.out = scan::OperandQuant{s.q, nullptr, nullptr, 1};
         if (!s.q.bits)
             continue;
-        if (n_refresh && n_refresh != s.q.n_refresh)
-            return OURO_ERR_INVALID_ARGUMENT; // one window grid per scan (the plugin has one n_refresh)
-        n_refresh = s.q.n_refresh;
+        s.out.W = ceil_div(p->L, s.q.n_refresh);
         scan::StatsArgs sa{};
         sa.L = p->L;
         sa.C = s.C;
@@ -213,7 +209,6 @@ extern "C" OURO_API ouroStatus_t ouroSelectiveScan(const ouroSelectiveScanParams
         s.out.first = sa.first;
         s.out.s_out = sa.s_out;
     }
-    a.W = n_refresh ? ceil_div(p->L, n_refresh) : 1;
     const bool tgq = p->h_bits != 0;
     a.async_rows = scan_async_ok(p) ? 1 : 0;
     return f32 ? launch_scan<float>(a, tgq, stream) : launch_scan<__half>(a, tgq, stream);

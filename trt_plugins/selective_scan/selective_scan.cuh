@@ -42,11 +42,12 @@ struct OperandQuant
     ouroActQuant_t q;
     const uint16_t* first; // [BW, C] join position of channel c in window bw (kNever: never)
     const float* s_out;    // [B * L] dynamic outlier scale of each row
+    int W;                 // windows per image, ceil(L / q.n_refresh)
 };
 
 struct ScanArgs
 {
-    int B, L, D, S, W, reverse, softplus;
+    int B, L, D, S, reverse, softplus;
     const void* u;
     const void* delta;
     const float* A;
@@ -74,13 +75,12 @@ __device__ __forceinline__ float tgq_fake_quant(float h, float scale, float zero
 }
 
 // Fake-quantized value of operand element (row m = b*L + t, channel c) (identity when not quantized).
-__device__ __forceinline__ float operand_value(const OperandQuant& oq, float x, int b, int t, int c, int C, int L,
-                                               int W)
+__device__ __forceinline__ float operand_value(const OperandQuant& oq, float x, int b, int t, int c, int C, int L)
 {
     if (oq.q.bits == 0)
         return x;
     const int n = oq.q.n_refresh;
-    const int bw = b * W + t / n;
+    const int bw = b * oq.W + t / n;
     const bool outlier = oq.first[static_cast<size_t>(bw) * C + c] <= t % n;
     const float qi = static_cast<float>(qmax_of(oq.q.bits));
     return fake_quant_value(x, outlier, oq.q.scale[t], qi, oq.s_out[static_cast<size_t>(b) * L + t], oq.q.bits_outlier);
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_kernel(ScanArgs p)
             {
                 const int i = i0 + j;
                 const int t = p.reverse ? L - 1 - i : i;
-                dt = operand_value(p.dq, to_f(sm.delta[buf][j][c]), b, t, d0 + c, D, L, p.W);
+                dt = operand_value(p.dq, to_f(sm.delta[buf][j][c]), b, t, d0 + c, D, L);
                 if (p.softplus)
                     dt = dt > 20.f ? dt : log1pf(expf(dt));
             }
@@ -254,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_kernel(ScanArgs p)
             {
                 const int i = i0 + j;
                 const int t = p.reverse ? L - 1 - i : i;
-                bv = operand_value(p.bq, to_f(sm.b[buf][j][s]), b, t, s, S, L, p.W);
-                cv = operand_value(p.cq, to_f(sm.c[buf][j][s]), b, t, s, S, L, p.W);
+                bv = operand_value(p.bq, to_f(sm.b[buf][j][s]), b, t, s, S, L);
+                cv = operand_value(p.cq, to_f(sm.c[buf][j][s]), b, t, s, S, L);
             }
             sm.bq[j][s] = bv;
             sm.cq[j][s] = cv;
