@@ -83,6 +83,9 @@ def _outlier_linear(nodes: dict[str, gs.Node], key: str, qa, qw, module) -> gs.N
     div, mm, add = _node(nodes, f"{key}/act_div"), _node(nodes, f"{key}/matmul"), _node(nodes, f"{key}/bias")
     codes = _np(qw.codes).astype(np.int8)
     N, K = codes.shape
+    if qw.format.bits == 4 and K % 2:
+        raise PluginError(f"{key}: a 4-bit OutlierLinear packs two weights per byte and needs an even in_features, got {K}; "
+                          "quantize this linear's weights to 8 bits or write the QDQ ONNX (.qdq.onnx)")
     L = qa.seq_len
     bias = _np(module.bias).astype(np.float32) if module.bias is not None else np.zeros(N, np.float32)
     weight = pack_int4_bytes(codes) if qw.format.bits == 4 else codes
