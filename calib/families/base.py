@@ -37,7 +37,8 @@ What a family answers (each method's docstring below has the details):
   Gen (OuroMamba-Gen)
     gen_layout(point, scan)        the 2-D patch grid of a scan's tokens (`GenLayout`), for the
                                    Delta-weighted p x p neighbourhood of the enhanced implicit attention
-    gen_forward(model, x, hook)    logits, running `hook(point, records)` after each hook point's scans
+    gen_forward(model, x, hook)    logits, running `hook(point)` after each hook point's forward
+    gen_losses(model, x, t, cfg)   OuroMamba-Gen's (L^C, L^O, logits); default from the two above
 
 Everything a hook point's `.ops` receives goes through `ops.linear(name, module, x)` and
 `ops.scan(direction, inputs)` (`ouro.calib.scan.ScanInputs`); `override_ops(model, make)` swaps
@@ -264,6 +265,15 @@ class ModelFamily:
     # -- Gen -----------------------------------------------------------------------------------
     def gen_layout(self, model: nn.Module, point: HookPoint, scan: ScanSite) -> GenLayout:
         raise NotImplementedError(f"{self.label}: OuroMamba-Gen does not know this family's patch grid")
+
+    def gen_losses(self, model: nn.Module, x: Tensor, targets: Tensor, cfg) -> tuple[Tensor, Tensor, Tensor]:
+        """OuroMamba-Gen's per-image (L^C, L^O) and the logits (cfg: ouro.calib.gen.GenConfig). Default:
+        the per-direction definition on the patch grid from `gen_layout` / `gen_forward`
+        (ouro.calib.gen.grid, whose docstring defines it); a family may override it with a faster
+        form of the same numbers (Vim: block-checkpointed)."""
+        from ..gen.grid import family_gen_losses
+
+        return family_gen_losses(model, x, targets, cfg)
 
     def gen_forward(self, model: nn.Module, x: Tensor, after_point: Callable[[HookPoint], Any]) -> Tensor:
         """The model's logits on x, with `after_point(point)` called right after each hook point's

@@ -279,4 +279,11 @@ class VimFamily(ModelFamily):
         return GenLayout((c.grid, c.grid), pos)
 
 
+    def gen_losses(self, model: VisionMamba, x: Tensor, targets: Tensor, cfg):
+        """The block-checkpointed form (ouro.calib.gen.generate.gen_losses); equal to the generic one."""
+        from ..gen.generate import gen_losses
+
+        return gen_losses(model, x, targets, cfg)
+
+
 VIM = register_family(VimFamily())

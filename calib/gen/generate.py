@@ -25,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .attention import contrastive_loss, effective_topk, implicit_attention, neighbourhood_weights, patch_token_index
-from ..data import DEMO_CONFIG
+from ..families.base import all_families, family_of
 from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from .config import CHECKPOINT_AUTO_BYTES, GenConfig
+from .grid import min_patches
 from .instrument import ScanRecord, hook_mixer
 
 __all__ = [
@@ -72,7 +73,7 @@ def _demo_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
 def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel of the model's input transform: the config's if given; else
     `ouro.calib.data.input_normalization(model)` if the data module has it; else the digits
-    transform for the embedded demo model; else ImageNet's for 3-channel models."""
+    transform for an embedded demo model (of any family); else ImageNet's for 3-channel models."""
     cfg = config or GenConfig()
     C = model.cfg.in_chans
     if cfg.mean is not None:
@@ -82,7 +83,7 @@ def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tu
 
         if hasattr(data, "input_normalization"):
             mean, std = (tuple(float(v) for v in t) for t in data.input_normalization(model))
-        elif model.cfg.name == DEMO_CONFIG.name:
+        elif any(f.demo is not None and model.cfg.name == f.demo.config.name for f in all_families()):
             mean, std = _demo_normalization()
         elif C == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -168,11 +169,10 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
     cfg = config or GenConfig()
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
-    mcfg = getattr(model, "cfg", None)
-    if mcfg is None or not hasattr(model, "layers"):
-        raise TypeError(f"OuroMamba-Gen needs a Vim model (ouro.calib.models.vim.VisionMamba), got {type(model).__name__}")
-    if cfg.w_contrastive > 0 and mcfg.num_patches < 4:
-        raise ValueError(f"L^C needs at least 4 patches (positives and negatives), the model has {mcfg.num_patches}")
+    fam = family_of(model)  # TypeError for a model of no registered family
+    mcfg = model.cfg
+    if cfg.w_contrastive > 0 and min_patches(model) < 4:
+        raise ValueError(f"L^C needs at least 4 patches (positives and negatives), the model has {min_patches(model)} in a scan")
     mean, std = input_normalization(model, cfg)
     param = next(model.parameters())
     dev = param.device
@@ -200,7 +200,7 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
             opt = torch.optim.Adam([x], lr=cfg.lr)
             for it in range(cfg.iterations):
                 opt.zero_grad(set_to_none=True)
-                lc, lo, _ = gen_losses(model, x, tb, cfg)
+                lc, lo, _ = fam.gen_losses(model, x, tb, cfg)
                 loss = (cfg.w_contrastive * lc + cfg.w_output * lo).mean()
                 loss.backward()
                 opt.step()

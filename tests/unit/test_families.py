@@ -253,3 +253,56 @@ def test_plugin_refuses_odd_int4_rows():
     q = _calibrated(model, "w4a4", "ouromamba", steps=0)
     with pytest.raises(PluginError, match="dt_proj_0: a 4-bit OutlierLinear .* even in_features, got 1"):
         export_quantized(q, Target.PLUGIN)
+
+
+# ------------------------------------------------------------------------------ OuroMamba-Gen
+GEN_RTOL = 1e-5
+"""The generic per-direction L^C vs Vim's own implementation (same arithmetic, other call order)."""
+
+
+def test_generic_gen_losses_reduce_to_vims_definition(one_thread):
+    """On a Vim (one layout with the CLS in the middle, fwd + reversed bwd) the per-direction grid form
+    (ouro.calib.gen.grid) gives Vim's L^C, L^O and logits."""
+    from ouro.calib.gen import GenConfig
+    from ouro.calib.gen.generate import gen_losses
+    from ouro.calib.gen.grid import family_gen_losses
+
+    model = build_model(VIM).eval()
+    x, t = _images(VIM, 2), torch.tensor([1, 3])
+    cfg = GenConfig(mean=(0.5,) * 3, std=(0.25,) * 3, checkpoint=False)
+    with torch.no_grad():
+        ours, ref = family_gen_losses(model, x, t, cfg), gen_losses(model, x, t, cfg)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=GEN_RTOL, atol=GEN_RTOL)
+
+
+def test_vmamba_gen_layouts_follow_each_direction():
+    """Row directions index the grid row-major, column directions column-major; the column map puts a
+    column direction's attention columns back in row-major order."""
+    from ouro.calib.gen.grid import _column_map
+
+    model = _model(TINY)
+    fam = get_family("vmamba")
+    point = fam.hook_points(model)[0]
+    lays = {s.direction: fam.gen_layout(model, point, s) for s in point.scans}
+    g = TINY.grids[0]
+    grid_idx = torch.arange(g * g).view(g, g)
+    assert torch.equal(lays["row_fwd"].positions, grid_idx.flatten())
+    assert torch.equal(lays["col_bwd"].positions, grid_idx.t().flatten())
+    cm = _column_map(lays["row_fwd"], lays["col_fwd"])  # row-major token i sits at column-major position cm[i]
+    assert torch.equal(lays["col_fwd"].positions[cm], torch.arange(g * g))
+
+
+def test_gen_on_vmamba(one_thread):
+    """`generate` runs on a VMamba: L^C over the four directions of every block, images move and stay in range."""
+    from ouro.calib.gen import GenConfig
+    from ouro.calib.gen.generate import generate
+
+    model = _model(TINY)
+    cfg = GenConfig(iterations=3, batch_size=2, lr=0.1, mean=(0.5,) * 3, std=(0.25,) * 3)
+    res = generate(model, 2, 0, cfg, progress=False)
+    noise = generate(model, 2, 0, cfg.replace(iterations=0), progress=False)
+    assert res.images.shape == (2, 3, TINY.img_size, TINY.img_size) and torch.isfinite(res.images).all()
+    assert len(res.history) == 3 and all(h["LC"] > 0 for h in res.history)
+    assert not torch.equal(res.images, noise.images)
+    assert res.images.min() >= (0 - 0.5) / 0.25 and res.images.max() <= (1 - 0.5) / 0.25
