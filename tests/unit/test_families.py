@@ -306,3 +306,19 @@ def test_gen_on_vmamba(one_thread):
     assert len(res.history) == 3 and all(h["LC"] > 0 for h in res.history)
     assert not torch.equal(res.images, noise.images)
     assert res.images.min() >= (0 - 0.5) / 0.25 and res.images.max() <= (1 - 0.5) / 0.25
+
+
+def test_kernel_benchmark_has_vmamba_shapes():
+    """tools/bench_gemm.py's shape table: VMamba-T/S/B linears per stage, from the released configs."""
+    import importlib.util
+    import sys
+
+    if "bench_gemm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_gemm", REPO / "tools" / "bench_gemm.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_gemm"] = mod
+        spec.loader.exec_module(mod)
+    shapes = sys.modules["bench_gemm"].SHAPES
+    assert shapes["vmamba_t"][:3] == [("s1.in_proj", 3136, 96, 96), ("s1.out_proj", 3136, 96, 96), ("s1.fc1", 3136, 96, 384)]
+    assert shapes["vmamba_b"][-4:-2] == [("s4.in_proj", 49, 1024, 2048), ("s4.out_proj", 49, 2048, 1024)]  # ssm_ratio 2
+    assert {L for _, L, _, _ in shapes["vmamba_s"]} == {3136, 784, 196, 49}
