@@ -34,6 +34,9 @@ Decisions (each is what the kernels must implement too):
   SelectiveScan plugin contract takes Delta with the bias included.
 * Outlier detection "static" (fixed offline list) and "none" exist for the seed Table 5 ablation
   (`tools/ablate_outliers.py`) only; the exporters refuse them.
+* VMamba (the paper quantizes it without naming its extra layers): conv2d, the out norm and every
+  LayerNorm stay FP, fc1 / fc2 are quantized like the mixer linears, each scan direction has its own
+  S_I(t) / theta tables in its own token order, the same for every method (ouro.calib.baselines).
 """
 from __future__ import annotations
 
