@@ -25,7 +25,7 @@ from ouro.recipes.formats import SCAN_QUANT_OPERANDS, linear_onnx_attrs, scan_on
 
 from .onnx_export import DOMAIN, PLUGIN_ATTRS, SCAN_OP
 
-__all__ = ["OUTLIER_LINEAR_OP", "PluginError", "emit_plugin_nodes", "pack_int4_bytes"]
+__all__ = ["OUTLIER_LINEAR_OP", "PluginError", "emit_plugin_nodes", "pack_int4_bytes", "ungated_scans", "refuse_ungated_scans"]
 
 OUTLIER_LINEAR_OP = "OutlierLinear"
 
@@ -120,3 +120,23 @@ def _quantize_scan(nodes: dict[str, gs.Node], node: gs.Node, quantizers: dict) -
     tables += [_f32(f"{node.name}.h_scale", []), _f32(f"{node.name}.h_zero", [])]
     node.inputs.extend(tables)
     node.attrs.update(scan_onnx_attrs({op: q.format for op, q in quantizers.items()}))
+
+
+def ungated_scans(model) -> list[str]:
+    """Names of the `ouro::SelectiveScan` nodes of an onnx.ModelProto without a gate z (6 inputs, or an
+    empty z initializer): VMamba's scans, whose gate (if any) acts after the out norm."""
+    empty = {t.name for t in model.graph.initializer if 0 in tuple(t.dims)}
+    return [n.name for n in model.graph.node if n.op_type == SCAN_OP and n.domain == DOMAIN
+            and (len(n.input) < 7 or not n.input[6] or n.input[6] in empty)]
+
+
+def refuse_ungated_scans(model, what: str) -> None:
+    """The TensorRT SelectiveScan plugin takes z as (B, L, D) (trt_plugins/selective_scan/README.md):
+    a graph with ungated scans cannot be built into an engine yet."""
+    names = ungated_scans(model)
+    if names:
+        raise NotImplementedError(
+            f"{what}: {len(names)} SelectiveScan nodes have no gate z (e.g. {names[0]}; VMamba's scans), which the "
+            "TensorRT SelectiveScan plugin does not take yet (it needs z as (B, L, D)); run the .onnx with "
+            "onnxruntime (ouro.exporter.onnxruntime_session) or write the .qdq.onnx"
+        )

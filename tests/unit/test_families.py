@@ -237,6 +237,12 @@ def test_vmamba_plugin_graph_matches_fake_quant(one_thread):
     n_lin = sum(len(ops_.act) for _, ops_ in iter_quant_points(q))
     assert ops.count("OutlierLinear") == n_lin and ops.count("SelectiveScan") == 4 * sum(TINY.depths)
     assert "QuantizeLinear" not in ops
+    from ouro.exporter.plugin import refuse_ungated_scans, ungated_scans
+
+    assert len(ungated_scans(plugin)) == 4 * sum(TINY.depths)  # the TensorRT plugin needs z: a clear refusal
+    with pytest.raises(NotImplementedError, match="8 SelectiveScan nodes have no gate z"):
+        refuse_ungated_scans(plugin, "vmamba.onnx")
+    assert not ungated_scans(export_fp(build_model(VIM).eval()).model)
     for batch in (1, 2):
         x = example_input(model, batch)
         out = onnxruntime_session(plugin).run(None, {"images": x.numpy()})[0]
