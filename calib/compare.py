@@ -249,7 +249,7 @@ def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
     else:
         from ouro.calib.data import load_digits_split
 
-        x, y = load_digits_split("test")
+        x, y = load_digits_split("test", model.cfg.img_size)
     if spec.kind == "synthetic" or (calib_dir and (Path(calib_dir) / "images.npz").is_file()):
         label = "synthetic"
     else:
@@ -278,7 +278,8 @@ def compare_main(model, args, *, dist=None) -> int:
         raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
     presets = _tuple(getattr(args, "presets", None), COMPARE_PRESETS)
     calib, x, y, label = _data(model, args, dist)
-    name = "demo" if getattr(args, "demo", False) else Path(getattr(args, "checkpoint", "") or "model").stem
+    demo = getattr(args, "demo", None)
+    name = f"{demo} demo" if isinstance(demo, str) else "demo" if demo else Path(getattr(args, "checkpoint", "") or "model").stem
     res = run_comparison(model, calib, x, y, data=label, methods=methods, presets=presets,
                          seed=int(getattr(args, "seed", 0)), model_name=name, dist=dist)
     if dist.is_main:

@@ -173,7 +173,7 @@ def calibration_images(model, spec: CalibSpec, *, calib_dir: str | None = None, 
             raise ImageFolderError("--calib real:N draws from the demo model's calibration split; for a checkpoint give --calib-dir DIR (or --calib synthetic:N)")
         from ouro.calib.data import load_digits_split
 
-        x, _ = load_digits_split("calib")
+        x, _ = load_digits_split("calib", size)
         if spec.n > x.shape[0]:
             raise ImageFolderError(f"--calib real:{spec.n}: the demo calibration split has only {x.shape[0]} images")
         g = torch.Generator(device="cpu").manual_seed(seed)

@@ -1,9 +1,9 @@
 """`ouro-export`: a thin shell that wires the pipeline stages and writes files.
 
-    ouro-export CKPT|--demo [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
+    ouro-export CKPT|--demo [FAMILY] [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
                 [--calib real:N|synthetic:N] [--calib-dir DIR] [--device D] [--dry-run] -o OUT{.onnx,.qdq.onnx,.safetensors,.plan}
-    ouro-export gen CKPT|--demo -n 128 -o synth/ [--device D]
-    ouro-export compare CKPT|--demo [--calib-dir DIR --eval-dir DIR] [--device D]
+    ouro-export gen CKPT|--demo [FAMILY] -n 128 -o synth/ [--device D]
+    ouro-export compare CKPT|--demo [FAMILY] [--calib-dir DIR --eval-dir DIR] [--device D]
 
 Stages live in their owner modules (DESIGN.md §1); this file only parses, orders and reports.
 Under torchrun every process runs the same command: Gen, evaluation and compare are sharded
@@ -60,9 +60,12 @@ class _Timer:
 
 # ------------------------------------------------------------------------------------ parsers
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="Vim checkpoint (.pth): {'model': sd}, {'state_dict': sd} or a bare state_dict")
-    p.add_argument("--demo", action="store_true", help="use the embedded demo model (Vim on scikit-learn digits)")
-    p.add_argument("--arch", help="override the architecture inferred from the checkpoint (vim_tiny, vim_small, vim_base)")
+    p.add_argument("checkpoint", nargs="?", help="model checkpoint (.pth) of a known family (Vim, VMamba): the official "
+                   "files ({'model': sd}, training dicts), {'state_dict': sd} or a bare state_dict")
+    p.add_argument("--demo", nargs="?", const="vim", default=None, metavar="FAMILY",
+                   help="use an embedded demo model trained on scikit-learn digits: the Vim demo, or --demo vmamba")
+    p.add_argument("--arch", help="override the architecture inferred from the checkpoint (e.g. vim_small, vmamba_tiny; "
+                   "an unknown name lists every known one)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration, generation and sampling (default 0)")
     p.add_argument("--device", default="auto", help="where the PyTorch stages run: auto (a CUDA GPU when torch sees one, "
                    "else the CPU), cpu, cuda, cuda:N (default auto)")
@@ -71,7 +74,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ouro-export",
-        description="Vision Mamba checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
+        description="Vision Mamba (Vim, VMamba) checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
         epilog="Subcommands: `ouro-export gen ...` (synthetic calibration images), `ouro-export compare ...` (methods x bits table).",
     )
     _add_model_args(p)
@@ -130,7 +133,10 @@ def load_model(ctx: RunContext):
                 raise UserError("give either a checkpoint or --demo, not both")
             from ouro.calib.data import load_demo_model
 
-            ctx.model = load_demo_model(ctx.device)
+            try:
+                ctx.model = load_demo_model(a.demo, device=ctx.device)
+            except ValueError as e:  # an unknown family, or one without a demo
+                raise UserError(f"--demo {a.demo}: {e}") from None
         elif a.checkpoint:
             from ouro.calib.checkpoint import load_checkpoint
 

@@ -6,7 +6,7 @@ references, shared by the onnxruntime kernels below and the tests.
 
 onnxruntime-extensions registers one Python kernel per (domain, op type) with a fixed arity and
 fixed dtypes (no float16), and needs every declared attribute present. The files we write follow
-the TensorRT plugin contract instead (7-input FP scans, 15-input quantized scans, int8 or
+the TensorRT plugin contract instead (7-input FP scans, 6 without a gate, 15-input quantized scans, int8 or
 packed-int4 weights stored as int8 bytes, fp16 or fp32 activations: the plugin graph feeds fp16 by
 default), so `onnxruntime_session` adapts an in-memory copy before creating the session: it pads
 omitted inputs with empty tensors, fills absent attributes with their neutral defaults, casts float
@@ -98,11 +98,12 @@ def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_re
     )
 
 
-def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale=None, delta_theta=None, b_scale=None,
+def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z=None, delta_scale=None, delta_theta=None, b_scale=None,
                             b_theta=None, c_scale=None, c_theta=None, h_scale=None, h_zero=None, **attrs) -> torch.Tensor:
     """`ouro::SelectiveScan` in PyTorch: operand quantization (delta, Bm, Cm: OuroMamba outlier
     quantizer with per-token static inlier scales; bits 0 = off), then the scan: `selective_scan_ref`
     with the TGQ h-quantizer when h_bits > 0, else the model's own dispatch `selective_scan`.
+    z None or empty (0 elements; a 6-input node arrives here with an empty z): no gate.
     fp16 or fp32 activations (u, delta, B, C, z); computed in fp32, returned (B, L, D) in u's dtype
     (an fp16 output is rounded once, at the end)."""
     return _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_scale, b_theta, c_scale, c_theta,
@@ -117,7 +118,8 @@ def _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_sc
     b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"], sc)
     c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"], sc)
     kw = dict(delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]))
-    u32, z32 = _t(u).float(), _t(z).float()
+    u32 = _t(u).float()
+    z32 = None if z is None or _t(z).numel() == 0 else _t(z).float()  # absent / empty z: no gate
     if not a["h_bits"]:
         # the dispatch the PyTorch model itself calls (chunked for L >= 16, matching _ref to fp32
         # tolerance): identical floats keep the next quantizer's codes identical (no rounding flips)

@@ -39,10 +39,10 @@ SCALE_BYTES = 4  # scales and thresholds are stored as fp32
 
 def outlier_rates(qmodel, images: Tensor) -> dict[str, float]:
     """Fraction of activation elements quantized as outliers, per quantizer (runs `images`)."""
-    from ouro.calib.quant import QuantMode, iter_quant_ops, set_quant_mode
+    from ouro.calib.quant import QuantMode, iter_quant_points, set_quant_mode
 
     set_quant_mode(qmodel, QuantMode.QUANT, track_stats=True)
-    qs = [(f"layers.{i}.{n}", q) for i, ops in iter_quant_ops(qmodel) for n, q in ops.quantizers()]
+    qs = [(f"{point.key}.{n}", q) for point, ops in iter_quant_points(qmodel) for n, q in ops.quantizers()]
     for _, q in qs:
         q.reset_stats()
     try:
@@ -60,12 +60,11 @@ def memory_compression(model: nn.Module, qmodel) -> dict:
     tensor a quantizer stores in the QuantState (`state_keys`), at 4 bytes.
     quantized_layers: FP16 size of the quantized tensors / their quantized size (scales included);
     model: the whole model, unquantized parameters counted as FP16 on both sides."""
-    from ouro.calib.quant import iter_quant_ops
+    from ouro.calib.quant import iter_quant_points
 
     fp16_q = q_bytes = 0.0
-    for _, ops in iter_quant_ops(qmodel):
-        mixer = qmodel.module.get_submodule(ops.prefix)
-        weights = {id(q): getattr(mixer, name).weight.numel() for name, q in ops.weight.items()}
+    for point, ops in iter_quant_points(qmodel):
+        weights = {id(q): point.linear(name).module.weight.numel() for name, q in ops.weight.items()}
         for _, q in ops.quantizers():
             sd = q.state_dict()
             keys = q.state_keys()
@@ -257,19 +256,24 @@ def _plots(rep: dict, path: Path) -> None:
         fig.savefig(path.with_suffix(".sqnr.png"))
         plt.close(fig)
     if rep.get("outlier_rate"):
-        # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per layer
+        # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per hook point
+        # (names are <hook key>.<act|weight|ssm>.<site>)
+        import re
+
         cells: dict[str, dict[int, float]] = {}
+        columns: dict[str, int] = {}
         for name, rate in rep["outlier_rate"].items():
-            _, layer, kind = name.split(".", 2) if name.startswith("layers.") else ("", "0", name)
-            cells.setdefault(kind, {})[int(layer)] = 100 * rate
+            m = re.match(r"^(.*?)\.((?:act|weight|ssm)\..+)$", name)
+            key, kind = (m.group(1), m.group(2)) if m else ("", name)
+            cells.setdefault(kind, {})[columns.setdefault(key, len(columns))] = 100 * rate
         kinds = list(cells)
-        depth = 1 + max(i for row in cells.values() for i in row)
+        depth = len(columns)
         grid = [[cells[k].get(i, float("nan")) for i in range(depth)] for k in kinds]
         fig, ax = plt.subplots(figsize=(max(4, 0.6 * depth + 3), 0.3 * len(kinds) + 1.2))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_xticks(range(depth))
-        ax.set_xlabel("layer")
+        ax.set_xlabel("block")
         fig.colorbar(im, ax=ax, label="outlier rate (%)")
         fig.tight_layout()
         fig.savefig(path.with_suffix(".outliers.png"))

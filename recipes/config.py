@@ -66,15 +66,22 @@ class LossKind(str, Enum):
     MSE = "mse"  # mean squared error (QMamba)
 
 
-LINEAR_LAYERS: tuple[str, ...] = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
-"""Linear layers of a mixer that a recipe may quantize (input activation and weight)."""
+LINEAR_LAYERS: tuple[str, ...] = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj", "fc1", "fc2", "qkv", "proj")
+"""Linear layers a recipe may quantize (input activation and weight), by name or kind: a model family
+gives each linear a name and a kind (ouro.calib.families.LinearSite) and a linear is quantized when
+either is listed. Vim: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (kind = name);
+VMamba: in_proj, x_proj_0..3 (kind x_proj), dt_proj_0..3 (kind dt_proj), out_proj and the MLP's fc1,
+fc2; qkv and proj are attention linears (MambaVision). A kind a model does not have selects nothing."""
 
 SSM_OPERANDS: tuple[str, ...] = ("delta", "B", "C", "A", "D", "h", "u", "abar")
 """Selective-scan operands a recipe may quantize (ALGORITHMS.md §1.2). `h` = hidden state in the recurrence;
 `u` = the scan input x' and `abar` = exp(dt*A) inside the scan (QMamba, ALGORITHMS.md §2)."""
 
-EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm", "norm_f", "head")
-"""The one shared never-quantize list: patch embed, depthwise convs, RMSNorms, classifier head."""
+EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm", "norm_f", "head",
+                                      "conv2d", "out_norm", "norm2", "downsample", "classifier")
+"""The one shared never-quantize list, applied the same way by every method: patch embed, depthwise
+convs (Vim's conv1d/conv1d_b, VMamba's 2-D conv2d), every norm (Vim's RMSNorms; VMamba's LayerNorms,
+the SS2D out_norm included), VMamba's downsampling layers, the classifier head."""
 
 _PRESET_PACKAGE = "ouro.recipes"
 
@@ -205,8 +212,10 @@ class Recipe:
         return formats_for(self)
 
     # -- conveniences ------------------------------------------------------------------------
-    def quantizes_linear(self, name: str) -> bool:
-        return name in self.linear_layers and name not in self.exclude
+    def quantizes_linear(self, name: str, kind: str | None = None) -> bool:
+        """Whether the linear `name` (of kind `kind`, ouro.calib.families.LinearSite) is quantized."""
+        listed = name in self.linear_layers or (kind is not None and kind in self.linear_layers)
+        return listed and name not in self.exclude and (kind is None or kind not in self.exclude)
 
     def quantizes_ssm(self, operand: str) -> bool:
         return operand in self.ssm_operands

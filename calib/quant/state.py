@@ -1,11 +1,13 @@
 """QuantState: one .safetensors file with integer weights and every scale/threshold (DESIGN.md §3).
 
-Tensors: the state_dict of every quantizer, keyed `layers.<i>.<act|weight|ssm>.<site>.<tensor>`.
+Tensors: the state_dict of every quantizer, keyed `<hook key>.<act|weight|ssm>.<site>.<tensor>`, the
+hook key being the family's (Vim `layers.<i>`, VMamba `layers.<s>.blocks.<j>`; ouro.calib.families).
 Weight codes of <= 4 bits with an even last dimension are stored packed (`pack_int4`, key suffix
 `.int4`, uint8); other codes as int8. Scales and thresholds are fp32, exactly as used.
 Header (safetensors metadata key "ouro", JSON):
-    format, format_version, recipe (TOML), recipe_version, method, arch (VimConfig dict),
-    package_version, method_info (free-form dict a method records: `QuantizedModel.method_info`)
+    format, format_version, recipe (TOML), recipe_version, method, family (the model family's name;
+    a file without it was written for a Vim, the only family then), arch (the family's config as a
+    dict), package_version, method_info (free-form dict a method records: `QuantizedModel.method_info`)
 Loading rebuilds the quantizers from the recipe on the FP model and loads the tensors, so the
 reloaded model reproduces the calibrated model's outputs bit-exactly.
 """
@@ -19,9 +21,11 @@ from torch import Tensor
 
 from ouro.recipes import RECIPE_VERSION, Recipe, RecipeError
 
-from ..models.vim import VisionMamba
+from torch import nn
+
+from ..families.base import family_of
 from ..quantizers import pack_int4, unpack_int4
-from .base import QuantizedModel, QuantMode, iter_quant_ops, quantize_model, set_quant_mode
+from .base import QuantizedModel, QuantMode, iter_quant_points, quantize_model, set_quant_mode
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "QuantStateError", "save_quant_state", "load_quant_state", "read_header", "read_recipe",
            "quant_state_tensors"]
@@ -30,6 +34,8 @@ FORMAT = "ouro-quant-state"
 FORMAT_VERSION = 1
 INT4_SUFFIX = ".int4"
 _ARCH_LABEL_KEYS = ("name",)  # labels, not architecture
+LEGACY_FAMILY = "vim"
+"""The family of a QuantState header without a `family` entry (written before there were others)."""
 
 
 class QuantStateError(ValueError):
@@ -46,11 +52,11 @@ def _package_version() -> str:
 def quant_state_tensors(qmodel: QuantizedModel) -> dict[str, Tensor]:
     """The tensors a QuantState stores (int4 codes packed), keyed as in the file."""
     out: dict[str, Tensor] = {}
-    for i, ops in iter_quant_ops(qmodel):
+    for point, ops in iter_quant_points(qmodel):
         for qname, q in ops.quantizers():
             sd = q.state_dict()
             for k in q.state_keys():
-                key = f"layers.{i}.{qname}.{k}"
+                key = f"{point.key}.{qname}.{k}"
                 t = sd[k].detach().cpu().contiguous()
                 if k == "codes" and q.format.bits <= 4 and t.shape[-1] % 2 == 0:
                     out[key + INT4_SUFFIX] = pack_int4(t)
@@ -70,6 +76,7 @@ def save_quant_state(qmodel: QuantizedModel, path: str | Path) -> Path:
         "recipe": recipe.to_toml(),
         "recipe_version": recipe.version,
         "method": recipe.method.value,
+        "family": family_of(qmodel.module).name,
         "arch": qmodel.cfg.to_dict(),
         "package_version": _package_version(),
         "method_info": qmodel.method_info,
@@ -120,11 +127,19 @@ def _arch_mismatch(saved: dict, cfg: dict) -> list[str]:
     return [f"{k}: file {saved.get(k)!r} vs model {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
 
 
-def load_quant_state(model: VisionMamba, path: str | Path) -> QuantizedModel:
-    """A quantized copy of the FP `model` with the calibration of `path` (no data needed)."""
+def load_quant_state(model: nn.Module, path: str | Path) -> QuantizedModel:
+    """A quantized copy of the FP `model` with the calibration of `path` (no data needed). A file
+    written for another model family or architecture is a QuantStateError naming both."""
     from safetensors.torch import load_file
 
     h = read_header(path)
+    fam = family_of(model)
+    saved_family = h.get("family", LEGACY_FAMILY)
+    if saved_family != fam.name:
+        raise QuantStateError(
+            f"{path}: QuantState is for a {saved_family} model ({h.get('arch', {}).get('name')!r}), the model is a "
+            f"{fam.name} model ({model.cfg.name!r}); calibrate this model or load its own QuantState"
+        )
     recipe = read_recipe(path, h)
     diff = _arch_mismatch(h.get("arch", {}), model.cfg.to_dict())
     if diff:
@@ -135,13 +150,13 @@ def load_quant_state(model: VisionMamba, path: str | Path) -> QuantizedModel:
     qmodel = quantize_model(model, recipe)
     tensors = load_file(str(path))
     seen: set[str] = set()
-    for i, ops in iter_quant_ops(qmodel):
+    for point, ops in iter_quant_points(qmodel):
         for qname, q in ops.quantizers():
             sd = {}
             full = q.state_dict()
             for k in q.state_keys():
                 ref = full[k]
-                key = f"layers.{i}.{qname}.{k}"
+                key = f"{point.key}.{qname}.{k}"
                 if key + INT4_SUFFIX in tensors:
                     t = unpack_int4(tensors[key + INT4_SUFFIX])
                     seen.add(key + INT4_SUFFIX)
