@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .models.vim import ARCHS, VimConfig, VisionMamba
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_checkpoint", "load_state_dict", "read_checkpoint", "infer_config", "resolve_arch"]
+__all__ = ["CheckpointError", "SAFE_GLOBALS", "check_finite", "load_checkpoint", "load_state_dict", "read_checkpoint", "infer_config", "resolve_arch"]
 
 SAFE_GLOBALS = [argparse.Namespace]
 """Types allowed in a checkpoint besides tensors and builtins: the official training dicts pickle
@@ -54,8 +54,13 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> object:
     """torch.load(path, weights_only=True) with the allow-listed types; errors as CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (.pth) inside it")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise CheckpointError(f"cannot read checkpoint {str(path)[:80]}: {e.strerror}") from None
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -212,9 +217,23 @@ def _check_shapes(model: VisionMamba, sd: Mapping[str, Tensor], cfg: VimConfig, 
                               f"img {cfg.img_size}, classes {cfg.num_classes}): " + " | ".join(parts))
 
 
+def check_finite(sd: Mapping[str, Tensor], source: str = "state_dict") -> None:
+    """Refuse a state_dict with NaN or Inf weights, naming the first bad tensor (in file order)."""
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                n = int((~finite).sum())
+                raise CheckpointError(f"{source}: tensor {k!r} {tuple(v.shape)} has {n} non-finite value(s) (NaN or Inf); "
+                                      "a quantized or exported model would be wrong. Fix the checkpoint, or pass "
+                                      "--allow-nonfinite to use it anyway")
+
+
 def load_state_dict(sd: Mapping[str, Tensor], arch: str | VimConfig | None = None, *, source: str = "state_dict",
-                    img_size: int | None = None, stride: int | None = None, device: torch.device | str | None = None) -> VisionMamba:
-    """Build the Vim for `sd` (inferred, or `arch`) on `device` (default: the CPU) and load it with strict=True."""
+                    img_size: int | None = None, stride: int | None = None, device: torch.device | str | None = None,
+                    allow_nonfinite: bool = False) -> VisionMamba:
+    """Build the Vim for `sd` (inferred, or `arch`) on `device` (default: the CPU) and load it with strict=True.
+    Non-finite weights are a CheckpointError naming the first bad tensor unless `allow_nonfinite`."""
     try:
         cfg = infer_config(sd, img_size=img_size, stride=stride) if arch is None else resolve_arch(arch)
     except CheckpointError as e:
@@ -222,12 +241,14 @@ def load_state_dict(sd: Mapping[str, Tensor], arch: str | VimConfig | None = Non
     with torch.device(device or "cpu"):  # the model is built where it will run
         model = VisionMamba(cfg)
     _check_shapes(model, sd, cfg, source)
+    if not allow_nonfinite:
+        check_finite(sd, source)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
 def load_checkpoint(path: str | Path, arch: str | VimConfig | None = None, *, img_size: int | None = None,
-                    device: torch.device | str | None = None) -> VisionMamba:
+                    device: torch.device | str | None = None, allow_nonfinite: bool = False) -> VisionMamba:
     """Load a Vim checkpoint file (module doc) into a VisionMamba in eval mode, on `device` (default:
     the CPU; the tensors are mapped there as they are read).
 
@@ -236,4 +257,5 @@ def load_checkpoint(path: str | Path, arch: str | VimConfig | None = None, *, im
     path = Path(path)
     sd, args = _select_state_dict(read_checkpoint(path, torch.device(device or "cpu")), path)
     img_hint, stride_hint = _hints_from_args(args)
-    return load_state_dict(sd, arch, source=str(path), img_size=img_size or img_hint, stride=stride_hint, device=device)
+    return load_state_dict(sd, arch, source=str(path), img_size=img_size or img_hint, stride=stride_hint, device=device,
+                           allow_nonfinite=allow_nonfinite)

@@ -42,9 +42,16 @@ def _limit(path: Path, name: str, default: int) -> int:
         return default
 
 
+def _exists(p: Path) -> bool:
+    try:
+        return os.path.lexists(p)
+    except OSError:  # e.g. a component longer than the file system allows
+        return False
+
+
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute().parent
-    while not p.exists() and p != p.parent:
+    while not _exists(p) and p != p.parent:
         p = p.parent
     return p
 

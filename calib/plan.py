@@ -183,7 +183,8 @@ def _measure_calibration_block(model: nn.Module, recipe, images: int) -> dict[st
 
     def step():
         o, _ = blk(h, None)
-        o.float().pow(2).mean().backward()
+        if o.requires_grad:  # methods without trainable scales (minmax, percentile) have no backward
+            o.float().pow(2).mean().backward()
 
     step()
     out["step"] = _timed(step, dev) / images

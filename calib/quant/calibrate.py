@@ -15,6 +15,8 @@ Deterministic under `seed` (minibatches are drawn from a seeded generator; CPU a
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -164,7 +166,7 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> QuantizedMode
         q_h, q_r = _run_block(qblk, q_h, q_r)
         fp_h, fp_r = fp_out, fp_res
         losses.append(last)
-        bar.set_postfix(block=i, loss=f"{last:.4g}")
+        bar.set_postfix(block=i, loss=f"{last:.4g}" if math.isfinite(last) else "n/a (no tuning)")
     set_quant_mode(qmodel, QuantMode.QUANT)
     info = spec.info(qmodel, recipe) if spec.info is not None else {}
     return QuantizedModel(qmodel, recipe, tuple(losses), info)
