@@ -64,8 +64,8 @@ def check_path_length(path: str | os.PathLike, what: str = "output") -> Path:
     path_max = _limit(anchor, "PC_PATH_MAX", 4096)
     for part in path.parts:
         if len(os.fsencode(part)) > name_max:
-            raise OutputError(f"{what} name {part[:40]}... is {len(os.fsencode(part))} bytes long; this file system "
-                              f"allows at most {name_max} per name: give a shorter name")
+            raise OutputError(f"{what} name {part[:40]}... is too long ({len(os.fsencode(part))} bytes; this file system "
+                              f"allows at most {name_max} per name): give a shorter name")
     if len(os.fsencode(str(path.absolute()))) >= path_max:
         raise OutputError(f"{what} path {str(path)[:40]}... is too long ({len(os.fsencode(str(path.absolute())))} bytes; "
                           f"at most {path_max - 1}): give a shorter path")
