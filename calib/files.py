@@ -1,5 +1,5 @@
 """Writing files safely: the one atomic writer every module uses (ONNX, QuantState, engines, reports),
-and the output plan that checks every file a run will write before the run starts.
+and the write plan that checks every file a run will write before the run starts.
 
     atomic_write(path, content, *, force=True) -> path
 content: bytes, or a function that writes a given temporary path (e.g. `lambda tmp: onnx.save(m, tmp)`).
@@ -11,7 +11,7 @@ force=False is no-clobber, atomically: the temporary file is hard-linked to `pat
 create: fails when `path` exists), so of two concurrent writers exactly one wins and the other gets
 an OutputError; the existence check and the move are one step.
 
-    plan = OutputPlan(force=args.force)
+    plan = WritePlan(force=args.force)
     plan.add("-o", "m.onnx"); plan.add("--report", "r.json", siblings=("r.sqnr.png",))
     plan.check()        # collisions, existing files (without force), writable folder, path length
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["OutputError", "OutputPlan", "atomic_write", "check_path_length", "check_writable_parent", "check_new_file"]
+__all__ = ["OutputError", "WritePlan", "atomic_write", "check_path_length", "check_writable_parent", "check_new_file"]
 
 _TMP_PREFIX, _TMP_SUFFIX = ".ouro-", ".tmp"  # short, so a temporary name fits wherever the final name fits
 
@@ -155,7 +155,7 @@ class PlannedFile:
 
 
 @dataclass
-class OutputPlan:
+class WritePlan:
     """Every file one run will write, declared and checked before the run does any work.
 
     check() refuses (OutputError, one line): two outputs on the same file, an existing file
@@ -177,7 +177,7 @@ class OutputPlan:
     def paths(self) -> tuple[Path, ...]:
         return tuple(f.path for f in self.files)
 
-    def check(self) -> OutputPlan:
+    def check(self) -> WritePlan:
         seen: dict[str, PlannedFile] = {}
         for f in self.files:
             key = os.path.normcase(os.path.abspath(f.path))

@@ -1,10 +1,10 @@
 """Checks of a whole `ouro-export` request before any work: every file it will write (the output
 plan), every flag's type and range, and flags the request would silently ignore.
 
-    plan = preflight(args, quantized)     # raises a one-line user-facing error, or returns the OutputPlan
+    plan = preflight(args, quantized)     # raises a one-line user-facing error, or returns the WritePlan
 
 The output plan declares `-o` (and the ONNX written beside a `.plan`), `--save-calib`, `--report`
-and its plots, then checks them together (ouro.calib.files.OutputPlan): no two on the same file, no
+and its plots, then checks them together (ouro.calib.files.WritePlan): no two on the same file, no
 existing file without --force, a writable existing folder, a name and path the file system holds.
 The writes themselves are no-clobber and atomic (ouro.calib.files.atomic_write).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ouro.calib.files import OutputError, OutputPlan
+from ouro.calib.files import OutputError, WritePlan
 
 __all__ = ["FlagError", "MAX_WORKSPACE_MIB", "preflight", "build_output_plan", "check_engine_flags", "check_ignored_flags",
            "check_input_paths"]
@@ -31,12 +31,12 @@ def _writes_engine(a: argparse.Namespace) -> bool:
     return a.stage == "engine" or (a.stage is None and a.output is not None and str(a.output).lower().endswith(".plan"))
 
 
-def build_output_plan(a: argparse.Namespace) -> OutputPlan:
+def build_output_plan(a: argparse.Namespace) -> WritePlan:
     """Every file the request will write, checked (module docstring)."""
     from .engine_config import onnx_path_for_plan
     from .pipeline import report_files
 
-    plan = OutputPlan(force=bool(a.force))
+    plan = WritePlan(force=bool(a.force))
     plan.add("-o", a.output)
     if a.output is not None and _writes_engine(a):
         plan.add("-o (the ONNX written beside the .plan)", onnx_path_for_plan(a.output))
@@ -99,7 +99,7 @@ def check_input_paths(a: argparse.Namespace, quantized: bool) -> None:
             raise FlagError(f"{flag} {v}: no such file" + (" (it is a folder)" if Path(v).is_dir() else ""))
 
 
-def preflight(a: argparse.Namespace, quantized: bool) -> OutputPlan:
+def preflight(a: argparse.Namespace, quantized: bool) -> WritePlan:
     """All checks of an export request that need no model (module docstring); the checked output plan."""
     check_ignored_flags(a, quantized)
     try:

@@ -93,14 +93,14 @@ def test_atomic_write_no_clobber_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_output_plan_checks_everything_together(tmp_path):
-    from ouro.calib.files import OutputPlan
+    from ouro.calib.files import WritePlan
 
-    ok = OutputPlan(force=False)
+    ok = WritePlan(force=False)
     ok.add("-o", tmp_path / "m.onnx")
     ok.add("--report", tmp_path / "r.json", siblings=(tmp_path / "r.sqnr.png",))
     ok.add("--save-calib", None)  # not asked for
     assert ok.check().paths == (tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "r.sqnr.png")
-    same = OutputPlan()
+    same = WritePlan()
     same.add("-o", tmp_path / "x.safetensors")
     same.add("--save-calib", tmp_path / "sub" / ".." / "x.safetensors")
     with pytest.raises(OutputError, match="-o and --save-calib would both write"):
@@ -110,11 +110,11 @@ def test_output_plan_checks_everything_together(tmp_path):
         ok.check()
     ok.force = True
     ok.check()
-    long = OutputPlan(force=True)
+    long = WritePlan(force=True)
     long.add("-o", tmp_path / ("y" * 300 + ".onnx"))
     with pytest.raises(OutputError, match="too long"):
         long.check()
-    missing = OutputPlan()
+    missing = WritePlan()
     missing.add("--report", tmp_path / "nope" / "r.json")
     with pytest.raises(OutputError, match="does not exist"):
         missing.check()
