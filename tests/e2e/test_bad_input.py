@@ -149,15 +149,20 @@ def test_03_report_and_output_on_the_same_file_is_refused(files, capsys, tmp_pat
     assert _listing(tmp_path) == {}
 
 
-def _export_child(argv, barrier, conn):
+def _export_worker(ckpt, out_dir, rounds, barrier, conn):
+    """One of two spawned processes (torch is not fork-safe once its thread pool ran): each round, wait
+    for the other, then export the same `-o`."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
-    out, err = io.StringIO(), io.StringIO()
-    barrier.wait()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = main(argv)
-    conn.send((rc, out.getvalue(), err.getvalue()))
+    from ouro.exporter.cli import main as cli_main
+
+    for r in range(rounds):
+        out, err = io.StringIO(), io.StringIO()
+        barrier.wait()
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = cli_main([ckpt, "-o", f"{out_dir}/same{r}.onnx"])
+        conn.send((rc, out.getvalue(), err.getvalue()))
 
 
 def _writer_child(path, payload, barrier, conn):
@@ -200,20 +205,30 @@ def test_04_concurrent_exports_to_the_same_output_20_rounds(files, tmp_path):
     """Two whole `ouro-export` runs to one `-o` without --force, started together: one writes and exits
     0, the other exits 2 with one line and overwrites nothing (both pass the up-front check)."""
     _, ckpt, _, _ = files
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
+    procs = [ctx.Process(target=_export_worker, args=(str(ckpt), str(tmp_path), CONCURRENCY_ROUNDS, barrier, w))
+             for _, w in pipes]
+    for p in procs:
+        p.start()
     raced = 0  # rounds in which both passed the up-front check and the exclusive create decided
-    for r in range(CONCURRENCY_ROUNDS):
-        out = tmp_path / f"same{r}.onnx"
-        res = _race(_export_child, ([str(ckpt), "-o", str(out)],), ([str(ckpt), "-o", str(out)],))
-        codes = sorted(rc for rc, _, _ in res)
-        wrote = [o for rc, o, _ in res if f"wrote {out}" in o]
-        if codes == [0, 2]:  # both ran: the second one to finish lost, cleanly
+    try:
+        for r in range(CONCURRENCY_ROUNDS):
+            out = tmp_path / f"same{r}.onnx"
+            res = [rd.recv() for rd, _ in pipes]
+            codes = sorted(rc for rc, _, _ in res)
+            assert codes == [0, 2], f"round {r}: exit codes {codes} (two winners is the bug), outputs {res}"
             loser = next(e for rc, _, e in res if rc == 2)
             assert loser.strip().count("\n") == 0 and "already exists" in loser and "Traceback" not in loser
             raced += "another process wrote it" in loser
-        else:  # impossible: two winners (the bug) or two losers
-            pytest.fail(f"round {r}: exit codes {codes}, outputs {res}")
-        assert len(wrote) == 1, res
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"same{i}.onnx" for i in range(r + 1))
+            assert len([o for rc, o, _ in res if f"wrote {out}" in o]) == 1, res
+            assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"same{i}.onnx" for i in range(r + 1))
+    finally:
+        for p in procs:
+            p.join(120)
+            if p.is_alive():
+                p.kill()
     assert raced, "the two runs never overlapped; the test did not exercise the race"
 
 
