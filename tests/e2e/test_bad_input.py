@@ -200,7 +200,7 @@ def test_04_concurrent_writers_one_wins_cleanly_20_rounds(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.slow  # ~100 s on 2 loaded cores: 20 rounds of two exports
+@pytest.mark.slow  # ~60 s on 2 loaded cores: 20 rounds of two exports
 def test_04_concurrent_exports_to_the_same_output_20_rounds(files, tmp_path):
     """Two whole `ouro-export` runs to one `-o` without --force, started together: one writes and exits
     0, the other exits 2 with one line and overwrites nothing (both pass the up-front check)."""
