@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .families.base import CheckpointError, all_families, family_for_arch, family_for_config
 from .families.vim import infer_config, load_state_dict, resolve_arch
 
-__all__ = ["CheckpointError", "safe_globals", "load_checkpoint", "load_model_state_dict", "read_checkpoint",
+__all__ = ["CheckpointError", "safe_globals", "check_finite", "load_checkpoint", "load_model_state_dict", "read_checkpoint",
            "select_state_dict", "infer_config", "resolve_arch", "load_state_dict"]
 
 STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
@@ -52,8 +52,13 @@ def _names(globs) -> str:
 def read_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> object:
     """torch.load(path, weights_only=True) with the allow-listed types; errors as CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (.pth) inside it")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise CheckpointError(f"cannot read checkpoint {str(path)[:80]}: {e.strerror}") from None
     allowed = safe_globals()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -117,16 +122,31 @@ def load_model_state_dict(sd: Mapping[str, Tensor], arch=None, *, source: str = 
     return fam.load_state_dict(sd, cfg, source=source, hints=hints, img_size=img_size, device=device)
 
 
+def check_finite(sd: Mapping[str, Tensor], source: str = "state_dict") -> None:
+    """Refuse a state_dict with NaN or Inf weights, naming the first bad tensor (in file order)."""
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                n = int((~finite).sum())
+                raise CheckpointError(f"{source}: tensor {k!r} {tuple(v.shape)} has {n} non-finite value(s) (NaN or Inf); "
+                                      "a quantized or exported model would be wrong. Fix the checkpoint, or pass "
+                                      "--allow-nonfinite to use it anyway")
+
+
 def load_checkpoint(path: str | Path, arch=None, *, img_size: int | None = None,
-                    device: torch.device | str | None = None) -> nn.Module:
+                    device: torch.device | str | None = None, allow_nonfinite: bool = False) -> nn.Module:
     """Load a checkpoint file (module doc) into its family's model, in eval mode.
 
     arch: None infers family and architecture from the state_dict; an architecture name of any family
     (vim_tiny, vmamba_small, an official model name, ...) or a config object overrides it (a mismatch is a
-    CheckpointError naming the keys and shapes)."""
+    CheckpointError naming the keys and shapes). Non-finite weights are a CheckpointError naming the
+    first bad tensor unless `allow_nonfinite`."""
     path = Path(path)
     obj = read_checkpoint(path, torch.device(device or "cpu"))  # map_location: straight onto --device
     sd = select_state_dict(obj, path)
+    if not allow_nonfinite:
+        check_finite(sd, str(path))
     hints: dict = {}
     if arch is not None:
         fam = _resolve(arch)[0]

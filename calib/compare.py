@@ -264,19 +264,32 @@ def _tuple(v, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(s.strip().lower() for s in items if s.strip())
 
 
+def check_selection(methods_arg: str | None, presets_arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--methods / --presets of `compare`, checked before any work: (methods, presets). Unknown
+    names, or a selection in which no method ships any preset, are a one-line RecipeError."""
+    from ouro.recipes import Method, RecipeError, list_presets
+
+    methods = _tuple(methods_arg, METHOD_ORDER)
+    unknown = [m for m in methods if m not in {x.value for x in Method}]
+    if unknown:
+        raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
+    presets = _tuple(presets_arg, COMPARE_PRESETS)
+    known = sorted({p for m in Method for p in list_presets(m)})
+    unknown = [p for p in presets if p not in known]
+    if unknown:
+        raise RecipeError(f"unknown preset(s) {unknown} for --presets; known: {', '.join(known)}")
+    if not any(method_presets(m, presets) for m in methods):
+        raise RecipeError(f"no method of {list(methods)} ships any preset of {list(presets)}: nothing to compare")
+    return methods, presets
+
+
 def compare_main(model, args, *, dist=None) -> int:
     """`ouro-export compare`: run, print the table, write <output>.json/.md/.png (rank 0 under
     torchrun). Returns the exit code."""
     from ouro.calib.distributed import SINGLE
 
     dist = dist or SINGLE
-    from ouro.recipes import Method, RecipeError
-
-    methods = _tuple(getattr(args, "methods", None), METHOD_ORDER)
-    unknown = [m for m in methods if m not in {x.value for x in Method}]
-    if unknown:
-        raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
-    presets = _tuple(getattr(args, "presets", None), COMPARE_PRESETS)
+    methods, presets = check_selection(getattr(args, "methods", None), getattr(args, "presets", None))
     calib, x, y, label = _data(model, args, dist)
     demo = getattr(args, "demo", None)
     name = f"{demo} demo" if isinstance(demo, str) else "demo" if demo else Path(getattr(args, "checkpoint", "") or "model").stem

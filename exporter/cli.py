@@ -12,6 +12,9 @@ Under torchrun every process runs the same command: Gen, evaluation and compare 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +70,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="override the architecture inferred from the checkpoint (e.g. vim_small, vmamba_tiny; "
                    "an unknown name lists every known one)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration, generation and sampling (default 0)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint even if some weights are NaN or Inf "
+                   "(refused by default, naming the first bad tensor)")
     p.add_argument("--device", default="auto", help="where the PyTorch stages run: auto (a CUDA GPU when torch sees one, "
                    "else the CPU), cpu, cuda, cuda:N (default auto)")
 
@@ -140,7 +145,7 @@ def load_model(ctx: RunContext):
         elif a.checkpoint:
             from ouro.calib.checkpoint import load_checkpoint
 
-            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch, device=ctx.device)
+            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch, device=ctx.device, allow_nonfinite=a.allow_nonfinite)
         else:
             raise UserError("no model: give a checkpoint path, or --demo for the embedded demo model")
         ctx.model.eval()
@@ -233,6 +238,10 @@ def run_export(ctx: RunContext) -> int:
         print(describe_passes())
         return 0
     quantized = bool(a.preset or a.recipe or a.load_calib)
+    if not a.print_recipe:
+        from ouro.exporter.preflight import preflight
+
+        preflight(a, quantized)  # every output and flag checked before any work (issue 18)
     from ouro.exporter.outputs import plan_outputs
 
     outputs = [] if a.print_recipe else plan_outputs(
@@ -297,9 +306,9 @@ def run_gen(argv: Sequence[str]) -> int:
     from ouro.calib.gen.cli import gen_config, gen_main
     from ouro.calib.plan import Estimate, RunPlan, estimate_gen
 
+    cfg = gen_config(a.config)  # a bad config fails before the model is loaded
     ctx = RunContext(args=a)
     load_model(ctx)
-    cfg = gen_config(a.config)
     plan = RunPlan(model=_model_label(ctx), device=describe_device(ctx.device), processes=ctx.dist.world_size,
                    calibration=f"OuroMamba-Gen, {a.num_images} synthetic images, seed {a.seed}, G={cfg.iterations}",
                    outputs=(f"{a.output}/",), estimate=Estimate((estimate_gen(ctx.model, max(a.num_images, 1), cfg, ctx.dist.world_size),),
@@ -322,8 +331,9 @@ def run_compare(argv: Sequence[str]) -> int:
     p.add_argument("--methods", help="comma-separated subset (default: ouromamba,ptq4vm,qmamba,percentile,minmax)")
     p.add_argument("--presets", help="comma-separated subset (default: w8a8,w6a6,w4a8,w4a4,w6a4; each method runs those it ships)")
     a = p.parse_args(argv)
-    from ouro.calib.compare import compare_main
+    from ouro.calib.compare import check_selection, compare_main
 
+    check_selection(a.methods, a.presets)  # before any work
     ctx = RunContext(args=a)
     load_model(ctx)
     return compare_main(ctx.model, a, dist=ctx.dist)
@@ -332,10 +342,35 @@ def run_compare(argv: Sequence[str]) -> int:
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compare": run_compare}
 
 
+class _StderrHandler(logging.Handler):
+    """The project's log lines (logger `ouro`, e.g. skipped images) as one `ouro-export: warning: ...` line on
+    the current sys.stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"ouro-export: {record.levelname.lower()}: {record.getMessage()}\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("ouro")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.INFO))
+        log.setLevel(logging.INFO)
+
+
+# OS errors that are the environment's or the user's to fix (a full disk, a read-only folder, a name too
+# long): one line, like any other user error, instead of a traceback
+USER_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.EISDIR, errno.ENOTDIR})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ouro.calib.distributed import leave_process_group
 
+    _setup_logging()
     try:
         try:
             if argv and argv[0] in SUBCOMMANDS:
@@ -356,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotImplementedError as e:
         print(f"ouro-export: not implemented: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        where = f": {str(e.filename)[:120]}" if e.filename else ""
+        print(f"ouro-export: error: {e.strerror}{where}", file=sys.stderr)
+        return 2
     except Exception as e:  # errors of our own types carry actionable messages
         if type(e).__module__.startswith("ouro.") and getattr(e, "user_facing", True):
             print(f"ouro-export: error: {e}", file=sys.stderr)
@@ -363,5 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def console_main() -> None:
+    """The `ouro-export` program: main(), then exit without letting a late Ctrl-C (after the work is
+    done and written, while the interpreter joins its threads) print a traceback over a finished run."""
+    rc = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    raise SystemExit(rc)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()

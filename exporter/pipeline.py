@@ -13,6 +13,7 @@ processes (ctx.dist, ouro.calib.evaluation) and identical to one process's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -30,6 +31,8 @@ __all__ = [
     "quantized_metrics",
     "format_table",
     "write_report",
+    "report_files",
+    "strict_json",
 ]
 
 SQNR_MAX_IMAGES = 256  # images used for the per-block SQNR and the outlier rates
@@ -166,7 +169,7 @@ def quantize(ctx) -> nn.Module:
         ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.calib_losses]
     if a.save_calib:
         with ctx.stage("save_calib"):
-            atomic_write(a.save_calib, lambda tmp: save_quant_state(ctx.qmodel, tmp))
+            atomic_write(a.save_calib, lambda tmp: save_quant_state(ctx.qmodel, tmp), force=bool(getattr(a, "force", False)))
     ctx.report["recipe"] = ctx.recipe.to_dict()
     ctx.report["method"] = ctx.recipe.method.value
     ctx.report["method_info"] = ctx.qmodel.method_info
@@ -227,20 +230,55 @@ def format_table(report: dict) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
+REPORT_PLOTS = (".sqnr.png", ".outliers.png")  # written beside the report: r.json -> r.sqnr.png, r.outliers.png
+
+
+def report_files(path: str | Path) -> tuple[Path, ...]:
+    """The files a report at `path` may write besides itself (the plots), for the output plan."""
+    return tuple(Path(path).with_suffix(s) for s in REPORT_PLOTS)
+
+
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def strict_json(obj) -> str:
+    """JSON that strict parsers accept: NaN and infinities become null (a metric that has no value)."""
+    return json.dumps(_finite_or_none(obj), indent=2, default=str, allow_nan=False)
+
+
 def write_report(ctx, path: str | Path) -> Path:
-    """Write ctx.report (+ timings) as JSON; plots (SQNR per block, outlier rates) beside it."""
+    """Write ctx.report (+ timings) as strict JSON; plots (SQNR per block, outlier rates) beside it.
+    Each file is written atomically; an existing one is replaced only with --force (or when this run
+    already wrote it, e.g. a report written before a failed --check and again at the end)."""
     path = Path(path)
     rep = dict(ctx.report)
     rep["timings"] = dict(ctx.timings)
-    path.write_text(json.dumps(rep, indent=2, default=str))
+    written = getattr(ctx, "_report_written", None)
+    if written is None:
+        written = set()
+        ctx._report_written = written
+    force = bool(getattr(ctx.args, "force", False)) or str(path) in written
+    atomic_write(path, strict_json(rep).encode(), force=force)
+    written.add(str(path))
     try:
-        _plots(rep, path)
+        _plots(rep, path, force)
     except ImportError:
         pass
     return path
 
 
-def _plots(rep: dict, path: Path) -> None:
+def _save_fig(fig, path: Path, force: bool) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
+
+
+def _plots(rep: dict, path: Path, force: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +291,7 @@ def _plots(rep: dict, path: Path) -> None:
         ax.set_ylabel("SQNR (dB)")
         ax.set_title(f"SQNR per block, {rep.get('recipe', {}).get('name')}")
         fig.tight_layout()
-        fig.savefig(path.with_suffix(".sqnr.png"))
+        _save_fig(fig, path.with_suffix(".sqnr.png"), force)
         plt.close(fig)
     if rep.get("outlier_rate"):
         # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per hook point
@@ -276,5 +314,5 @@ def _plots(rep: dict, path: Path) -> None:
         ax.set_xlabel("block")
         fig.colorbar(im, ax=ax, label="outlier rate (%)")
         fig.tight_layout()
-        fig.savefig(path.with_suffix(".outliers.png"))
+        _save_fig(fig, path.with_suffix(".outliers.png"), force)
         plt.close(fig)

@@ -18,6 +18,8 @@ Deterministic under `seed` (minibatches are drawn from a seeded generator; CPU a
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -192,7 +194,7 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> QuantizedMode
         q_out, _ = run_unit(qu, q_state)
         fp_state, q_state = fu.next_input(fp_out), qu.next_input(q_out)
         losses.append(last)
-        bar.set_postfix(unit=i, loss=f"{last:.4g}")
+        bar.set_postfix(unit=i, loss=f"{last:.4g}" if math.isfinite(last) else "n/a (no tuning)")
     set_quant_mode(qmodel, QuantMode.QUANT)
     info = spec.info(qmodel, recipe) if spec.info is not None else {}
     return QuantizedModel(qmodel, recipe, tuple(losses), info)
