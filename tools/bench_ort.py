@@ -1,0 +1,149 @@
+"""onnxruntime CPU latency of ouro's graphs: FP / QDQ / plugin ONNX, custom ops as the Python reference ops
+vs the native library libouro_ort_ops.so, against the PyTorch FP forward, measured side by side.
+
+    python tools/bench_ort.py                                   # Vim-T and Vim-S, batch 1 and 8, 2 threads
+    python tools/bench_ort.py --archs vim_tiny --batches 1 --skip-python
+
+Models have random weights (latency does not depend on them); quantization is the W4A4 preset's static
+initialisation on 4 random images (calib steps 0). Graphs:
+    FP      export_fp: standard ops + ouro::SelectiveScan (7 inputs)
+    QDQ     export_qdq before the graph passes: static Q/DQ + ouro::SelectiveScan (the file ouro-export writes
+            has its scans lowered to ONNX Scan loops: row "QDQ (Scan loops)", plain onnxruntime)
+    plugin  the default passes: ouro::OutlierLinear + quantized ouro::SelectiveScan (what TensorRT builds)
+Every runner is timed once per round, rounds interleave the runners (so load on a shared machine hits all of
+them alike); the table gives the best wall time, the mean process CPU time per run (all threads), and the ratio
+of best wall times to the PyTorch FP forward and to the native FP graph. Sessions use --threads intra-op threads
+and the basic optimisation level of `ouro.exporter.onnxruntime_session`; PyTorch uses --threads threads.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnx
+import torch
+
+from ouro.calib.models import build_model
+from ouro.calib.quant import calibrate
+from ouro.exporter.ort_ops import onnxruntime_session
+from ouro.exporter.onnx_export import example_input, export_fp
+from ouro.exporter.outputs import PORTABLE_QDQ_PASSES
+from ouro.exporter.passes import apply_passes
+from ouro.exporter.qdq import export_qdq
+from ouro.recipes import get_preset
+
+GOAL_FP_VS_TORCH = 1.0
+"""Goal (issue 19): the native FP graph at least as fast as the PyTorch FP forward."""
+GOAL_PLUGIN_VS_FP = 1.5
+"""Goal (issue 19): the native W4A4 plugin graph within 1.5x of the native FP graph."""
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return so
+
+
+def ort_runner(graph: onnx.ModelProto, ops: str | None, threads: int):
+    if ops is None:  # no ouro node: plain onnxruntime
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    else:
+        sess = onnxruntime_session(graph, sess_options=session_options(threads), ops=ops)
+    return lambda x: sess.run(None, {"images": x.numpy()})[0]
+
+
+def torch_runner(model):
+    def run(x):
+        with torch.no_grad():
+            return model(x).numpy()
+
+    return run
+
+
+def build(arch: str, preset: str):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    cfg = model.cfg
+    calib = torch.randn(4, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
+    recipe = get_preset(preset)
+    q = calibrate(model, recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=4)), lambda m: m(calib), progress=False)
+    fp = export_fp(model).model
+    qdq = export_qdq(q).model
+    return model, fp, qdq, apply_passes(qdq, PORTABLE_QDQ_PASSES), apply_passes(qdq)
+
+
+def measure(runners: dict, x: torch.Tensor, rounds: int, python_rounds: int) -> dict:
+    """name -> (best wall s, mean CPU s, output). Python-op runners take part in the first python_rounds rounds."""
+    walls = {k: [] for k in runners}
+    cpus = {k: [] for k in runners}
+    outs = {}
+    for name, fn in runners.items():  # warm-up (session arenas, first-call costs)
+        outs[name] = fn(x)
+    for r in range(rounds):
+        for name, fn in runners.items():
+            if "python" in name and r >= python_rounds:
+                continue
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(x)
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+    return {k: (min(walls[k]), float(np.mean(cpus[k])), outs[k]) for k in runners}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="vim_tiny,vim_small")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--preset", default="w4a4")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="timed runs of every runner (best wall time reported)")
+    p.add_argument("--python-rounds", type=int, default=1, help="timed runs of the (slow) Python-op runners")
+    p.add_argument("--skip-python", action="store_true", help="leave out the Python reference ops")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"threads {a.threads}, rounds {a.rounds} (Python ops {0 if a.skip_python else a.python_rounds}), "
+          f"onnxruntime basic optimisation, preset {a.preset}")
+    verdicts = []
+    for arch in a.archs.split(","):
+        t0 = time.perf_counter()
+        model, fp, qdq, qdq_scan, plugin = build(arch, a.preset)
+        print(f"\n{arch}: graphs built in {time.perf_counter() - t0:.0f} s")
+        runners = {"PyTorch FP forward": torch_runner(model)}
+        for label, graph in (("FP", fp), ("QDQ", qdq), ("plugin", plugin)):
+            for ops in (("python", "native") if not a.skip_python else ("native",)):
+                runners[f"{label} ONNX, {ops} ops"] = ort_runner(graph, ops, a.threads)
+        runners["QDQ (Scan loops), no custom ops"] = ort_runner(qdq_scan, None, a.threads)
+        for batch in (int(b) for b in a.batches.split(",")):
+            x = example_input(model, batch)
+            res = measure(runners, x, a.rounds, a.python_rounds)
+            torch_s = res["PyTorch FP forward"][0]
+            fp_s = res["FP ONNX, native ops"][0]
+            print(f"\n{arch}, batch {batch}")
+            print(f"  {'graph':<34} {'wall ms':>9} {'CPU s':>7} {'x PyTorch':>9} {'x FP(native)':>12}  max|diff| vs PyTorch twin")
+            ref = {"FP": res["PyTorch FP forward"][2]}
+            for name, (wall, cpu, out) in res.items():
+                kind = name.split()[0]
+                twin = ref.get(kind)
+                diff = f"{np.abs(out - twin).max():.2g}" if twin is not None and name != "PyTorch FP forward" else ""
+                if kind in ("QDQ", "plugin"):  # against the same graph under the other implementation
+                    other = res.get(name.replace("native", "python")) if "native" in name else None
+                    diff = f"{np.abs(out - other[2]).max():.2g} vs Python ops" if other is not None else ""
+                print(f"  {name:<34} {wall * 1e3:>9.1f} {cpu:>7.2f} {wall / torch_s:>9.2f} {wall / fp_s:>12.2f}  {diff}")
+            plug_s = res["plugin ONNX, native ops"][0]
+            verdicts.append(f"{arch} batch {batch}: FP graph / PyTorch {fp_s / torch_s:.2f} (goal <= {GOAL_FP_VS_TORCH}: "
+                            f"{'met' if fp_s / torch_s <= GOAL_FP_VS_TORCH else 'NOT met'}); plugin / FP graph "
+                            f"{plug_s / fp_s:.2f} (goal <= {GOAL_PLUGIN_VS_FP}: {'met' if plug_s / fp_s <= GOAL_PLUGIN_VS_FP else 'NOT met'})")
+    print("\ngoals (native library, best wall times):")
+    for v in verdicts:
+        print("  " + v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+// OutlierLinear on the CPU (spec: ouro.calib.quantizers.outlier_linear_ref):
+//   acc_in[m, n]  = sum_k q_I[m, k] w[n, k]          exact integers (fp32 GEMM, see kExactF32)
+//   acc_out[m, n] = sum_k q_O[m, k] w[n, k]          exact (double, over the window's outlier channels only)
+//   y[m, n]       = float(acc_in) * (S_I(t) * s_w[n]) + float(acc_out) * (S_O[m] * s_w[n]) + bias[n]
+// evaluated with exactly the reference's fp32 operations, so y is bit-identical to it.
+//
+// Phases: (1) per (image, window), in parallel: the outlier quantizer writes the inlier codes as the GEMM's
+// A matrix and the window's outlier channels as a compact list with per-row codes; (2) one fp32 GEMM
+// A[M, K] x w^T[K, N]; (3) per row, in parallel: the sparse outlier products and the epilogue.
+#include "cpu_kernels.h"
+#include "cpu_vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace ouro::ort::cpu
+{
+
+// kExactF32: an fp32 GEMM over integer codes returns the exact integer accumulator as long as every partial
+// sum it forms is an integer of magnitude <= 2^24 (all such integers are fp32 numbers, so no product, sum or
+// fused multiply-add of them rounds, whatever the order of the additions). Each product is bounded by
+// qmax_A * max|w| and a sum over Kc channels by Kc * qmax_A * max|w|, so one call over at most
+//     Kc = floor(2^24 / (qmax_A * max|w|))
+// channels is exact: W4A4 (qmax 7, |w| <= 8): Kc = 299593; W8A8 (127, 128): Kc = 1032, below Vim-B's
+// d_inner of 1536, so 8x8-bit layers that wide are run as several exact calls summed in int64.
+// tests/unit/test_ort_native.py checks it at the largest K with all codes at their extremes.
+int exact_k_chunk(int a_bits, int w_max_abs)
+{
+    const int64_t qa = (int64_t(1) << (a_bits - 1)) - 1;
+    const int64_t bound = qa * std::max(w_max_abs, 1);
+    return static_cast<int>(std::min<int64_t>((int64_t(1) << 24) / bound, std::numeric_limits<int>::max()));
+}
+
+void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& out)
+{
+    out.K = K;
+    out.N = N;
+    out.w_bits = w_bits;
+    out.wt.assign(static_cast<size_t>(K) * N, 0.0f);
+    int max_abs = 0;
+    for (int n = 0; n < N; ++n)
+        for (int k = 0; k < K; ++k)
+        {
+            int code;
+            if (w_bits == 8)
+                code = w[static_cast<size_t>(n) * K + k];
+            else
+            {
+                const uint8_t byte = static_cast<uint8_t>(w[static_cast<size_t>(n) * (K / 2) + k / 2]);
+                const int nib = (k & 1) ? (byte >> 4) : (byte & 0xF);
+                code = nib >= 8 ? nib - 16 : nib;
+            }
+            out.wt[static_cast<size_t>(k) * N + n] = static_cast<float>(code);
+            max_abs = std::max(max_abs, code < 0 ? -code : code);
+        }
+    out.max_abs = max_abs;
+}
+
+namespace
+{
+
+// Rows r0 .. r0+R-1 of C = A B over all N columns, 16 columns per register tile.
+template <int R>
+__attribute__((always_inline)) inline void gemm_rows(const float* A, const float* Bm, float* C, int K, int N)
+{
+    int n = 0;
+    for (; n + 16 <= N; n += 16)
+    {
+        v8f acc[R][2];
+        for (int r = 0; r < R; ++r)
+            acc[r][0] = acc[r][1] = splat(0.0f);
+        for (int k = 0; k < K; ++k)
+        {
+            const v8f b0 = load8(Bm + static_cast<size_t>(k) * N + n);
+            const v8f b1 = load8(Bm + static_cast<size_t>(k) * N + n + 8);
+            for (int r = 0; r < R; ++r)
+            {
+                const v8f a = splat(A[static_cast<size_t>(r) * K + k]);
+                acc[r][0] += a * b0;
+                acc[r][1] += a * b1;
+            }
+        }
+        for (int r = 0; r < R; ++r)
+        {
+            store8(C + static_cast<size_t>(r) * N + n, acc[r][0]);
+            store8(C + static_cast<size_t>(r) * N + n + 8, acc[r][1]);
+        }
+    }
+    for (; n < N; n += 8)
+    {
+        const int w = std::min(8, N - n);
+        v8f acc[R];
+        for (int r = 0; r < R; ++r)
+            acc[r] = splat(0.0f);
+        for (int k = 0; k < K; ++k)
+        {
+            const v8f b = load_partial(Bm + static_cast<size_t>(k) * N + n, w);
+            for (int r = 0; r < R; ++r)
+                acc[r] += splat(A[static_cast<size_t>(r) * K + k]) * b;
+        }
+        for (int r = 0; r < R; ++r)
+            store_partial(C + static_cast<size_t>(r) * N + n, acc[r], w);
+    }
+}
+
+__attribute__((target_clones("avx2", "default"))) void gemm_block(const float* A, const float* Bm, float* C, int rows,
+                                                                  int K, int N)
+{
+    switch (rows)
+    {
+    case 4: gemm_rows<4>(A, Bm, C, K, N); break;
+    case 3: gemm_rows<3>(A, Bm, C, K, N); break;
+    case 2: gemm_rows<2>(A, Bm, C, K, N); break;
+    default: gemm_rows<1>(A, Bm, C, K, N); break;
+    }
+}
+
+// Outlier products of one window's rows over columns [0, nc): acc_out[i][n] = sum_j codes[i][j] * wt[list[j]][n].
+// Integer codes in fp32 while exact (kExactF32's bound over the window's n_listed channels), else in double
+// (fp16 outliers, or more than 2^24 / (qmax_O * max|w|) channels), rounded once to fp32 as the reference does.
+__attribute__((target_clones("avx2", "default"))) void outlier_products(const float* wt, size_t ldw, const int32_t* list,
+    int n_listed, const float* codes, size_t ldc, int rows, int nc, bool exact_f32, float* acc_out, double* acc_d)
+{
+    std::fill_n(acc_out, static_cast<size_t>(rows) * nc, 0.0f);
+    if (exact_f32)
+    {
+        for (int j = 0; j < n_listed; ++j)
+        {
+            const float* w = wt + static_cast<size_t>(list[j]) * ldw;
+            for (int i = 0; i < rows; ++i)
+            {
+                const float q = codes[static_cast<size_t>(i) * ldc + j];
+                if (q == 0.0f)
+                    continue;
+                float* o = acc_out + static_cast<size_t>(i) * nc;
+                for (int n = 0; n < nc; ++n)
+                    o[n] += q * w[n];
+            }
+        }
+        return;
+    }
+    for (int i = 0; i < rows; ++i)
+    {
+        std::fill_n(acc_d, nc, 0.0);
+        for (int j = 0; j < n_listed; ++j)
+        {
+            const double q = codes[static_cast<size_t>(i) * ldc + j];
+            if (q == 0.0)
+                continue;
+            const float* w = wt + static_cast<size_t>(list[j]) * ldw;
+            for (int n = 0; n < nc; ++n)
+                acc_d[n] += q * static_cast<double>(w[n]);
+        }
+        for (int n = 0; n < nc; ++n)
+            acc_out[static_cast<size_t>(i) * nc + n] = static_cast<float>(acc_d[n]);
+    }
+}
+
+// The reference's fp32 expression for one row: acc_in * (S_I * s_w) + acc_out * (S_O * s_w) + bias.
+__attribute__((target_clones("avx2", "default"))) void epilogue_row(const float* acc_in, const float* acc_out, int nc,
+    float s_in, float s_out, const float* w_scale, const float* bias, float* y)
+{
+    for (int n = 0; n < nc; ++n)
+    {
+        float v = acc_in[n] * (s_in * w_scale[n]) + acc_out[n] * (s_out * w_scale[n]);
+        if (bias)
+            v = v + bias[n];
+        y[n] = v;
+    }
+}
+
+// A thread's scratch buffers, grown on demand and reused across calls (never zero-filled: always written first).
+template <typename T>
+T* grab(std::vector<T>& v, size_t n)
+{
+    if (v.size() < n)
+        v.resize(n);
+    return v.data();
+}
+
+} // namespace
+
+void gemm_f32(const float* A, const float* Bm, float* C, int M, int K, int N, const ParallelFor& par)
+{
+    constexpr int kRows = 4;
+    par(static_cast<size_t>((M + kRows - 1) / kRows), [&](size_t blk) {
+        const int r0 = static_cast<int>(blk) * kRows;
+        gemm_block(A + static_cast<size_t>(r0) * K, Bm, C + static_cast<size_t>(r0) * N, std::min(kRows, M - r0), K, N);
+    });
+}
+
+void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& par)
+{
+    const LinearWeights& w = *a.w;
+    const int K = w.K, N = w.N, L = a.L;
+    const int M = a.B * L;
+    const ActQuant& q = a.act;
+    const int nr = q.n_refresh;
+    const int W = (L + nr - 1) / nr;
+    const int BW = a.B * W;
+    const int cap = a.max_outliers > 0 ? a.max_outliers : K;
+    const bool fp16_out = q.bits_outlier >= kFp16Outliers;
+    const float qo = fp16_out ? 0.0f : static_cast<float>((1 << (q.bits_outlier - 1)) - 1);
+    const int out_chunk = fp16_out ? 0 : exact_k_chunk(q.bits_outlier, w.max_abs); // outlier channels summed exactly in fp32
+
+    thread_local struct
+    {
+        std::vector<float> x, A, codes, acc, s_out, part, Ac;
+        std::vector<int32_t> list, count;
+        std::vector<int64_t> acc64;
+    } buf;
+    const float* x = static_cast<const float*>(a.x);
+    if (a.fp16)
+    {
+        float* xf = grab(buf.x, static_cast<size_t>(M) * K);
+        widen_fp16(static_cast<const uint16_t*>(a.x), xf, static_cast<size_t>(M) * K);
+        x = xf;
+    }
+    float* A = grab(buf.A, static_cast<size_t>(M) * K);
+    float* codes = grab(buf.codes, static_cast<size_t>(M) * K);
+    float* s_out = grab(buf.s_out, static_cast<size_t>(M));
+    int32_t* list = grab(buf.list, static_cast<size_t>(BW) * K);
+    int32_t* count = grab(buf.count, static_cast<size_t>(BW));
+
+    // (1) quantizer, per window: inlier codes into A, the window's outlier channels (ascending) and their codes
+    par(static_cast<size_t>(BW), [&](size_t bw) {
+        const int b = static_cast<int>(bw) / W;
+        const int t0 = static_cast<int>(bw % W) * nr;
+        const int nt = std::min(nr, L - t0);
+        const size_t row0 = static_cast<size_t>(b) * L + t0;
+        thread_local std::vector<int32_t> first;
+        first.resize(static_cast<size_t>(K));
+        WindowOut out;
+        out.inlier_codes = A + row0 * K;
+        out.ld = static_cast<size_t>(K);
+        out.outlier_scale = s_out + row0;
+        quantize_window(x + row0 * K, nt, K, t0, q, first.data(), out);
+        int32_t* lst = list + bw * K;
+        int cnt = 0;
+        for (int c = 0; c < K; ++c)
+            if (first[c] != kNever)
+                lst[cnt++] = c;
+        count[bw] = cnt;
+        for (int i = 0; i < nt && cnt > 0; ++i)
+        {
+            const float* xr = x + (row0 + i) * K;
+            float* cr = codes + (row0 + i) * K;
+            const float so = s_out[row0 + i];
+            for (int j = 0; j < cnt; ++j)
+            {
+                const int ch = lst[j];
+                const float outl = first[ch] <= i ? xr[ch] : 0.0f;
+                cr[j] = fp16_out ? half_to_float(float_to_half(outl)) : clamp_sym(round_even(outl / so), qo);
+            }
+        }
+    });
+
+    // (2) inlier GEMM, in exact chunks of K
+    const size_t MN = static_cast<size_t>(M) * N;
+    float* acc = grab(buf.acc, MN);
+    const int kc = exact_k_chunk(q.bits, w.max_abs);
+    if (K <= kc)
+        gemm(A, w.wt.data(), acc, M, K, N);
+    else
+    {
+        int64_t* acc64 = grab(buf.acc64, MN);
+        std::fill_n(acc64, MN, int64_t(0));
+        float* part = grab(buf.part, MN);
+        for (int k0 = 0; k0 < K; k0 += kc)
+        {
+            const int kn = std::min(kc, K - k0);
+            float* Ac = grab(buf.Ac, static_cast<size_t>(M) * kn);
+            for (int m = 0; m < M; ++m)
+                std::copy_n(A + static_cast<size_t>(m) * K + k0, kn, Ac + static_cast<size_t>(m) * kn);
+            gemm(Ac, w.wt.data() + static_cast<size_t>(k0) * N, part, M, kn, N);
+            for (size_t i = 0; i < MN; ++i)
+                acc64[i] += static_cast<int64_t>(part[i]);
+        }
+        for (size_t i = 0; i < MN; ++i)
+            acc[i] = static_cast<float>(acc64[i]); // round half to even, as int64 -> float in the reference
+    }
+
+    // (3) per (window, block of columns): outlier products and the epilogue
+    constexpr int kCols = 256;
+    const int nblk = (N + kCols - 1) / kCols;
+    par(static_cast<size_t>(BW) * nblk, [&](size_t item) {
+        const size_t bw = item / nblk;
+        const int n0 = static_cast<int>(item % nblk) * kCols;
+        const int nc = std::min(kCols, N - n0);
+        const int b = static_cast<int>(bw) / W;
+        const int t0 = static_cast<int>(bw % W) * nr;
+        const int nt = std::min(nr, L - t0);
+        const size_t row0 = static_cast<size_t>(b) * L + t0;
+        thread_local std::vector<float> acc_out, yrow;
+        thread_local std::vector<double> acc_d;
+        float* ao = grab(acc_out, static_cast<size_t>(nt) * nc);
+        float* yr = grab(yrow, static_cast<size_t>(nc));
+        outlier_products(w.wt.data() + n0, static_cast<size_t>(N), list + bw * K, count[bw], codes + row0 * K,
+            static_cast<size_t>(K), nt, nc, !fp16_out && count[bw] <= out_chunk, ao, grab(acc_d, static_cast<size_t>(nc)));
+        for (int i = 0; i < nt; ++i)
+        {
+            const size_t m = row0 + i;
+            float* yf = a.fp16 ? yr : static_cast<float*>(a.y) + m * N + n0;
+            if (count[bw] > cap)
+                std::fill_n(yf, nc, std::numeric_limits<float>::quiet_NaN()); // never a silently wrong row
+            else
+                epilogue_row(acc + m * N + n0, ao + static_cast<size_t>(i) * nc, nc, q.scale[t0 + i], s_out[m],
+                    a.w_scale + n0, a.bias ? a.bias + n0 : nullptr, yf);
+            if (a.fp16)
+                narrow_fp16(yf, static_cast<uint16_t*>(a.y) + m * N + n0, static_cast<size_t>(nc));
+        }
+    });
+}
+
+} // namespace ouro::ort::cpu
