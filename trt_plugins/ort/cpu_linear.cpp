@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace ouro::ort::cpu
@@ -60,10 +61,13 @@ void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& o
 namespace
 {
 
-// Rows r0 .. r0+R-1 of C = A B over all N columns, 16 columns per register tile.
+// Rows 0 .. R-1 of C = A B, fp32, 16 columns per register tile. A: R rows of stride lda; B row k is
+// Bm + (idx ? idx[k] : k) * ldb (an index list gathers the rows of a window's outlier channels); C: stride ldc.
 template <int R>
-__attribute__((always_inline)) inline void gemm_rows(const float* A, const float* Bm, float* C, int K, int N)
+OURO_INLINE void gemm_rows(const float* A, size_t lda, const float* Bm, size_t ldb, const int32_t* idx, int K, float* C,
+    size_t ldc, int N)
 {
+    auto brow = [&](int k) { return Bm + static_cast<size_t>(idx ? idx[k] : k) * ldb; };
     int n = 0;
     for (; n + 16 <= N; n += 16)
     {
@@ -72,19 +76,20 @@ __attribute__((always_inline)) inline void gemm_rows(const float* A, const float
             acc[r][0] = acc[r][1] = splat(0.0f);
         for (int k = 0; k < K; ++k)
         {
-            const v8f b0 = load8(Bm + static_cast<size_t>(k) * N + n);
-            const v8f b1 = load8(Bm + static_cast<size_t>(k) * N + n + 8);
+            const float* b = brow(k) + n;
+            const v8f b0 = load8(b);
+            const v8f b1 = load8(b + 8);
             for (int r = 0; r < R; ++r)
             {
-                const v8f a = splat(A[static_cast<size_t>(r) * K + k]);
-                acc[r][0] += a * b0;
-                acc[r][1] += a * b1;
+                const v8f av = splat(A[r * lda + k]);
+                acc[r][0] += av * b0;
+                acc[r][1] += av * b1;
             }
         }
         for (int r = 0; r < R; ++r)
         {
-            store8(C + static_cast<size_t>(r) * N + n, acc[r][0]);
-            store8(C + static_cast<size_t>(r) * N + n + 8, acc[r][1]);
+            store8(C + r * ldc + n, acc[r][0]);
+            store8(C + r * ldc + n + 8, acc[r][1]);
         }
     }
     for (; n < N; n += 8)
@@ -95,24 +100,28 @@ __attribute__((always_inline)) inline void gemm_rows(const float* A, const float
             acc[r] = splat(0.0f);
         for (int k = 0; k < K; ++k)
         {
-            const v8f b = load_partial(Bm + static_cast<size_t>(k) * N + n, w);
+            const v8f b = load_partial(brow(k) + n, w);
             for (int r = 0; r < R; ++r)
-                acc[r] += splat(A[static_cast<size_t>(r) * K + k]) * b;
+                acc[r] += splat(A[r * lda + k]) * b;
         }
         for (int r = 0; r < R; ++r)
-            store_partial(C + static_cast<size_t>(r) * N + n, acc[r], w);
+            store_partial(C + r * ldc + n, acc[r], w);
     }
 }
 
-__attribute__((target_clones("avx2", "default"))) void gemm_block(const float* A, const float* Bm, float* C, int rows,
-                                                                  int K, int N)
+// C[rows, N] = A[rows, K] B (see gemm_rows), four rows at a time.
+__attribute__((target_clones("avx2", "default"))) void gemm_tile(const float* A, size_t lda, const float* Bm, size_t ldb,
+    const int32_t* idx, int K, float* C, size_t ldc, int rows, int N)
 {
-    switch (rows)
+    int r = 0;
+    for (; r + 4 <= rows; r += 4)
+        gemm_rows<4>(A + r * lda, lda, Bm, ldb, idx, K, C + r * ldc, ldc, N);
+    switch (rows - r)
     {
-    case 4: gemm_rows<4>(A, Bm, C, K, N); break;
-    case 3: gemm_rows<3>(A, Bm, C, K, N); break;
-    case 2: gemm_rows<2>(A, Bm, C, K, N); break;
-    default: gemm_rows<1>(A, Bm, C, K, N); break;
+    case 3: gemm_rows<3>(A + r * lda, lda, Bm, ldb, idx, K, C + r * ldc, ldc, N); break;
+    case 2: gemm_rows<2>(A + r * lda, lda, Bm, ldb, idx, K, C + r * ldc, ldc, N); break;
+    case 1: gemm_rows<1>(A + r * lda, lda, Bm, ldb, idx, K, C + r * ldc, ldc, N); break;
+    default: break;
     }
 }
 
@@ -122,22 +131,9 @@ __attribute__((target_clones("avx2", "default"))) void gemm_block(const float* A
 __attribute__((target_clones("avx2", "default"))) void outlier_products(const float* wt, size_t ldw, const int32_t* list,
     int n_listed, const float* codes, size_t ldc, int rows, int nc, bool exact_f32, float* acc_out, double* acc_d)
 {
-    std::fill_n(acc_out, static_cast<size_t>(rows) * nc, 0.0f);
-    if (exact_f32)
+    if (exact_f32) // a small GEMM: codes [rows, n_listed] x the listed rows of w^T
     {
-        for (int j = 0; j < n_listed; ++j)
-        {
-            const float* w = wt + static_cast<size_t>(list[j]) * ldw;
-            for (int i = 0; i < rows; ++i)
-            {
-                const float q = codes[static_cast<size_t>(i) * ldc + j];
-                if (q == 0.0f)
-                    continue;
-                float* o = acc_out + static_cast<size_t>(i) * nc;
-                for (int n = 0; n < nc; ++n)
-                    o[n] += q * w[n];
-            }
-        }
+        gemm_tile(codes, ldc, wt, ldw, list, n_listed, acc_out, static_cast<size_t>(nc), rows, nc);
         return;
     }
     for (int i = 0; i < rows; ++i)
@@ -155,6 +151,22 @@ __attribute__((target_clones("avx2", "default"))) void outlier_products(const fl
         for (int n = 0; n < nc; ++n)
             acc_out[static_cast<size_t>(i) * nc + n] = static_cast<float>(acc_d[n]);
     }
+}
+
+// Integer outlier codes of row i over all K channels: clamp(round(x / S_O)) on the list (first[c] <= i), else 0.
+__attribute__((target_clones("avx2", "default"))) void outlier_codes_row(const float* x, const int32_t* first, int i,
+    int K, float so, float qo, float* out)
+{
+    const v8i pos = v8i{i, i, i, i, i, i, i, i};
+    int c = 0;
+    for (; c + 8 <= K; c += 8)
+    {
+        v8i f;
+        std::memcpy(&f, first + c, sizeof f);
+        store8(out + c, clamp_sym(round_even(select(f <= pos, load8(x + c), splat(0.0f)) / splat(so)), qo));
+    }
+    for (; c < K; ++c)
+        out[c] = clamp_sym(round_even((first[c] <= i ? x[c] : 0.0f) / so), qo);
 }
 
 // The reference's fp32 expression for one row: acc_in * (S_I * s_w) + acc_out * (S_O * s_w) + bias.
@@ -179,6 +191,16 @@ T* grab(std::vector<T>& v, size_t n)
     return v.data();
 }
 
+// Buffers kept for the next call up to this size; larger ones (big batches) are given back after the call.
+constexpr size_t kKeepBytes = size_t(32) << 20;
+
+template <typename T>
+void trim(std::vector<T>& v)
+{
+    if (v.capacity() * sizeof(T) > kKeepBytes)
+        std::vector<T>().swap(v);
+}
+
 } // namespace
 
 void gemm_f32(const float* A, const float* Bm, float* C, int M, int K, int N, const ParallelFor& par)
@@ -186,7 +208,8 @@ void gemm_f32(const float* A, const float* Bm, float* C, int M, int K, int N, co
     constexpr int kRows = 4;
     par(static_cast<size_t>((M + kRows - 1) / kRows), [&](size_t blk) {
         const int r0 = static_cast<int>(blk) * kRows;
-        gemm_block(A + static_cast<size_t>(r0) * K, Bm, C + static_cast<size_t>(r0) * N, std::min(kRows, M - r0), K, N);
+        gemm_tile(A + static_cast<size_t>(r0) * K, static_cast<size_t>(K), Bm, static_cast<size_t>(N), nullptr, K,
+            C + static_cast<size_t>(r0) * N, static_cast<size_t>(N), std::min(kRows, M - r0), N);
     });
 }
 
@@ -204,11 +227,19 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
     const float qo = fp16_out ? 0.0f : static_cast<float>((1 << (q.bits_outlier - 1)) - 1);
     const int out_chunk = fp16_out ? 0 : exact_k_chunk(q.bits_outlier, w.max_abs); // outlier channels summed exactly in fp32
 
-    thread_local struct
+    thread_local struct Buffers
     {
         std::vector<float> x, A, codes, acc, s_out, part, Ac;
         std::vector<int32_t> list, count;
         std::vector<int64_t> acc64;
+        void trim_all()
+        {
+            for (auto* v : {&x, &A, &codes, &acc, &s_out, &part, &Ac})
+                trim(*v);
+            trim(list);
+            trim(count);
+            trim(acc64);
+        }
     } buf;
     const float* x = static_cast<const float*>(a.x);
     if (a.fp16)
@@ -242,16 +273,20 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
             if (first[c] != kNever)
                 lst[cnt++] = c;
         count[bw] = cnt;
+        thread_local std::vector<float> dense;
+        float* dn = grab(dense, static_cast<size_t>(K));
         for (int i = 0; i < nt && cnt > 0; ++i)
         {
             const float* xr = x + (row0 + i) * K;
             float* cr = codes + (row0 + i) * K;
-            const float so = s_out[row0 + i];
-            for (int j = 0; j < cnt; ++j)
+            if (fp16_out)
+                for (int j = 0; j < cnt; ++j)
+                    cr[j] = first[lst[j]] <= i ? half_to_float(float_to_half(xr[lst[j]])) : 0.0f;
+            else
             {
-                const int ch = lst[j];
-                const float outl = first[ch] <= i ? xr[ch] : 0.0f;
-                cr[j] = fp16_out ? half_to_float(float_to_half(outl)) : clamp_sym(round_even(outl / so), qo);
+                outlier_codes_row(xr, first.data(), i, K, s_out[row0 + i], qo, dn); // all channels, vectorized
+                for (int j = 0; j < cnt; ++j)
+                    cr[j] = dn[lst[j]];
             }
         }
     });
@@ -311,6 +346,7 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
                 narrow_fp16(yf, static_cast<uint16_t*>(a.y) + m * N + n0, static_cast<size_t>(nc));
         }
     });
+    buf.trim_all();
 }
 
 } // namespace ouro::ort::cpu

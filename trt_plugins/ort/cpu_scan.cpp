@@ -126,7 +126,7 @@ void selective_scan(const ScanArgs& a, const ParallelFor& par)
 {
     const int B = a.B, L = a.L, D = a.D, S = a.S;
     const size_t nLD = static_cast<size_t>(B) * L * D, nLS = static_cast<size_t>(B) * L * S;
-    std::vector<float> ub, db, bb, cb, zb, dq, bq, cq;
+    thread_local std::vector<float> ub, db, bb, cb, zb, dq, bq, cq, At, Dsk; // the caller's, reused across calls
     const float* u = as_f32(a.u, a.fp16, nLD, ub);
     const float* delta = as_f32(a.delta, a.fp16, nLD, db);
     const float* Bm = as_f32(a.Bm, a.fp16, nLS, bb);
@@ -135,25 +135,28 @@ void selective_scan(const ScanArgs& a, const ParallelFor& par)
     // operand quantization (OuroMamba dynamic outliers), before the recurrence
     if (a.delta_q.bits > 0)
     {
-        dq.resize(nLD);
+        if (dq.size() < nLD)
+            dq.resize(nLD);
         outlier_fake_quant(delta, dq.data(), B, L, D, a.delta_q, par);
         delta = dq.data();
     }
     if (a.b_q.bits > 0)
     {
-        bq.resize(nLS);
+        if (bq.size() < nLS)
+            bq.resize(nLS);
         outlier_fake_quant(Bm, bq.data(), B, L, S, a.b_q, par);
         Bm = bq.data();
     }
     if (a.c_q.bits > 0)
     {
-        cq.resize(nLS);
+        if (cq.size() < nLS)
+            cq.resize(nLS);
         outlier_fake_quant(Cm, cq.data(), B, L, S, a.c_q, par);
         Cm = cq.data();
     }
     const int nblk = (D + 7) / 8;
     const int Dp = nblk * 8;
-    std::vector<float> At(static_cast<size_t>(S) * Dp, 0.0f), Dsk;
+    At.assign(static_cast<size_t>(S) * Dp, 0.0f);
     for (int d = 0; d < D; ++d)
         for (int s = 0; s < S; ++s)
             At[static_cast<size_t>(s) * Dp + d] = a.A[static_cast<size_t>(d) * S + s];
@@ -162,6 +165,9 @@ void selective_scan(const ScanArgs& a, const ParallelFor& par)
         Dsk.assign(static_cast<size_t>(Dp), 0.0f);
         std::copy_n(a.Dskip, D, Dsk.data());
     }
+    // (the buffers are thread_local: worker threads must see the caller's through plain pointers)
+    const float* At_p = At.data();
+    const float* Dsk_p = a.Dskip ? Dsk.data() : nullptr;
     // work items: blocks of 16 channels, the remainder as blocks of at most 8
     std::vector<std::pair<int, int>> blocks; // (d0, nd)
     int d = 0;
@@ -180,8 +186,8 @@ void selective_scan(const ScanArgs& a, const ParallelFor& par)
         ba.Bm = Bm + oS;
         ba.Cm = Cm + oS;
         ba.z = z ? z + oD : nullptr;
-        ba.At = At.data();
-        ba.Dskip = a.Dskip ? Dsk.data() : nullptr;
+        ba.At = At_p;
+        ba.Dskip = Dsk_p;
         ba.out32 = a.fp16 ? nullptr : static_cast<float*>(a.out) + oD;
         ba.out16 = a.fp16 ? static_cast<uint16_t*>(a.out) + oD : nullptr;
         ba.L = L;
@@ -200,6 +206,9 @@ void selective_scan(const ScanArgs& a, const ParallelFor& par)
         h.resize(static_cast<size_t>(S) * 16);
         scan_block(ba, h.data());
     });
+    for (auto* v : {&ub, &db, &bb, &cb, &zb, &dq, &bq, &cq}) // big batches: give the memory back
+        if (v->capacity() * sizeof(float) > (size_t(32) << 20))
+            std::vector<float>().swap(*v);
 }
 
 } // namespace ouro::ort::cpu
