@@ -14,6 +14,7 @@ Every runner is timed once per round, rounds interleave the runners (so load on 
 them alike); the table gives the best wall time, the mean process CPU time per run (all threads), and the ratio
 of best wall times to the PyTorch FP forward and to the native FP graph. Sessions use --threads intra-op threads
 and the basic optimisation level of `ouro.exporter.onnxruntime_session`; PyTorch uses --threads threads.
+The machine load matters on a shared machine: compare the CPU column too, and repeat.
 """
 from __future__ import annotations
 
@@ -39,23 +40,25 @@ GOAL_PLUGIN_VS_FP = 1.5
 """Goal (issue 19): the native W4A4 plugin graph within 1.5x of the native FP graph."""
 
 
-def session_options(threads: int):
+def session_options(threads: int, spin: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 
-def ort_runner(graph: onnx.ModelProto, ops: str | None, threads: int):
+def ort_runner(graph: onnx.ModelProto, ops: str | None, threads: int, spin: bool):
+    so = session_options(threads, spin)
     if ops is None:  # no ouro node: plain onnxruntime
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
     else:
-        sess = onnxruntime_session(graph, sess_options=session_options(threads), ops=ops)
+        sess = onnxruntime_session(graph, sess_options=so, ops=ops)
     return lambda x: sess.run(None, {"images": x.numpy()})[0]
 
 
@@ -106,10 +109,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed runs of every runner (best wall time reported)")
     p.add_argument("--python-rounds", type=int, default=1, help="timed runs of the (slow) Python-op runners")
     p.add_argument("--skip-python", action="store_true", help="leave out the Python reference ops")
+    p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default; on a shared, "
+                   "loaded machine spinning threads take the CPU the others need, so off by default here)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"threads {a.threads}, rounds {a.rounds} (Python ops {0 if a.skip_python else a.python_rounds}), "
-          f"onnxruntime basic optimisation, preset {a.preset}")
+          f"onnxruntime basic optimisation, pool spinning {'on' if a.spin else 'off'}, preset {a.preset}")
     verdicts = []
     for arch in a.archs.split(","):
         t0 = time.perf_counter()
@@ -118,8 +123,8 @@ def main() -> None:
         runners = {"PyTorch FP forward": torch_runner(model)}
         for label, graph in (("FP", fp), ("QDQ", qdq), ("plugin", plugin)):
             for ops in (("python", "native") if not a.skip_python else ("native",)):
-                runners[f"{label} ONNX, {ops} ops"] = ort_runner(graph, ops, a.threads)
-        runners["QDQ (Scan loops), no custom ops"] = ort_runner(qdq_scan, None, a.threads)
+                runners[f"{label} ONNX, {ops} ops"] = ort_runner(graph, ops, a.threads, a.spin)
+        runners["QDQ (Scan loops), no custom ops"] = ort_runner(qdq_scan, None, a.threads, a.spin)
         for batch in (int(b) for b in a.batches.split(",")):
             x = example_input(model, batch)
             res = measure(runners, x, a.rounds, a.python_rounds)

@@ -27,6 +27,16 @@ using ParallelFor = std::function<void(size_t n, const std::function<void(size_t
 
 void serial_for(size_t n, const std::function<void(size_t)>& fn);
 
+// Work of fewer element operations than this runs on the calling thread: a thread-pool dispatch costs more.
+constexpr size_t kSerialWork = size_t(1) << 15;
+inline void parallel(const ParallelFor& par, size_t n, size_t work, const std::function<void(size_t)>& fn)
+{
+    if (work < kSerialWork)
+        serial_for(n, fn);
+    else
+        par(n, fn);
+}
+
 constexpr int kFp16Outliers = 16; // bits_outlier >= 16: outliers kept in fp16
 constexpr int32_t kNever = INT32_MAX;
 

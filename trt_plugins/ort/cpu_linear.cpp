@@ -255,7 +255,7 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
     int32_t* count = grab(buf.count, static_cast<size_t>(BW));
 
     // (1) quantizer, per window: inlier codes into A, the window's outlier channels (ascending) and their codes
-    par(static_cast<size_t>(BW), [&](size_t bw) {
+    parallel(par, static_cast<size_t>(BW), static_cast<size_t>(M) * K, [&](size_t bw) {
         const int b = static_cast<int>(bw) / W;
         const int t0 = static_cast<int>(bw % W) * nr;
         const int nt = std::min(nr, L - t0);
@@ -319,7 +319,7 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
     // (3) per (window, block of columns): outlier products and the epilogue
     constexpr int kCols = 256;
     const int nblk = (N + kCols - 1) / kCols;
-    par(static_cast<size_t>(BW) * nblk, [&](size_t item) {
+    parallel(par, static_cast<size_t>(BW) * nblk, MN, [&](size_t item) {
         const size_t bw = item / nblk;
         const int n0 = static_cast<int>(item % nblk) * kCols;
         const int nc = std::min(kCols, N - n0);

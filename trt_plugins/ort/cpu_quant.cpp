@@ -302,7 +302,7 @@ void outlier_fake_quant(const float* x, float* y, int B, int L, int C, const Act
 {
     const int n = q.n_refresh;
     const int W = (L + n - 1) / n;
-    par(static_cast<size_t>(B) * W, [&](size_t bw) {
+    parallel(par, static_cast<size_t>(B) * W, static_cast<size_t>(B) * L * C, [&](size_t bw) {
         const int b = static_cast<int>(bw / W);
         const int t0 = static_cast<int>(bw % W) * n;
         const int nt = std::min(n, L - t0);
