@@ -65,6 +65,7 @@ struct WindowOut
 {
     float* inlier_codes = nullptr; // [nt, ld] integer codes of the inliers (0 at outlier channels)
     size_t ld = 0;
+    uint8_t* inlier_u8 = nullptr;  // [nt, ld] the same codes + 128, as uint8 (the integer GEMM's A)
     float* x_hat = nullptr;        // [nt, C] fake-quantized values I_hat + O_hat
     float* outlier_scale = nullptr; // [nt] S_O (1 for fp16 outliers or rows without outliers)
     uint8_t* mask = nullptr;       // [nt, C] the outlier list in force at each token
@@ -84,7 +85,8 @@ struct LinearWeights
 {
     int K = 0, N = 0, w_bits = 0;
     int max_abs = 0; // largest |code| (bounds the partial sums of the GEMM)
-    std::vector<float> wt;
+    std::vector<float> wt;     // [K, N] codes as fp32
+    std::vector<int8_t> wt8;   // [K, N] codes as int8 (the integer GEMM's B)
 };
 // w: w_bits 8: int8 [N, K]; w_bits 4: [N, K/2] packed two per byte along K, low nibble = even k.
 void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& out);
@@ -93,6 +95,11 @@ void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& o
 // gemm_f32 is the library's own (fallback, tests). Both are exact here: see kExactF32 in cpu_linear.cpp.
 using Gemm = std::function<void(const float* A, const float* Bm, float* C, int M, int K, int N)>;
 void gemm_f32(const float* A, const float* Bm, float* C, int M, int K, int N, const ParallelFor& par);
+
+// C[M, N] (int32) = (A[M, K] - 128) B[K, N], A uint8, B int8, all row-major and contiguous: onnxruntime's
+// MatMulInteger (MLAS) with a_zero_point 128. Used when u8_gemm_exact() holds (see cpu_linear.cpp, kExactU8S8).
+using GemmU8 = std::function<void(const uint8_t* A, const int8_t* Bm, int32_t* C, int M, int K, int N)>;
+bool u8_gemm_exact(int a_bits, int w_max_abs);
 
 // Largest K of one fp32 GEMM call such that every partial sum of code products is an exact fp32 integer.
 int exact_k_chunk(int a_bits, int w_max_abs);
@@ -109,7 +116,8 @@ struct LinearArgs
     int max_outliers = 0;    // outlier channels per (image, window); 0 = K. Rows of a window that exceeds it are NaN.
     void* y = nullptr;       // [M, N]
 };
-void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& par);
+// gemm_u8 may be empty (then every inlier GEMM is fp32).
+void outlier_linear(const LinearArgs& a, const Gemm& gemm, const GemmU8& gemm_u8, const ParallelFor& par);
 
 // ---------------------------------------------------------------------------------------- SelectiveScan
 struct ScanArgs

@@ -33,12 +33,25 @@ int exact_k_chunk(int a_bits, int w_max_abs)
     return static_cast<int>(std::min<int64_t>((int64_t(1) << 24) / bound, std::numeric_limits<int>::max()));
 }
 
+// kExactU8S8: onnxruntime's MatMulInteger (MLAS) on A = q_I + 128 (uint8) and B = w (int8), a_zero_point 128.
+// MLAS's AVX2 kernel multiplies uint8 by int8 and adds adjacent pairs into int16 with saturation (vpmaddubsw)
+// before widening to int32 (VNNI kernels do not saturate), so it is exact when 2 * max(A) * max|B| <= 32767:
+// W4A4 gives 2 * (128 + 7) * 8 = 2160; 4-bit activations with 8-bit weights pass up to max|w| = 121, 8-bit
+// activations only with max|w| <= 64. Checked per node from the weights' actual max|w|; otherwise the fp32
+// GEMM runs (kExactF32). The int32 sums are exact far beyond any K here (|sum| <= K * 255 * 128).
+bool u8_gemm_exact(int a_bits, int w_max_abs)
+{
+    const int64_t qa = (int64_t(1) << (a_bits - 1)) - 1;
+    return 2 * (128 + qa) * std::max(w_max_abs, 1) <= 32767;
+}
+
 void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& out)
 {
     out.K = K;
     out.N = N;
     out.w_bits = w_bits;
     out.wt.assign(static_cast<size_t>(K) * N, 0.0f);
+    out.wt8.assign(static_cast<size_t>(K) * N, 0);
     int max_abs = 0;
     for (int n = 0; n < N; ++n)
         for (int k = 0; k < K; ++k)
@@ -53,6 +66,7 @@ void prepare_weights(const int8_t* w, int w_bits, int N, int K, LinearWeights& o
                 code = nib >= 8 ? nib - 16 : nib;
             }
             out.wt[static_cast<size_t>(k) * N + n] = static_cast<float>(code);
+            out.wt8[static_cast<size_t>(k) * N + n] = static_cast<int8_t>(code);
             max_abs = std::max(max_abs, code < 0 ? -code : code);
         }
     out.max_abs = max_abs;
@@ -170,16 +184,27 @@ __attribute__((target_clones("avx2", "default"))) void outlier_codes_row(const f
 }
 
 // The reference's fp32 expression for one row: acc_in * (S_I * s_w) + acc_out * (S_O * s_w) + bias.
-__attribute__((target_clones("avx2", "default"))) void epilogue_row(const float* acc_in, const float* acc_out, int nc,
-    float s_in, float s_out, const float* w_scale, const float* bias, float* y)
+template <typename Acc>
+OURO_INLINE void epilogue(const Acc* acc_in, const float* acc_out, int nc, float s_in, float s_out, const float* w_scale,
+    const float* bias, float* y)
 {
     for (int n = 0; n < nc; ++n)
     {
-        float v = acc_in[n] * (s_in * w_scale[n]) + acc_out[n] * (s_out * w_scale[n]);
+        // float(int32) rounds half to even, as int64 -> float in the reference (exact below 2^24)
+        float v = static_cast<float>(acc_in[n]) * (s_in * w_scale[n]) + acc_out[n] * (s_out * w_scale[n]);
         if (bias)
             v = v + bias[n];
         y[n] = v;
     }
+}
+
+__attribute__((target_clones("avx2", "default"))) void epilogue_row(const float* acc_f, const int32_t* acc_i,
+    const float* acc_out, int nc, float s_in, float s_out, const float* w_scale, const float* bias, float* y)
+{
+    if (acc_i)
+        epilogue(acc_i, acc_out, nc, s_in, s_out, w_scale, bias, y);
+    else
+        epilogue(acc_f, acc_out, nc, s_in, s_out, w_scale, bias, y);
 }
 
 // A thread's scratch buffers, grown on demand and reused across calls (never zero-filled: always written first).
@@ -213,7 +238,7 @@ void gemm_f32(const float* A, const float* Bm, float* C, int M, int K, int N, co
     });
 }
 
-void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& par)
+void outlier_linear(const LinearArgs& a, const Gemm& gemm, const GemmU8& gemm_u8, const ParallelFor& par)
 {
     const LinearWeights& w = *a.w;
     const int K = w.K, N = w.N, L = a.L;
@@ -230,15 +255,18 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
     thread_local struct Buffers
     {
         std::vector<float> x, A, codes, acc, s_out, part, Ac;
-        std::vector<int32_t> list, count;
+        std::vector<int32_t> list, count, acc32;
         std::vector<int64_t> acc64;
+        std::vector<uint8_t> A8;
         void trim_all()
         {
             for (auto* v : {&x, &A, &codes, &acc, &s_out, &part, &Ac})
                 trim(*v);
             trim(list);
             trim(count);
+            trim(acc32);
             trim(acc64);
+            trim(A8);
         }
     } buf;
     const float* x = static_cast<const float*>(a.x);
@@ -248,7 +276,9 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
         widen_fp16(static_cast<const uint16_t*>(a.x), xf, static_cast<size_t>(M) * K);
         x = xf;
     }
-    float* A = grab(buf.A, static_cast<size_t>(M) * K);
+    const bool use_u8 = gemm_u8 && u8_gemm_exact(q.bits, w.max_abs);
+    float* A = use_u8 ? nullptr : grab(buf.A, static_cast<size_t>(M) * K);
+    uint8_t* A8 = use_u8 ? grab(buf.A8, static_cast<size_t>(M) * K) : nullptr;
     float* codes = grab(buf.codes, static_cast<size_t>(M) * K);
     float* s_out = grab(buf.s_out, static_cast<size_t>(M));
     int32_t* list = grab(buf.list, static_cast<size_t>(BW) * K);
@@ -263,7 +293,8 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
         thread_local std::vector<int32_t> first;
         first.resize(static_cast<size_t>(K));
         WindowOut out;
-        out.inlier_codes = A + row0 * K;
+        out.inlier_codes = A ? A + row0 * K : nullptr;
+        out.inlier_u8 = A8 ? A8 + row0 * K : nullptr;
         out.ld = static_cast<size_t>(K);
         out.outlier_scale = s_out + row0;
         quantize_window(x + row0 * K, nt, K, t0, q, first.data(), out);
@@ -293,9 +324,12 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
 
     // (2) inlier GEMM, in exact chunks of K
     const size_t MN = static_cast<size_t>(M) * N;
-    float* acc = grab(buf.acc, MN);
+    float* acc = use_u8 ? nullptr : grab(buf.acc, MN);
+    int32_t* acc32 = use_u8 ? grab(buf.acc32, MN) : nullptr;
     const int kc = exact_k_chunk(q.bits, w.max_abs);
-    if (K <= kc)
+    if (use_u8)
+        gemm_u8(A8, w.wt8.data(), acc32, M, K, N);
+    else if (K <= kc)
         gemm(A, w.wt.data(), acc, M, K, N);
     else
     {
@@ -340,7 +374,8 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const ParallelFor& pa
             if (count[bw] > cap)
                 std::fill_n(yf, nc, std::numeric_limits<float>::quiet_NaN()); // never a silently wrong row
             else
-                epilogue_row(acc + m * N + n0, ao + static_cast<size_t>(i) * nc, nc, q.scale[t0 + i], s_out[m],
+                epilogue_row(acc ? acc + m * N + n0 : nullptr, acc32 ? acc32 + m * N + n0 : nullptr,
+                    ao + static_cast<size_t>(i) * nc, nc, q.scale[t0 + i], s_out[m],
                     a.w_scale + n0, a.bias ? a.bias + n0 : nullptr, yf);
             if (a.fp16)
                 narrow_fp16(yf, static_cast<uint16_t*>(a.y) + m * N + n0, static_cast<size_t>(nc));

@@ -25,6 +25,7 @@ namespace
 {
 
 typedef double v4d __attribute__((vector_size(32)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
 
 OURO_INLINE float qmax_f(int bits)
 {
@@ -208,7 +209,7 @@ OURO_INLINE float join(const float* x, const float* a, int C, bool trig, float t
 
 // Quantizes row i of a window with the list in force (first[c] <= i); so = S_O.
 OURO_INLINE void quantize_row(const float* x, const int32_t* first, int i, int C, float s, float qi, float so, float qo,
-    bool fp16_out, float* in_codes, float* x_hat)
+    bool fp16_out, float* in_codes, uint8_t* in_u8, float* x_hat)
 {
     // inliers: q_in = clamp(round(x / S_I)) off the list, 0 on it; x_hat = q_in * S_I + O_hat, with
     // O_hat = clamp(round(x / S_O)) * S_O on the list (int outliers), 0 off it
@@ -223,6 +224,11 @@ OURO_INLINE void quantize_row(const float* x, const int32_t* first, int i, int C
         const v8f qin = clamp_sym(round_even(select(listed, splat(0.0f), xv) / splat(s)), qi);
         if (in_codes)
             store8(in_codes + c, qin);
+        if (in_u8)
+        {
+            const v8u8 b = __builtin_convertvector(__builtin_convertvector(qin, v8i) + 128, v8u8);
+            std::memcpy(in_u8 + c, &b, sizeof b);
+        }
         if (x_hat)
         {
             const v8f ohat = fp16_out ? splat(0.0f) : clamp_sym(round_even(select(listed, xv, splat(0.0f)) / splat(so)), qo) * splat(so);
@@ -235,6 +241,8 @@ OURO_INLINE void quantize_row(const float* x, const int32_t* first, int i, int C
         const float qin = clamp_sym(round_even((listed ? 0.0f : x[c]) / s), qi);
         if (in_codes)
             in_codes[c] = qin;
+        if (in_u8)
+            in_u8[c] = static_cast<uint8_t>(static_cast<int>(qin) + 128);
         if (x_hat)
             x_hat[c] = qin * s + (fp16_out ? 0.0f : clamp_sym(round_even((listed ? x[c] : 0.0f) / so), qo) * so);
     }
@@ -279,7 +287,8 @@ __attribute__((target_clones("avx2", "default"))) void quantize_window(const flo
         const float so = fp16_out ? 1.0f : (omax > 0.0f ? omax / qo : 1.0f);
         const size_t row = static_cast<size_t>(i) * C;
         quantize_row(xr, first, i, C, s, qi, so, qo, fp16_out,
-            out.inlier_codes ? out.inlier_codes + static_cast<size_t>(i) * out.ld : nullptr, out.x_hat ? out.x_hat + row : nullptr);
+            out.inlier_codes ? out.inlier_codes + static_cast<size_t>(i) * out.ld : nullptr,
+            out.inlier_u8 ? out.inlier_u8 + static_cast<size_t>(i) * out.ld : nullptr, out.x_hat ? out.x_hat + row : nullptr);
         if (out.outlier_scale)
             out.outlier_scale[i] = so;
         if (out.mask || out.outlier_codes) // debug outputs (tests)

@@ -1,8 +1,8 @@
 // CPU execution-provider kernels of ouro::OutlierLinear and ouro::SelectiveScan: onnxruntime glue around
 // cpu_kernels.h. Work is spread over onnxruntime's intra-op thread pool (KernelContext_ParallelFor); the
-// inlier GEMM of OutlierLinear runs as onnxruntime's own MatMul (MLAS, the same pool) through InvokeOp,
-// or, where InvokeOp is unavailable or the session config entry "ouro.cpu_gemm" = "builtin", as the
-// library's own fp32 GEMM. Both are exact on integer codes (cpu_linear.cpp, kExactF32).
+// inlier GEMM of OutlierLinear runs as onnxruntime's own MatMulInteger (MLAS, uint8 x int8, where that is exact:
+// kExactU8S8) or MatMul (MLAS fp32, kExactF32) through InvokeOp, on the same pool; where InvokeOp is
+// unavailable, or with the session config entry "ouro.cpu_gemm" = "builtin", the library's own fp32 GEMM.
 #include "cpu_kernels.h"
 #include "ort_common.h"
 
@@ -134,6 +134,70 @@ private:
     OrtMemoryInfo* mem_ = nullptr;
 };
 
+// onnxruntime's MatMulInteger (uint8 A, int8 B, int32 out, opset 10) with a_zero_point 128, on our buffers.
+class OrtMatMulInteger
+{
+public:
+    bool init(const OrtKernelInfo* info)
+    {
+        const char* names[] = {"T1", "T2", "T3"};
+        const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+            ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
+        if (OrtStatus* st = g_api->CreateOp(info, "MatMulInteger", "", 10, names, types, 3, nullptr, 0, 3, 1, &op_))
+        {
+            g_api->ReleaseStatus(st);
+            op_ = nullptr;
+            return false;
+        }
+        check(g_api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &mem_), "CreateCpuMemoryInfo");
+        check(g_api->CreateTensorWithDataAsOrtValue(mem_, &zero_point_, 1, nullptr, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+                  &zp_), "CreateTensorWithDataAsOrtValue");
+        return true;
+    }
+
+    ~OrtMatMulInteger()
+    {
+        if (zp_)
+            g_api->ReleaseValue(zp_);
+        if (op_)
+            g_api->ReleaseOp(op_);
+        if (mem_)
+            g_api->ReleaseMemoryInfo(mem_);
+    }
+
+    bool ready() const { return op_ != nullptr; }
+
+    void run(OrtKernelContext* ctx, const uint8_t* A, const int8_t* Bm, int32_t* C, int M, int K, int N) const
+    {
+        const int64_t da[2] = {M, K}, db[2] = {K, N}, dc[2] = {M, N};
+        OrtValue* v[3] = {nullptr, nullptr, nullptr};
+        OrtStatus* st = g_api->CreateTensorWithDataAsOrtValue(mem_, const_cast<uint8_t*>(A), static_cast<size_t>(M) * K, da,
+            2, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, &v[0]);
+        if (!st)
+            st = g_api->CreateTensorWithDataAsOrtValue(mem_, const_cast<int8_t*>(Bm), static_cast<size_t>(K) * N, db, 2,
+                ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, &v[1]);
+        if (!st)
+            st = g_api->CreateTensorWithDataAsOrtValue(mem_, C, sizeof(int32_t) * static_cast<size_t>(M) * N, dc, 2,
+                ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, &v[2]);
+        if (!st)
+        {
+            const OrtValue* ins[3] = {v[0], v[1], zp_};
+            OrtValue* outs[1] = {v[2]};
+            st = g_api->InvokeOp(ctx, op_, ins, 3, outs, 1);
+        }
+        for (OrtValue* x : v)
+            if (x)
+                g_api->ReleaseValue(x);
+        check(st, "MatMulInteger (InvokeOp)");
+    }
+
+private:
+    OrtOp* op_ = nullptr;
+    OrtMemoryInfo* mem_ = nullptr;
+    OrtValue* zp_ = nullptr;
+    uint8_t zero_point_ = 128;
+};
+
 // Session config entry `key`, "" when absent (or when onnxruntime is older than 1.24).
 std::string config_entry(const OrtKernelInfo* info, const char* key)
 {
@@ -164,6 +228,7 @@ struct LinearKernel
     bool have_weights = false; // constant weight prepared at session creation
     cpu::LinearWeights weights;
     OrtMatMul matmul;
+    OrtMatMulInteger matmul_u8;
 };
 
 OrtStatus* ORT_API_CALL create_linear(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out)
@@ -187,8 +252,11 @@ OrtStatus* ORT_API_CALL create_linear(const OrtCustomOp*, const OrtApi*, const O
         if (!gemm.empty() && gemm != "builtin" && gemm != "onnxruntime")
             throw Error(k->attrs.label + ": session config '" + kGemmConfigKey + "' = '" + gemm
                 + "', expected 'onnxruntime' (MatMul, default) or 'builtin'");
-        if (gemm != "builtin")
-            k->matmul.init(info); // falls back to the builtin GEMM where InvokeOp is unavailable
+        if (gemm != "builtin") // else, or where InvokeOp is unavailable: the builtin fp32 GEMM
+        {
+            k->matmul.init(info);
+            k->matmul_u8.init(info);
+        }
         *out = k.release();
     });
 }
@@ -230,7 +298,12 @@ OrtStatus* ORT_API_CALL compute_linear(void* kp, OrtKernelContext* ctx)
             gemm = [&](const float* A, const float* Bm, float* C, int M, int K, int N) { k.matmul.run(ctx, A, Bm, C, M, K, N); };
         else
             gemm = [&](const float* A, const float* Bm, float* C, int M, int K, int N) { cpu::gemm_f32(A, Bm, C, M, K, N, par); };
-        cpu::outlier_linear(a, gemm, par);
+        cpu::GemmU8 gemm_u8;
+        if (k.matmul_u8.ready())
+            gemm_u8 = [&](const uint8_t* A, const int8_t* Bm, int32_t* C, int M, int K, int N) {
+                k.matmul_u8.run(ctx, A, Bm, C, M, K, N);
+            };
+        cpu::outlier_linear(a, gemm, gemm_u8, par);
     });
 }
 
