@@ -12,7 +12,7 @@ initialisation on 4 random images (calib steps 0). Graphs:
     plugin  the default passes: ouro::OutlierLinear + quantized ouro::SelectiveScan (what TensorRT builds)
 Every runner is timed once per round, rounds interleave the runners (so load on a shared machine hits all of
 them alike); the table gives the best wall time, the mean process CPU time per run (all threads), and the ratio
-of best wall times to the PyTorch FP forward and to the native FP graph. Sessions use --threads intra-op threads
+of best wall times to the PyTorch FP forward (the faster of --threads and 1 thread) and to the native FP graph. Sessions use --threads intra-op threads
 and the basic optimisation level of `ouro.exporter.onnxruntime_session`; PyTorch uses --threads threads.
 The machine load matters on a shared machine: compare the CPU column too, and repeat.
 """
@@ -62,10 +62,15 @@ def ort_runner(graph: onnx.ModelProto, ops: str | None, threads: int, spin: bool
     return lambda x: sess.run(None, {"images": x.numpy()})[0]
 
 
-def torch_runner(model):
+def torch_runner(model, threads: int):
     def run(x):
-        with torch.no_grad():
-            return model(x).numpy()
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                return model(x).numpy()
+        finally:
+            torch.set_num_threads(n)
 
     return run
 
@@ -120,7 +125,9 @@ def main() -> None:
         t0 = time.perf_counter()
         model, fp, qdq, qdq_scan, plugin = build(arch, a.preset)
         print(f"\n{arch}: graphs built in {time.perf_counter() - t0:.0f} s")
-        runners = {"PyTorch FP forward": torch_runner(model)}
+        runners = {"PyTorch FP forward": torch_runner(model, a.threads)}
+        if a.threads > 1:  # on a loaded machine torch's spinning OpenMP threads can cost more than they give
+            runners["PyTorch FP forward, 1 thread"] = torch_runner(model, 1)
         for label, graph in (("FP", fp), ("QDQ", qdq), ("plugin", plugin)):
             for ops in (("python", "native") if not a.skip_python else ("native",)):
                 runners[f"{label} ONNX, {ops} ops"] = ort_runner(graph, ops, a.threads, a.spin)
@@ -128,7 +135,7 @@ def main() -> None:
         for batch in (int(b) for b in a.batches.split(",")):
             x = example_input(model, batch)
             res = measure(runners, x, a.rounds, a.python_rounds)
-            torch_s = res["PyTorch FP forward"][0]
+            torch_s = min(v[0] for k, v in res.items() if k.startswith("PyTorch"))  # the faster thread count
             fp_s = res["FP ONNX, native ops"][0]
             print(f"\n{arch}, batch {batch}")
             print(f"  {'graph':<34} {'wall ms':>9} {'CPU s':>7} {'x PyTorch':>9} {'x FP(native)':>12}  max|diff| vs PyTorch twin")
@@ -136,7 +143,7 @@ def main() -> None:
             for name, (wall, cpu, out) in res.items():
                 kind = name.split()[0]
                 twin = ref.get(kind)
-                diff = f"{np.abs(out - twin).max():.2g}" if twin is not None and name != "PyTorch FP forward" else ""
+                diff = f"{np.abs(out - twin).max():.2g}" if twin is not None else ""
                 if kind in ("QDQ", "plugin"):  # against the same graph under the other implementation
                     other = res.get(name.replace("native", "python")) if "native" in name else None
                     diff = f"{np.abs(out - other[2]).max():.2g} vs Python ops" if other is not None else ""
