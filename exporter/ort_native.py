@@ -5,9 +5,9 @@ CPU and CUDA execution providers, with the numerics of the Python reference ops 
 (bit-exact integer codes; the scan in fp32). `onnxruntime_session` uses it when it is built and the Python
 reference ops otherwise, and says which it took (once per process, on stderr).
 
-Where the library is looked for: $OURO_ORT_OPS_LIB, else build/trt/libouro_ort_ops.so under the repository
-root (what `cmake -S trt_plugins -B build/trt` builds). $OURO_ORT_OPS = auto (default) | native | python
-overrides the choice (`native` fails when the library is missing).
+Where the library is looked for: `ouro.exporter.native.find_library("ouro_ort_ops")` ($OURO_ORT_OPS_LIB, else
+the in-tree build folder that `cmake -S trt_plugins -B build/trt` fills). $OURO_ORT_OPS = auto (default) |
+native | python overrides the choice (`native` fails when the library is missing).
 """
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["LIB_ENV", "OPS_ENV", "LIB_NAME", "BUILD_HINT", "NativeOpsUnavailable", "library_path", "select_ops", "session"]
+from . import native
 
-LIB_ENV = "OURO_ORT_OPS_LIB"
+__all__ = ["LIBRARY", "LIB_ENV", "OPS_ENV", "LIB_NAME", "BUILD_HINT", "NativeOpsUnavailable", "library_path", "select_ops", "session"]
+
+LIBRARY = "ouro_ort_ops"
+LIB_ENV = native.LIBRARIES[LIBRARY].env
+LIB_NAME = native.LIBRARIES[LIBRARY].file
 OPS_ENV = "OURO_ORT_OPS"
-LIB_NAME = "libouro_ort_ops.so"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_HINT = (
     "build it with: cmake -S trt_plugins -B build/trt -DONNXRUNTIME_ROOT=<onnxruntime release archive> && "
     f"cmake --build build/trt --target ouro_ort_ops (from the repository root), or point {LIB_ENV} at a built {LIB_NAME}"
@@ -36,16 +38,12 @@ class NativeOpsUnavailable(RuntimeError):
 
 
 def library_path() -> Path | None:
-    """The library to load: $OURO_ORT_OPS_LIB (an error if it names no file), else the repository's
-    build/trt copy when it exists, else None."""
-    env = os.environ.get(LIB_ENV)
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise NativeOpsUnavailable(f"{LIB_ENV}={env} is not a file; {BUILD_HINT}")
-        return p
-    p = _REPO_ROOT / "build" / "trt" / LIB_NAME
-    return p if p.is_file() else None
+    """The library to load (`native.find_library`): $OURO_ORT_OPS_LIB (an error if it names no file), else the
+    in-tree build when it exists, else None."""
+    try:
+        return native.find_library(LIBRARY)
+    except native.NativeLibraryError as e:
+        raise NativeOpsUnavailable(f"{e}; {BUILD_HINT}") from None
 
 
 def select_ops(ops: str | None = None) -> Path | None:

@@ -130,18 +130,49 @@ def test_selective_scan_cuda_ep_matches_cpu(case):
     np.testing.assert_allclose(y, ref, rtol=tol[0], atol=tol[1])
 
 
+KERNELS_TAKE_STD_CORRECTION = "std_correction" in (
+    Path(__file__).resolve().parents[2] / "trt_plugins" / "common" / "ouro_kernels.h").read_text()
+"""Whether the kernels this checkout builds carry the threshold's std correction (issue 16 adds it to
+ouroActQuant_t); without it the CUDA EP refuses std_correction = 1 with a message instead of computing c = 0."""
+
+
+def _refused_or_equal(run_gpu, run_cpu, close) -> None:
+    if KERNELS_TAKE_STD_CORRECTION:
+        close(run_gpu(), run_cpu())
+    else:
+        with pytest.raises(Exception, match="attribute 'std_correction' = 1 is not supported by the CUDA kernels"):
+            run_gpu()
+
+
+def test_std_correction_on_the_cuda_ep():
+    """std_correction = 1 (Bessel) on both custom nodes: equal to the CPU EP (itself bit-exact with the reference
+    ops) when the kernels take it, else a clear refusal."""
+    rng = np.random.default_rng(11)
+    x, tables, attrs = _linear_case(rng, 3, 13, 384, 44, 4, 4, 8, 0, 10)
+    model = _linear_model(384, 44, 13, 4, {**attrs, "std_correction": 1}, *tables)
+    _refused_or_equal(lambda: _session(model, CUDA).run(None, {"x": x})[0],
+                      lambda: _session(model, ["CPUExecutionProvider"]).run(None, {"x": x})[0],
+                      lambda y, ref: np.testing.assert_allclose(y, ref, rtol=Y_FP32_RTOL,
+                                                                atol=Y_FP32_RTOL * float(np.abs(ref).max())))
+
+
 def test_demo_plugin_graph_on_the_cuda_ep():
+    """The exported demo W4A4 plugin graph (fp16 activations, std_correction = 1 as the exporter writes it)."""
     from ouro.exporter.onnx_export import example_input
-    from ouro.exporter.passes import apply_passes
-    from ouro.exporter.qdq import export_qdq
+    from ouro.exporter.quantized import export_quantized
 
     model, q = _calibrated("demo", "w4a4")
-    plugin = apply_passes(export_qdq(q).model)
+    plugin = export_quantized(q, "plugin").model
     x = {"images": example_input(model, 3).numpy()}
-    gpu = _session(plugin, CUDA, profile=True)
-    ran = _providers_of(gpu, x)
-    assert ran["OutlierLinear"] == ran["SelectiveScan"] == {"CUDAExecutionProvider"}
-    y = gpu.run(None, x)[0]
-    ref = _session(plugin, ["CPUExecutionProvider"]).run(None, x)[0]
-    assert np.abs(y - ref).max() <= LOGITS_RTOL * np.abs(ref).max()
-    assert (y.argmax(1) == ref.argmax(1)).all()
+
+    def gpu_run():
+        gpu = _session(plugin, CUDA, profile=True)
+        ran = _providers_of(gpu, x)
+        assert ran["OutlierLinear"] == ran["SelectiveScan"] == {"CUDAExecutionProvider"}
+        return gpu.run(None, x)[0]
+
+    def close(y, ref):
+        assert np.abs(y - ref).max() <= LOGITS_RTOL * np.abs(ref).max()
+        assert (y.argmax(1) == ref.argmax(1)).all()
+
+    _refused_or_equal(gpu_run, lambda: _session(plugin, ["CPUExecutionProvider"]).run(None, x)[0], close)

@@ -16,7 +16,6 @@ What is compared:
 from __future__ import annotations
 
 import ctypes
-import inspect
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ouro.calib.quantizers import outlier_quant_ref, pack_int4
+from ouro.exporter import native as native_libs
 from ouro.exporter import ort_native
 from ouro.exporter.ort_ops import onnxruntime_session, outlier_linear_node_ref, selective_scan_node_ref
 
@@ -136,10 +136,6 @@ def _inlier_scale(x, bits, clip=0.5):
     return (np.abs(x).max(axis=(0, 2)) * clip / (2 ** (bits - 1) - 1)).astype(np.float32)
 
 
-def _ref_supports_std_correction() -> bool:
-    return "std_correction" in inspect.signature(outlier_quant_ref).parameters
-
-
 # ------------------------------------------------------------------------------------------ library contract
 @pytest.mark.native
 def test_library_exports_register_custom_ops_only(build_dir):
@@ -175,8 +171,6 @@ QUANT_CASES = [  # (B, L, C, bits, bits_outlier, n_refresh, policy, k_sigma)
 @pytest.mark.parametrize("std_correction", [0, 1])
 def test_quantizer_codes_bit_exact(testing_lib, case, std_correction):
     B, L, C, bits, bo, nr, policy, k = case
-    if std_correction and not _ref_supports_std_correction():
-        pytest.skip("outlier_quant_ref takes no std_correction yet (issue 17 adds it)")
     rng = np.random.default_rng(C + nr)
     x = _activations(rng, B, L, C)
     scale = _inlier_scale(x, bits)
@@ -187,9 +181,8 @@ def test_quantizer_codes_bit_exact(testing_lib, case, std_correction):
     rc = testing_lib.ouro_test_outlier_quant(_ptr(x), B, L, C, bits, bo, nr, policy, k, std_correction, _ptr(scale),
                                              _ptr(theta), _ptr(codes), _ptr(mask), _ptr(ocodes), _ptr(oscale), _ptr(xhat))
     assert rc == 0
-    kw = {"std_correction": std_correction} if std_correction else {}
     ref = outlier_quant_ref(torch.from_numpy(x), torch.from_numpy(scale), bits, bo, nr, ("dynamic", "calibrated")[policy],
-                            k_sigma=k, theta=torch.from_numpy(theta) if policy else None, **kw)
+                            k_sigma=k, theta=torch.from_numpy(theta) if policy else None, std_correction=std_correction)
     assert ref.outlier_mask.any() and not ref.outlier_mask.all(), "the case must exercise both inliers and outliers"
     np.testing.assert_array_equal(mask.astype(bool), ref.outlier_mask.numpy())
     np.testing.assert_array_equal(codes, ref.inlier_codes.numpy())
@@ -395,6 +388,51 @@ def test_selective_scan_matches_reference(native, case):
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("gemm", ["onnxruntime", "builtin"])
+def test_std_correction_attribute(native, gemm):
+    """`std_correction` on both custom nodes: absent = 0, 0 or 1 (Bessel), each equal to the reference ops with
+    the same attribute (OutlierLinear bit for bit); 0 and 1 give different outlier masks here, so the attribute
+    is really read. A value other than 0 or 1 is refused with the node's name."""
+    rng = np.random.default_rng(21)
+    B, L, K, N, nr = 3, 13, 16, 24, 13  # few channels: the correction moves the threshold by about 1/(2K) of the std
+    _, tables, attrs = _linear_case(rng, B, L, K, N, 8, 4, 8, 0, nr, k_sigma=2.0)
+    x = rng.standard_normal((B, L, K)).astype(np.float32)  # no far outlier channel: many |x| near the threshold
+    tables = (tables[0], tables[1], _inlier_scale(x, 4), *tables[3:])
+    masks = {}
+    for sc in (None, 0, 1):
+        a = attrs if sc is None else {**attrs, "std_correction": sc}
+        y = _native_session(_linear_model(K, N, L, 8, a, *tables), gemm).run(None, {"x": x})[0]
+        ref, _, _, mask = outlier_linear_node_ref(x, *tables, **a)
+        np.testing.assert_array_equal(y, ref.numpy())
+        masks[sc] = mask
+    assert torch.equal(masks[None], masks[0]) and not torch.equal(masks[0], masks[1])
+    with pytest.raises(Exception, match=r"OutlierLinear 'lin': attribute 'std_correction' = 2, expected 0 or 1"):
+        _native_session(_linear_model(K, N, L, 8, {**attrs, "std_correction": 2}, *tables), gemm)
+
+    D, S = 24, 8
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
+                 Cm=_activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
+    tables = {}
+    for op, t in (("delta", feeds["delta"]), ("b", feeds["Bm"]), ("c", feeds["Cm"])):
+        tables[f"{op}_scale"] = _inlier_scale(t, 4)
+        tables[f"{op}_theta"] = np.zeros(L, np.float32)
+    tables.update(h_scale=np.ones(1, np.float32), h_zero=np.zeros(1, np.float32))
+    qattrs = dict(delta_bits=4, delta_bits_outlier=8, b_bits=4, b_bits_outlier=8, c_bits=4, c_bits_outlier=8, n_refresh=5,
+                  threshold_policy=0, delta_k_sigma=1.5, bc_k_sigma=1.5, reverse=0, delta_softplus=1)
+    ys = {}
+    for sc in (0, 1):
+        a = {**qattrs, "std_correction": sc}
+        y = onnxruntime_session(_scan_model(B, L, D, S, a, {**inits, **tables}, True), ops="native").run(None, feeds)[0]
+        ref = selective_scan_node_ref(*(feeds[k] for k in ("u", "delta")), inits["A"], feeds["Bm"], feeds["Cm"],
+                                      inits["Dskip"], feeds["z"], *tables.values(), **a)
+        np.testing.assert_allclose(y, ref.numpy(), rtol=SCAN_RTOL, atol=SCAN_ATOL)
+        ys[sc] = y
+    assert not np.array_equal(ys[0], ys[1])
+
+
+@pytest.mark.native
 def test_bad_attributes_and_shapes_fail_clearly(native):
     rng = np.random.default_rng(0)
     x, tables, attrs = _linear_case(rng, 1, 5, 16, 4, 8, 8, 8, 0, 1)
@@ -433,11 +471,12 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def _compare_graphs(model, q):
     from ouro.exporter.onnx_export import example_input, export_fp
-    from ouro.exporter.passes import apply_passes
-    from ouro.exporter.qdq import export_qdq
+    from ouro.exporter.quantized import export_quantized
 
     fp = export_fp(model).model
-    plugin = apply_passes(export_qdq(q).model)
+    plugin = export_quantized(q, "plugin").model
+    sc = {a.i for n in plugin.graph.node if n.domain == "ouro" for a in n.attribute if a.name == "std_correction"}
+    assert sc == {1}, sc  # the exporter writes the recipe's correction (PyTorch's default, Bessel) on every node
     # the OutlierLinear outputs of block 0 upstream of its scans see identical inputs in both sessions
     early = [n.output[0] for n in plugin.graph.node if n.op_type == "OutlierLinear" and n.name.startswith("layers.0.")
              and not n.name.endswith("out_proj")]
@@ -472,12 +511,11 @@ def test_cpp_runner_prints_top1_on_digits(native, tmp_path):
     """tools/deploy/ouro_ort_run (C++, no Python) runs the demo's W4A4 plugin ONNX through onnxruntime with the
     library and prints the top-1 of a few digits: the same classes as the Python session, the labels mostly."""
     from ouro.calib import data
-    from ouro.exporter.passes import apply_passes
-    from ouro.exporter.qdq import export_qdq
+    from ouro.exporter.quantized import export_quantized
 
     model, q = _calibrated("demo", "w4a4")
     path = tmp_path / "demo_w4a4.onnx"
-    onnx.save(apply_passes(export_qdq(q).model), str(path))
+    onnx.save(export_quantized(q, "plugin").model, str(path))
     images, labels = data.load_digits_split("test")
     images, labels = images[:16].numpy().astype(np.float32), labels[:16].numpy().astype(np.int64)
     np.save(tmp_path / "digits.npy", images)
@@ -501,7 +539,7 @@ def test_session_falls_back_to_python_ops_and_says_so(monkeypatch, tmp_path, cap
 
     monkeypatch.delenv(ort_native.LIB_ENV, raising=False)
     monkeypatch.delenv(ort_native.OPS_ENV, raising=False)
-    monkeypatch.setattr(ort_native, "_REPO_ROOT", tmp_path)  # no build/trt here
+    monkeypatch.setattr(native_libs, "repo_root", lambda: tmp_path)  # no in-tree build here
     monkeypatch.setattr(ort_native, "_announced", set())
     model = export_fp(data.load_demo_model().eval()).model
     onnxruntime_session(model)
@@ -509,7 +547,7 @@ def test_session_falls_back_to_python_ops_and_says_so(monkeypatch, tmp_path, cap
     with pytest.raises(ort_native.NativeOpsUnavailable, match="native ouro custom ops requested"):
         onnxruntime_session(model, ops="native")
     monkeypatch.setenv(ort_native.LIB_ENV, str(tmp_path / "missing.so"))
-    with pytest.raises(ort_native.NativeOpsUnavailable, match="is not a file"):
+    with pytest.raises(ort_native.NativeOpsUnavailable, match=r"\$OURO_ORT_OPS_LIB=.*missing.so does not exist; build it"):
         onnxruntime_session(model)
     with pytest.raises(ValueError, match="expected one of auto, native, python"):
         onnxruntime_session(model, ops="fast")
