@@ -7,9 +7,11 @@ vs the native library libouro_ort_ops.so, against the PyTorch FP forward, measur
 Models have random weights (latency does not depend on them); quantization is the W4A4 preset's static
 initialisation on 4 random images (calib steps 0). Graphs:
     FP      export_fp: standard ops + ouro::SelectiveScan (7 inputs)
-    QDQ     export_qdq before the graph passes: static Q/DQ + ouro::SelectiveScan (the file ouro-export writes
-            has its scans lowered to ONNX Scan loops: row "QDQ (Scan loops)", plain onnxruntime)
-    plugin  the default passes: ouro::OutlierLinear + quantized ouro::SelectiveScan (what TensorRT builds)
+    QDQ     export_quantized(q, "qdq-tensorrt"): static Q/DQ + FP ouro::SelectiveScan (the .qdq.onnx file
+            ouro-export writes, target qdq-onnxruntime, has its scans lowered to ONNX Scan loops: row
+            "QDQ (Scan loops)", plain onnxruntime)
+    plugin  export_quantized(q, "plugin"): ouro::OutlierLinear + quantized ouro::SelectiveScan with the default
+            passes (fp16 activations into and out of the custom nodes; what TensorRT builds)
 Every runner is timed once per round, rounds interleave the runners (so load on a shared machine hits all of
 them alike); the table gives the best wall time, the mean process CPU time per run (all threads), and the ratio
 of best wall times to the PyTorch FP forward (the faster of --threads and 1 thread) and to the native FP graph. Sessions use --threads intra-op threads
@@ -29,9 +31,7 @@ from ouro.calib.models import build_model
 from ouro.calib.quant import calibrate
 from ouro.exporter.ort_ops import onnxruntime_session
 from ouro.exporter.onnx_export import example_input, export_fp
-from ouro.exporter.outputs import PORTABLE_QDQ_PASSES
-from ouro.exporter.passes import apply_passes
-from ouro.exporter.qdq import export_qdq
+from ouro.exporter.quantized import export_quantized
 from ouro.recipes import get_preset
 
 GOAL_FP_VS_TORCH = 1.0
@@ -83,8 +83,8 @@ def build(arch: str, preset: str):
     recipe = get_preset(preset)
     q = calibrate(model, recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=4)), lambda m: m(calib), progress=False)
     fp = export_fp(model).model
-    qdq = export_qdq(q).model
-    return model, fp, qdq, apply_passes(qdq, PORTABLE_QDQ_PASSES), apply_passes(qdq)
+    graphs = (export_quantized(q, t).model for t in ("qdq-tensorrt", "qdq-onnxruntime", "plugin"))
+    return (model, fp, *graphs)
 
 
 def measure(runners: dict, x: torch.Tensor, rounds: int, python_rounds: int) -> dict:

@@ -61,6 +61,15 @@ def _onnxruntime_root() -> Path | None:
     return None
 
 
+def _cached_onnxruntime_headers(bdir: Path) -> bool:
+    """A build tree configured before remembers where it found the onnxruntime headers (CMake cache)."""
+    cache = bdir / "CMakeCache.txt"
+    if not cache.is_file():
+        return False
+    m = re.search(r"^ONNXRUNTIME_INCLUDE_DIR:PATH=(.+)$", cache.read_text(errors="replace"), re.M)
+    return bool(m) and (Path(m.group(1).strip()) / "onnxruntime_c_api.h").is_file()
+
+
 def _tensorrt_root() -> Path | None:
     for cand in (os.environ.get("TensorRT_ROOT"), os.environ.get("TRT_ROOT")):
         if cand and (Path(cand) / "include" / "NvInferRuntime.h").is_file():
@@ -77,17 +86,19 @@ def _run(cmd: list, timeout: int = BUILD_TIMEOUT_S, **kw) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def build_dir() -> Path:
     missing = next((f"{t} not on PATH" for t in ("nvcc", "cmake", "nm", "readelf") if shutil.which(t) is None), None)
+    bdir = Path(os.environ.get("OURO_TRT_BUILD_DIR", REPO / "build" / "trt"))
     ort_root = _onnxruntime_root()
-    if missing is None and ort_root is None:
+    if missing is None and ort_root is None and not _cached_onnxruntime_headers(bdir):
         missing = "onnxruntime C API headers not found (set ONNXRUNTIME_ROOT to an onnxruntime release or its headers)"
     if missing:
         if os.environ.get("OURO_REQUIRE_NATIVE") == "1":
             pytest.fail(f"OURO_REQUIRE_NATIVE=1 but libouro_ort_ops.so cannot be built: {missing}")
         pytest.skip(missing)
-    bdir = Path(os.environ.get("OURO_TRT_BUILD_DIR", REPO / "build" / "trt"))
     trt = _tensorrt_root()
-    cmd = ["cmake", "-S", REPO / "trt_plugins", "-B", bdir, f"-DONNXRUNTIME_ROOT={ort_root}", "-DOURO_BUILD_ORT_OPS=ON",
-           "-DOURO_BUILD_TESTS=ON", f"-DTensorRT_ROOT={trt}" if trt else "-DOURO_BUILD_PLUGINS=OFF"]
+    cmd = ["cmake", "-S", REPO / "trt_plugins", "-B", bdir, "-DOURO_BUILD_ORT_OPS=ON", "-DOURO_BUILD_TESTS=ON",
+           f"-DTensorRT_ROOT={trt}" if trt else "-DOURO_BUILD_PLUGINS=OFF"]
+    if ort_root is not None:
+        cmd.append(f"-DONNXRUNTIME_ROOT={ort_root}")
     if not (bdir / "CMakeCache.txt").is_file():
         cmd += [f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('OURO_CUDA_ARCHS', '80')}", "-DCMAKE_BUILD_TYPE=Release"]
     _run(cmd)
@@ -530,6 +541,25 @@ def test_cpp_runner_prints_top1_on_digits(native, tmp_path):
     np.testing.assert_allclose(np.fromfile(tmp_path / "logits.f32", np.float32).reshape(logits.shape), logits, rtol=1e-6, atol=1e-6)
     assert f"top-1 accuracy {int((logits.argmax(1) == labels).sum())}/16" in out
     assert (logits.argmax(1) == labels).mean() >= 0.9
+
+
+@pytest.mark.native
+@pytest.mark.slow
+def test_demo_w4a4_check_runs_on_the_native_library(native, monkeypatch, capsys, tmp_path):
+    """`ouro-export --demo --w4a4 -o demo.onnx --check` (the issue's acceptance): the check's onnxruntime session
+    takes the native library, and Polygraphy passes."""
+    from ouro.calib import data
+    from ouro.exporter.cli import main
+
+    if not all(p.is_file() for p in data.demo_files()):
+        pytest.skip("the demo checkpoint is not built yet (tools/train_demo.py)")
+    monkeypatch.setattr(ort_native, "_announced", set())
+    rc = main(["--demo", "--w4a4", "-o", str(tmp_path / "demo.onnx"), "--check"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"onnxruntime custom ops: native library {native / ort_native.LIB_NAME}" in out.err
+    assert "Python reference ops" not in out.err
+    assert "Polygraphy PASSED" in out.out
 
 
 # ------------------------------------------------------------------------------------------ session selection
