@@ -254,9 +254,14 @@ def prepare_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def onnxruntime_session(path_or_model, providers=None, sess_options=None):
+def onnxruntime_session(path_or_model, providers=None, sess_options=None, ops=None):
     """An onnxruntime.InferenceSession for an ONNX file (or ModelProto / bytes) with ouro's custom
     ops registered. Plain graphs pass through unchanged.
+
+    The custom ops are the native library libouro_ort_ops.so when it is built, else the Python reference
+    ops below (`ops` = "auto" | "native" | "python", default $OURO_ORT_OPS or "auto"; see
+    `ouro.exporter.ort_native`, which also says which one a process took). The native session runs the
+    file as written: no adapted copy.
 
     Without `sess_options`, graph optimisation stops at ORT_ENABLE_BASIC (exact rewrites such as
     constant folding): the extended level fuses DequantizeLinear(INT4 weight) + MatMul into kernels
@@ -274,6 +279,12 @@ def onnxruntime_session(path_or_model, providers=None, sess_options=None):
         if not p.is_file():
             raise FileNotFoundError(f"no ONNX file at {p}")
         model = onnx.load(str(p))
+    if any(n.domain == DOMAIN for n in model.graph.node):
+        from . import ort_native
+
+        lib = ort_native.select_ops(ops)
+        if lib is not None:
+            return ort_native.session(model.SerializeToString(), lib, providers, sess_options)
     _register()
     so = sess_options
     if so is None:
