@@ -274,7 +274,8 @@ class VimFamily(ModelFamily):
         """Tokens in the model's order: the grid's patches row-major with the CLS token inserted at
         cls_position (not a patch: -1); both directions share it (the backward scan is `reverse`)."""
         c = model.cfg
-        pos = torch.arange(c.seq_len) - (torch.arange(c.seq_len) > c.cls_position).long()
+        cpu = torch.device("cpu")  # index metadata: on the CPU whatever the default device
+        pos = torch.arange(c.seq_len, device=cpu) - (torch.arange(c.seq_len, device=cpu) > c.cls_position).long()
         pos[c.cls_position] = -1
         return GenLayout((c.grid, c.grid), pos)
 

@@ -45,7 +45,7 @@ def grid_neighbourhood_mask(grid: tuple[int, int], p: int) -> Tensor:
     if p < 1 or p % 2 == 0:
         raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
     H, W = grid
-    idx = torch.arange(H * W)
+    idx = torch.arange(H * W, device="cpu")
     r, c = torch.div(idx, W, rounding_mode="floor"), idx % W
     rad = p // 2
     return ((r[:, None] - r[None, :]).abs() <= rad) & ((c[:, None] - c[None, :]).abs() <= rad)
@@ -76,7 +76,7 @@ def _column_map(ref: GenLayout, lay: GenLayout) -> Tensor:
     inv = torch.empty_like(lp)
     patch = lp >= 0
     inv[lp[patch]] = torch.nonzero(patch).flatten()
-    out = torch.arange(rp.numel())
+    out = torch.arange(rp.numel(), device=rp.device)
     out[rp >= 0] = inv[rp[rp >= 0]]
     return out
 

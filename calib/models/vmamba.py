@@ -224,7 +224,7 @@ def direction_order(direction: str, H: int, W: int) -> Tensor:
     d = DIRECTION_BY_NAME.get(direction)
     if d is None:
         raise ValueError(f"unknown VMamba scan direction {direction!r}; known: {', '.join(DIRECTION_BY_NAME)}")
-    idx = torch.arange(H * W)
+    idx = torch.arange(H * W, device="cpu")  # index metadata
     return idx if d.order == "row" else idx.view(H, W).t().reshape(-1)
 
 
