@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..data import DEMO_CHECKPOINT, DEMO_CARD, DEMO_CONFIG
 from ..models.vim import ARCHS, Block, VimConfig, VisionMamba
+from ..models.keys import state_dict_mismatch
 from .base import CheckpointError, DemoSpec, GenLayout, HookPoint, LinearSite, ModelFamily, ScanSite, Unit, register_family
 
 __all__ = ["VimFamily", "VIM", "infer_config", "resolve_arch", "load_state_dict", "REQUIRED", "BIMAMBA_V2"]
@@ -159,21 +160,11 @@ def resolve_arch(arch: str | VimConfig) -> VimConfig:
 
 
 def _check_shapes(model: VisionMamba, sd: Mapping[str, Tensor], cfg: VimConfig, source: str) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches, e.g. " + "; ".join(wrong[:4]))
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+    bad = state_dict_mismatch(model, sd)
+    if bad:
         raise CheckpointError(f"{source} does not match architecture {cfg.name} "
                               f"(embed {cfg.embed_dim}, depth {cfg.depth}, patch {cfg.patch_size}, stride {cfg.stride}, "
-                              f"img {cfg.img_size}, classes {cfg.num_classes}): " + " | ".join(parts))
+                              f"img {cfg.img_size}, classes {cfg.num_classes}): " + bad)
 
 
 def load_state_dict(sd: Mapping[str, Tensor], arch: str | VimConfig | None = None, *, source: str = "state_dict",

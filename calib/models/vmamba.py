@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from ..families.base import CheckpointError
 from ..scan import ScanInputs, selective_scan
 from .vim import MixerOps
+from .keys import state_dict_mismatch
 
 __all__ = [
     "VMambaConfig",
@@ -660,22 +661,12 @@ def _named(cfg: VMambaConfig) -> VMambaConfig:
 
 
 def _check_keys(model: VSSM, sd: Mapping[str, Tensor], source: str) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k}: {source} {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches, e.g. " + "; ".join(wrong[:4]))
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+    bad = state_dict_mismatch(model, sd, label=source)
+    if bad:
         c = model.cfg
         raise VMambaStateDictError(f"{source} does not match VMamba architecture {c.name} (depths {list(c.depths)}, "
                                    f"dims {list(c.dims)}, d_state {c.d_state}, ssm_ratio {c.ssm_ratio:g}, "
-                                   f"forward type {c.forward_type}): " + " | ".join(parts))
+                                   f"forward type {c.forward_type}): " + bad)
 
 
 def load_vmamba_state_dict(sd: Mapping[str, Tensor], arch: str | VMambaConfig | None = None, *,
