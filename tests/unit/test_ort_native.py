@@ -227,10 +227,11 @@ def test_dynamic_threshold_matches_torch(testing_lib, correction):
 
 @pytest.mark.native
 def test_fp16_conversion_is_exact(testing_lib):
-    """fp32 -> fp16 -> fp32 as torch's .half().float(): normals, subnormals, ties, overflow to inf."""
+    """fp32 -> fp16 -> fp32 as torch's .half().float(): normals, subnormals, ties, overflow to inf, NaN (the F16C path
+    in blocks of 8, the portable one on the tail)."""
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(4096) * 10 ** rng.uniform(-9, 5, 4096), [65504, 65519.99, 65520, 1e-8, -6e-8,
-                        2.0 ** -24 * 1.5, 0.0, -0.0, np.inf, -np.inf]]).astype(np.float32)
+    special = [65504, 65519.99, 65520, 1e-8, -6e-8, 2.0 ** -24 * 1.5, 0.0, -0.0, np.inf, -np.inf, np.nan, -65520]
+    x = np.concatenate([rng.standard_normal(4096) * 10 ** rng.uniform(-9, 5, 4096), special, special[:5]]).astype(np.float32)
     out = np.zeros_like(x)
     testing_lib.ouro_test_fp16_roundtrip(_ptr(x), _ptr(out), x.size)
     np.testing.assert_array_equal(out, torch.from_numpy(x).half().float().numpy())
@@ -275,6 +276,7 @@ LINEAR_CASES = [  # (B, L, K, N, w_bits, a_bits, o_bits, policy, n_refresh, fp16
     (3, 13, 12, 40, 8, 8, 16, 0, 1, False),     # dt_proj (K = dt_rank), fp16 outliers
     (2, 17, 64, 24, 8, 4, 4, 1, 5, False),      # calibrated thresholds
     (3, 13, 384, 44, 4, 4, 8, 0, 10, True),     # fp16 activations in and out
+    (2, 197, 192, 96, 4, 4, 8, 0, 10, True),    # fp16, large enough (M*K) to widen over the thread pool
 ]
 
 

@@ -141,7 +141,10 @@ struct ScanArgs
 void selective_scan(const ScanArgs& a, const ParallelFor& par);
 
 // fp16 <-> fp32 conversion of n elements (exact widening; narrowing rounds half to even).
+// F16C instructions where the CPU has them (bit-identical to the portable conversion).
 void widen_fp16(const uint16_t* src, float* dst, size_t n);
 void narrow_fp16(const float* src, uint16_t* dst, size_t n);
+// widen_fp16 in chunks over the thread pool.
+void widen_fp16(const uint16_t* src, float* dst, size_t n, const ParallelFor& par);
 
 } // namespace ouro::ort::cpu

@@ -273,7 +273,7 @@ void outlier_linear(const LinearArgs& a, const Gemm& gemm, const GemmU8& gemm_u8
     if (a.fp16)
     {
         float* xf = grab(buf.x, static_cast<size_t>(M) * K);
-        widen_fp16(static_cast<const uint16_t*>(a.x), xf, static_cast<size_t>(M) * K);
+        widen_fp16(static_cast<const uint16_t*>(a.x), xf, static_cast<size_t>(M) * K, par);
         x = xf;
     }
     const bool use_u8 = gemm_u8 && u8_gemm_exact(q.bits, w.max_abs);
