@@ -133,7 +133,7 @@ def torch_runner(model, threads: int):
 GRAPHS = ("fp", "qdq", "qdq_scan", "plugin", "plugin_fp32io")
 
 
-def build(arch: str, preset: str, cache: Path | None = None):
+def build(arch: str, preset: str, cache: Path | None = None, grid_points: int | None = None):
     """(model, FP, QDQ, QDQ with Scan loops, plugin, plugin fp32 I/O). `cache`: a folder that keeps the graphs of
     (arch, preset) between runs (the W4A4 initialisation of a Vim-T takes minutes on a loaded machine)."""
     torch.manual_seed(0)
@@ -141,18 +141,21 @@ def build(arch: str, preset: str, cache: Path | None = None):
     files = [cache / f"{arch}_{preset}_{g}.onnx" for g in GRAPHS] if cache else []
     if files and all(f.is_file() for f in files):
         return (model, *(onnx.load(str(f)) for f in files))
-    graphs = _build_graphs(model, preset)
+    graphs = _build_graphs(model, preset, grid_points)
     for f, g in zip(files, graphs):
         f.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(g, str(f))
     return (model, *graphs)
 
 
-def _build_graphs(model, preset: str):
+def _build_graphs(model, preset: str, grid_points: int | None):
     cfg = model.cfg
     calib = torch.randn(4, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
     recipe = get_preset(preset)
-    q = calibrate(model, recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=4)), lambda m: m(calib), progress=False)
+    cal = type(recipe.calib)(steps=0, init_samples=4)
+    if grid_points is not None:  # the scale search's cost; latency does not depend on the scales found
+        cal = type(recipe.calib)(steps=0, init_samples=4, grid_points=grid_points)
+    q = calibrate(model, recipe.with_(calib=cal), lambda m: m(calib), progress=False)
     fp = export_fp(model).model
     graphs = [export_quantized(q, t).model for t in ("qdq-tensorrt", "qdq-onnxruntime", "plugin")]
     plugin32 = export_quantized(q, "plugin", passes=FP32_IO_PASSES).model
@@ -190,6 +193,8 @@ def main() -> None:
                    "in the same rounds (before / after a change)")
     p.add_argument("--graphs-cache", type=Path, help="folder keeping the built graphs between runs (random weights, "
                    "seeded: the same graphs every time)")
+    p.add_argument("--grid-points", type=int, help="scale-search grid of the initialisation (default: the preset's; "
+                   "fewer builds the graphs faster)")
     p.add_argument("--profile", type=int, default=3, metavar="N", help="runs of each native graph under onnxruntime's "
                    "profiler, summed by op type (0: no profile)")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's idle pool threads spin (its default; on a shared, "
@@ -201,7 +206,7 @@ def main() -> None:
     verdicts = []
     for arch in a.archs.split(","):
         t0 = time.perf_counter()
-        model, fp, qdq, qdq_scan, plugin, plugin32 = build(arch, a.preset, a.graphs_cache)
+        model, fp, qdq, qdq_scan, plugin, plugin32 = build(arch, a.preset, a.graphs_cache, a.grid_points)
         print(f"\n{arch}: graphs built in {time.perf_counter() - t0:.0f} s")
         runners = {"PyTorch FP forward": torch_runner(model, a.threads)}
         if a.threads > 1:  # on a loaded machine torch's spinning OpenMP threads can cost more than they give

@@ -96,8 +96,11 @@ OURO_INLINE void scan_lanes(const BlockArgs& a, float* h)
                     store_partial(a.out32 + o, y[j], nd);
             }
             else
-                for (int k = 0; k < (full ? 8 : nd); ++k)
-                    a.out16[o + 8 * j + k] = float_to_half(y[j][k]);
+            {
+                float yt[8]; // fp16 output: F16C where the CPU has it (narrow_fp16, bit-identical)
+                store8(yt, y[j]);
+                narrow_fp16(yt, a.out16 + o + 8 * j, full ? 8 : nd);
+            }
         }
     }
 }
