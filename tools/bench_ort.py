@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed runs of every runner (best wall time reported)")
     p.add_argument("--python-rounds", type=int, default=1, help="timed runs of the (slow) Python-op runners")
     p.add_argument("--skip-python", action="store_true", help="leave out the Python reference ops")
+    p.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch rows (their goal column reads nan)")
     p.add_argument("--baseline-lib", type=Path, help="another build of libouro_ort_ops.so: its plugin rows are measured "
                    "in the same rounds (before / after a change)")
     p.add_argument("--graphs-cache", type=Path, help="folder keeping the built graphs between runs (random weights, "
@@ -208,9 +209,11 @@ def main() -> None:
         t0 = time.perf_counter()
         model, fp, qdq, qdq_scan, plugin, plugin32 = build(arch, a.preset, a.graphs_cache, a.grid_points)
         print(f"\n{arch}: graphs built in {time.perf_counter() - t0:.0f} s")
-        runners = {"PyTorch FP forward": torch_runner(model, a.threads)}
-        if a.threads > 1:  # on a loaded machine torch's spinning OpenMP threads can cost more than they give
-            runners["PyTorch FP forward, 1 thread"] = torch_runner(model, 1)
+        runners = {}
+        if not a.skip_torch:
+            runners["PyTorch FP forward"] = torch_runner(model, a.threads)
+            if a.threads > 1:  # on a loaded machine torch's spinning OpenMP threads can cost more than they give
+                runners["PyTorch FP forward, 1 thread"] = torch_runner(model, 1)
         for label, graph in (("FP", fp), ("QDQ", qdq), ("plugin", plugin)):
             for ops in (("python", "native") if not a.skip_python else ("native",)):
                 runners[f"{label} ONNX, {ops} ops"] = ort_runner(graph, ops, a.threads, a.spin)
@@ -222,11 +225,11 @@ def main() -> None:
         for batch in (int(b) for b in a.batches.split(",")):
             x = example_input(model, batch)
             res = measure(runners, x, a.rounds, a.python_rounds)
-            torch_s = min(v[0] for k, v in res.items() if k.startswith("PyTorch"))  # the faster thread count
+            torch_s = min((v[0] for k, v in res.items() if k.startswith("PyTorch")), default=float("nan"))  # the faster
             fp_s = res["FP ONNX, native ops"][0]
             print(f"\n{arch}, batch {batch}")
             print(f"  {'graph':<44} {'wall ms':>9} {'CPU s':>7} {'x PyTorch':>9} {'x FP(native)':>12}  max|diff| vs PyTorch twin")
-            ref = {"FP": res["PyTorch FP forward"][2]}
+            ref = {"FP": res["PyTorch FP forward"][2]} if "PyTorch FP forward" in res else {}
             for name, (wall, cpu, out) in res.items():
                 kind = name.split()[0]
                 twin = ref.get(kind)
@@ -241,8 +244,9 @@ def main() -> None:
             plug_s = res["plugin ONNX, native ops"][0]
             cpu_ratio = res["plugin ONNX, native ops"][1] / res["FP ONNX, native ops"][1]
             plug32_s = res["plugin fp32 I/O ONNX, native ops"][0]
-            verdicts.append(f"{arch} batch {batch}: FP graph / PyTorch {fp_s / torch_s:.2f} (goal <= {GOAL_FP_VS_TORCH}: "
-                            f"{'met' if fp_s / torch_s <= GOAL_FP_VS_TORCH else 'NOT met'}); plugin / FP graph "
+            vs_torch = ("not measured (--skip-torch)" if a.skip_torch else f"{fp_s / torch_s:.2f} (goal <= {GOAL_FP_VS_TORCH}: "
+                        f"{'met' if fp_s / torch_s <= GOAL_FP_VS_TORCH else 'NOT met'})")
+            verdicts.append(f"{arch} batch {batch}: FP graph / PyTorch {vs_torch}; plugin / FP graph "
                             f"{plug_s / fp_s:.2f} (goal <= {GOAL_PLUGIN_VS_FP}: {'met' if plug_s / fp_s <= GOAL_PLUGIN_VS_FP else 'NOT met'}); "
                             f"in CPU time {cpu_ratio:.2f}; plugin fp32 I/O / FP graph {plug32_s / fp_s:.2f}")
             if a.profile > 0:
