@@ -3,7 +3,7 @@ acceptance), on an official-format Vim-T checkpoint with random weights; too slo
 2 loaded cores: the W4A4 initialisation of 24 blocks, then Polygraphy on 32 images at batch 8 for the graph and its
 PyTorch twin).
 
-    python tools/check_vim_t_ort.py --workdir /tmp/vim_t_check        # writes vim_t.pth, calib/, vim_t.onnx, report
+    python tools/check_vim_t_ort.py --workdir vim_t_check             # writes vim_t.pth, calib/, vim_t.onnx, report
 
 The calibration is cheap on purpose (the runtime is what is checked): 4 random images as a --calib-dir, and the W4A4
 preset with calib steps 0 (static initialisation, init_samples 4) as a --recipe. Prints the CLI's check line, whether
