@@ -767,7 +767,8 @@ def selective_scan(
 ) -> Tensor:
     """Selective scan on the GPU (numerics: ouro.calib.scan.selective_scan_ref); output in u's dtype.
 
-    delta_q / b_q / c_q: OuroMamba fake quantization of Delta (before softplus) / B / C before the scan;
+    z None or empty (0 elements): no gate (y = scan + D skip). delta_q / b_q / c_q: OuroMamba fake quantization of
+    Delta (before softplus) / B / C before the scan;
     h_quant: TGQ of the state inside the recurrence."""
     lib = _require_gpu()
     if u.dim() != 3:
@@ -784,6 +785,8 @@ def selective_scan(
     for t, n, shp in ((u, "u", (Bsz, L, D)), (delta, "delta", (Bsz, L, D)), (Bm, "Bm", (Bsz, L, S)),
                       (Cm, "Cm", (Bsz, L, S))):
         _check_tensor(t, n, shp, io, device=u.device)
+    if z is not None and z.numel() == 0:
+        z = None  # an empty z: no gate, like the ONNX node's empty [0] z (the kernel's NULL z)
     if z is not None:
         _check_tensor(z, "z", (Bsz, L, D), io, device=u.device)
     _check_tensor(A, "A", (D, S), (torch.float32,), device=u.device)

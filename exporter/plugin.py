@@ -25,7 +25,7 @@ from ouro.recipes.formats import SCAN_QUANT_OPERANDS, linear_onnx_attrs, scan_on
 
 from .onnx_export import DOMAIN, PLUGIN_ATTRS, SCAN_OP
 
-__all__ = ["OUTLIER_LINEAR_OP", "PluginError", "emit_plugin_nodes", "pack_int4_bytes", "ungated_scans", "refuse_ungated_scans"]
+__all__ = ["OUTLIER_LINEAR_OP", "PluginError", "emit_plugin_nodes", "pack_int4_bytes", "ungated_scans", "check_scan_nodes"]
 
 OUTLIER_LINEAR_OP = "OutlierLinear"
 
@@ -124,19 +124,29 @@ def _quantize_scan(nodes: dict[str, gs.Node], node: gs.Node, quantizers: dict) -
 
 def ungated_scans(model) -> list[str]:
     """Names of the `ouro::SelectiveScan` nodes of an onnx.ModelProto without a gate z (6 inputs, or an
-    empty z initializer): VMamba's scans, whose gate (if any) acts after the out norm."""
+    empty z initializer): VMamba's scans, whose gate (if any) acts after the out norm. Every runtime (the
+    TensorRT plugin, the native and Python onnxruntime ops, the kernel's NULL z) reads them as "no gate"."""
     empty = {t.name for t in model.graph.initializer if 0 in tuple(t.dims)}
     return [n.name for n in model.graph.node if n.op_type == SCAN_OP and n.domain == DOMAIN
             and (len(n.input) < 7 or not n.input[6] or n.input[6] in empty)]
 
 
-def refuse_ungated_scans(model, what: str) -> None:
-    """The TensorRT SelectiveScan plugin takes z as (B, L, D) (trt_plugins/selective_scan/README.md):
-    a graph with ungated scans cannot be built into an engine yet."""
-    names = ungated_scans(model)
-    if names:
-        raise NotImplementedError(
-            f"{what}: {len(names)} SelectiveScan nodes have no gate z (e.g. {names[0]}; VMamba's scans), which the "
-            "TensorRT SelectiveScan plugin does not take yet (it needs z as (B, L, D)); run the .onnx with "
-            "onnxruntime (ouro.exporter.onnxruntime_session) or write the .qdq.onnx"
-        )
+SCAN_INPUT_COUNTS = (6, 7, 15)
+"""The SelectiveScan node forms the TensorRT plugin takes (trt_plugins/selective_scan/README.md): no gate, gate,
+quantized."""
+
+
+def check_scan_nodes(model, what: str) -> None:
+    """Before a TensorRT build: every `ouro::SelectiveScan` node of an onnx.ModelProto has a form the plugin takes
+    (6, 7 or 15 inputs; a constant z at input 6 is empty [0] = no gate, or (B, L, D)). PluginError naming the node."""
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != SCAN_OP or n.domain != DOMAIN:
+            continue
+        if len(n.input) not in SCAN_INPUT_COUNTS:
+            raise PluginError(f"{what}: SelectiveScan node {n.name!r} has {len(n.input)} inputs; the TensorRT plugin "
+                              "takes 6 (no gate z), 7 or 15 (trt_plugins/selective_scan/README.md)")
+        z = inits.get(n.input[6]) if len(n.input) > 6 else None
+        if z is not None and 0 not in z and len(z) != 3:
+            raise PluginError(f"{what}: SelectiveScan node {n.name!r}: z (input 6) is a constant of shape {list(z)}; "
+                              "expected (B, L, D), or empty [0] for no gate")

@@ -56,9 +56,9 @@ def build_engine(cfg: EngineConfig, *, log: Callable[[str], None] = print) -> Pa
     cfg.check_plugins_available()
     import onnx
 
-    from .plugin import refuse_ungated_scans
+    from .plugin import check_scan_nodes
 
-    refuse_ungated_scans(onnx.load(str(cfg.onnx_path), load_external_data=False), str(cfg.onnx_path))
+    check_scan_nodes(onnx.load(str(cfg.onnx_path), load_external_data=False), str(cfg.onnx_path))
     spec = cfg.resolved_input()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -61,6 +61,19 @@ def test_scan_without_skip_gate_softplus_small_state():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scan_without_gate_matches_ref(reverse, dtype):
+    """z None (VMamba's and MambaVision's scans) on the 16-byte staging path, with the D skip; an empty z is the
+    same call."""
+    u, delta, A, Bm, Cm, Dskip, z = _scan_inputs(dtype=dtype)
+    ref = selective_scan_ref(u, delta, A, Bm, Cm, Dskip, None, reverse=reverse)
+    got = ck.selective_scan(u, delta, A, Bm, Cm, Dskip, None, reverse=reverse)
+    rtol = SCAN_FP32_RTOL if dtype == torch.float32 else SCAN_FP16_RTOL
+    torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=rtol * float(ref.abs().max()) + SCAN_FP32_ATOL)
+    assert torch.equal(ck.selective_scan(u, delta, A, Bm, Cm, Dskip, z[:0], reverse=reverse), got)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("corr", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_scan_with_quantized_operands(reverse, corr, dtype):

@@ -18,7 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_ort_native import (  # noqa: E402  (shared graph builders and cases of the CPU tests)
     LINEAR_CASES,
+    NO_GATE_SCAN_CASES,
     SCAN_CASES,
+    _no_gate_case,
     _activations,
     _calibrated,
     _inlier_scale,
@@ -122,6 +124,20 @@ def test_selective_scan_cuda_ep_matches_cpu(case):
             inits[f"{op}_theta"] = (np.abs(t.astype(np.float32)).mean(axis=(0, 2)) * 3).astype(np.float32)
         inits["h_scale"], inits["h_zero"] = np.ones(L, np.float32), np.zeros(L, np.float32)
     model = _scan_model(B, L, D, S, attrs, inits, qattrs is not None, fp16)
+    gpu = _session(model, CUDA, profile=True)
+    assert _providers_of(gpu, feeds)["SelectiveScan"] == {"CUDAExecutionProvider"}
+    y = gpu.run(None, feeds)[0].astype(np.float32)
+    ref = _session(model, ["CPUExecutionProvider"]).run(None, feeds)[0].astype(np.float32)
+    tol = (2e-3, 2e-3) if fp16 else (SCAN_RTOL, SCAN_ATOL)
+    np.testing.assert_allclose(y, ref, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("case", NO_GATE_SCAN_CASES, ids=lambda c: c[0])
+def test_selective_scan_without_gate_cuda_ep_matches_cpu(case):
+    """Empty or omitted z (no gate) on the CUDA EP: the kernel's NULL z, equal to the CPU EP."""
+    name, B, L, D, S, reverse, quantized, fp16, gate = case
+    feeds, inits, tables, attrs = _no_gate_case(np.random.default_rng(L * D + 1), B, L, D, S, reverse, quantized, fp16)
+    model = _scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
     gpu = _session(model, CUDA, profile=True)
     assert _providers_of(gpu, feeds)["SelectiveScan"] == {"CUDAExecutionProvider"}
     y = gpu.run(None, feeds)[0].astype(np.float32)

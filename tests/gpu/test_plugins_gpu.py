@@ -126,3 +126,18 @@ def test_selective_scan_plugin_equals_kernel(tmp_path, quant, reverse, dtype):
                                delta_softplus=True, reverse=bool(reverse), **kw)
     y = run_plugin(tmp_path, "SelectiveScan", fields, inputs)
     assert np.array_equal(y.reshape(B, L, D), direct.cpu().numpy(), equal_nan=True)
+
+
+@pytest.mark.parametrize("gate", ["empty", "absent"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_selective_scan_plugin_without_gate(tmp_path, gate, dtype):
+    """No gate (VMamba's scans): an empty [0] FLOAT z (also under fp16 I/O) or a 6-input node equals the kernel
+    with z = None, bit for bit."""
+    B, L, D, S = 2, 197, 384, 16
+    t = _scan_inputs(B, L, D, S, dtype)
+    cuda = {k: v.cuda() for k, v in t.items()}
+    inputs = [t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["Dskip"]] + ([torch.zeros(0)] if gate == "empty" else [])
+    direct = ck.selective_scan(cuda["u"], cuda["delta"], cuda["A"], cuda["Bm"], cuda["Cm"], cuda["Dskip"], None,
+                               delta_softplus=True, reverse=True)
+    y = run_plugin(tmp_path, "SelectiveScan", dict(reverse=1, delta_softplus=1), inputs)
+    assert np.array_equal(y.reshape(B, L, D), direct.cpu().numpy(), equal_nan=True)

@@ -237,11 +237,10 @@ def test_vmamba_plugin_graph_matches_fake_quant(one_thread):
     n_lin = sum(len(ops_.act) for _, ops_ in iter_quant_points(q))
     assert ops.count("OutlierLinear") == n_lin and ops.count("SelectiveScan") == 4 * sum(TINY.depths)
     assert "QuantizeLinear" not in ops
-    from ouro.exporter.plugin import refuse_ungated_scans, ungated_scans
+    from ouro.exporter.plugin import check_scan_nodes, ungated_scans
 
-    assert len(ungated_scans(plugin)) == 4 * sum(TINY.depths)  # the TensorRT plugin needs z: a clear refusal
-    with pytest.raises(NotImplementedError, match="8 SelectiveScan nodes have no gate z"):
-        refuse_ungated_scans(plugin, "vmamba.onnx")
+    assert len(ungated_scans(plugin)) == 4 * sum(TINY.depths)  # every scan: empty [0] z, read as "no gate"
+    check_scan_nodes(plugin, "vmamba.onnx")  # the pre-build check accepts them (no refusal any more)
     assert not ungated_scans(export_fp(build_model(VIM).eval()).model)
     for batch in (1, 2):
         x = example_input(model, batch)
@@ -249,6 +248,44 @@ def test_vmamba_plugin_graph_matches_fake_quant(one_thread):
         with torch.no_grad():
             fq = q(x).numpy()
         assert _rel(out, fq) < QUANT_RTOL
+
+
+class _ReachedTensorRT(Exception):
+    pass
+
+
+def test_vmamba_graphs_reach_the_tensorrt_builder(tmp_path, monkeypatch):
+    """build_engine takes ungated scans (6-input FP nodes, empty-z plugin nodes): its pre-build check passes and
+    the build goes on to TensorRT (a stand-in module that stops at trt.Logger); a SelectiveScan node of a form
+    the plugin does not take is refused before TensorRT, naming the node."""
+    from ouro.exporter import trt_build
+    from ouro.exporter.engine_config import EngineConfig
+    from ouro.exporter.plugin import PluginError
+
+    class FakeTrt:
+        class Logger:
+            WARNING = 0
+
+            def __init__(self, *a):
+                raise _ReachedTensorRT
+
+    monkeypatch.setattr(trt_build, "import_tensorrt", lambda cfg=None: FakeTrt)
+    lib = tmp_path / "libouro_trt_plugins.so"
+    lib.write_bytes(b"\x7fELF")
+    model = _model(TINY)
+    q = _calibrated(model, "w4a4", "ouromamba", steps=0)
+    graphs = {"fp": export_fp(model).model, "plugin": export_quantized(q, Target.PLUGIN).model}
+    for name, graph in graphs.items():
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(graph, str(path))
+        with pytest.raises(_ReachedTensorRT):
+            trt_build.build_engine(EngineConfig(path, tmp_path / f"{name}.plan", plugin_library=lib))
+    bad = graphs["fp"]
+    node = next(n for n in bad.graph.node if n.op_type == SCAN_OP)
+    del node.input[5:]
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(PluginError, match=f"SelectiveScan node '{node.name}' has 5 inputs; the TensorRT plugin takes 6"):
+        trt_build.build_engine(EngineConfig(tmp_path / "bad.onnx", tmp_path / "bad.plan", plugin_library=lib))
 
 
 def test_plugin_refuses_odd_int4_rows():

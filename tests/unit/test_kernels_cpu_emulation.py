@@ -454,6 +454,22 @@ def test_scan_small_state_no_gate(emu, cc):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+def test_scan_no_gate(emu, cc, reverse):
+    """No gate z (VMamba's and MambaVision's scans): z = NULL gives the reference with z=None (y = scan + D skip,
+    no silu(z) multiply), fp32 and fp16 I/O, on the cp.async staging path (S = 16: 16-byte rows) over two chunks."""
+    u, delta, A, Bm, Cm, Dskip, z = _scan_inputs(B=2, L=45, D=40)
+    ref = selective_scan_ref(u, delta, A, Bm, Cm, Dskip, None, reverse=reverse)
+    got = _scan(emu, u, delta, A, Bm, Cm, Dskip, None, reverse=reverse)
+    torch.testing.assert_close(got, ref, rtol=SCAN_RTOL, atol=SCAN_RTOL)
+    gated = selective_scan_ref(u, delta, A, Bm, Cm, Dskip, z, reverse=reverse)
+    assert (gated - ref).abs().max() > 100 * SCAN_RTOL  # the gate changes y here: the check tells the two apart
+    h = [t.half() for t in (u, delta, Bm, Cm)]
+    got16 = _scan(emu, h[0], h[1], A, h[2], h[3], Dskip, None, reverse=reverse)
+    ref16 = selective_scan_ref(h[0], h[1], A, h[2], h[3], Dskip, None, reverse=reverse)
+    torch.testing.assert_close(got16.float(), ref16, rtol=SCAN_FP16_TOL, atol=SCAN_FP16_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("corr", [0, 1])
 def test_scan_quantized_operands_and_tgq(emu, cc, reverse, corr):
     """Delta, B and C fake-quantized from the statistics kernels (B and C with real outliers), TGQ in the loop."""
@@ -475,6 +491,11 @@ def test_scan_quantized_operands_and_tgq(emu, cc, reverse, corr):
     ref = selective_scan_ref(u, fq(delta, sd, 4.0), A, fq(Bm, sb, 3.0), fq(Cm, sc, 3.0), Dskip, z, reverse=reverse,
                              h_quant=hq)
     got = _scan(emu, u, delta, A, Bm, Cm, Dskip, z, reverse=reverse, qs=qs, hq=hq)
+    torch.testing.assert_close(got, ref, rtol=SCAN_RTOL, atol=SCAN_RTOL)
+    # the same quantized scan without a gate (z = NULL): the reference with z=None
+    ref = selective_scan_ref(u, fq(delta, sd, 4.0), A, fq(Bm, sb, 3.0), fq(Cm, sc, 3.0), Dskip, None, reverse=reverse,
+                             h_quant=hq)
+    got = _scan(emu, u, delta, A, Bm, Cm, Dskip, None, reverse=reverse, qs=qs, hq=hq)
     torch.testing.assert_close(got, ref, rtol=SCAN_RTOL, atol=SCAN_RTOL)
 
 

@@ -342,12 +342,20 @@ def test_outlier_capacity_yields_nan_rows(native):
     np.testing.assert_array_equal(y[~over], ref.numpy()[~over])
 
 
-def _scan_model(B, L, D, S, attrs, inits: dict, quantized: bool, fp16=False) -> onnx.ModelProto:
+def _scan_model(B, L, D, S, attrs, inits: dict, quantized: bool, fp16=False, gate="z") -> onnx.ModelProto:
+    """One SelectiveScan node. gate: "z" a (B, L, D) feed; "empty" an empty [0] FLOAT initializer z (what the
+    exporter writes for a scan without a gate, whatever the activations' dtype); "absent" no z (6 inputs, or an
+    empty input name in a 15-input node). The last two mean "no gate"."""
     act = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     names = ["u", "delta", "A", "Bm", "Cm", "Dskip", "z"]
     tables = ["delta_scale", "delta_theta", "b_scale", "b_theta", "c_scale", "c_theta", "h_scale", "h_zero"]
+    if gate == "empty":
+        inits = {**inits, "z": np.zeros(0, np.float32)}
+    elif gate == "absent":
+        names = names[:6] + ([""] if quantized else [])
     node = helper.make_node("SelectiveScan", names + (tables if quantized else []), ["y"], domain="ouro", name="scan", **attrs)
-    feeds = [helper.make_tensor_value_info(n, act, ["B", L, D if n in ("u", "delta", "z") else S]) for n in ("u", "delta", "Bm", "Cm", "z")]
+    feeds = [helper.make_tensor_value_info(n, act, ["B", L, D if n in ("u", "delta", "z") else S])
+             for n in ("u", "delta", "Bm", "Cm") + (("z",) if gate == "z" else ())]
     g = helper.make_graph([node], "g", feeds, [helper.make_tensor_value_info("y", act, ["B", L, D])],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ouro", 1)])
@@ -398,6 +406,74 @@ def test_selective_scan_matches_reference(native, case):
         np.testing.assert_allclose(y.astype(np.float32), ref.half().float().numpy(), rtol=SCAN_FP16_TOL, atol=SCAN_FP16_TOL)
     else:
         np.testing.assert_allclose(y, ref.numpy(), rtol=SCAN_RTOL, atol=SCAN_ATOL)
+
+
+NO_GATE_SCAN_CASES = [  # (name, B, L, D, S, reverse, quantized, fp16, gate)
+    ("fp-empty-z", 3, 17, 40, 16, 0, False, False, "empty"),
+    ("fp-6-inputs", 2, 33, 24, 1, 1, False, False, "absent"),  # VMamba's d_state 1
+    ("w4a4-empty-z", 3, 13, 48, 16, 1, True, False, "empty"),
+    ("w4a4-fp16-empty-fp32-z", 2, 13, 24, 16, 0, True, True, "empty"),  # the plugin graph's form
+    ("w4a4-unnamed-z", 2, 9, 16, 16, 0, True, False, "absent"),
+]
+
+
+def _no_gate_case(rng, B, L, D, S, reverse, quantized, fp16):
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
+                 Cm=_activations(rng, B, L, S))
+    feeds = {k: v.astype(np.float16 if fp16 else np.float32) for k, v in feeds.items()}
+    inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
+    attrs = dict(reverse=reverse, delta_softplus=1)
+    tables = {}
+    if quantized:
+        attrs.update(delta_bits=4, delta_bits_outlier=8, b_bits=4, b_bits_outlier=8, c_bits=4, c_bits_outlier=8,
+                     n_refresh=5, threshold_policy=0, delta_k_sigma=4.0, bc_k_sigma=3.0)
+        for op, k in (("delta", "delta"), ("b", "Bm"), ("c", "Cm")):
+            t = feeds[k].astype(np.float32)
+            tables[f"{op}_scale"] = _inlier_scale(t, 4)
+            tables[f"{op}_theta"] = (np.abs(t).mean(axis=(0, 2)) * 3).astype(np.float32)
+        tables["h_scale"] = tables["h_zero"] = np.zeros(0, np.float32)
+    return feeds, inits, tables, attrs
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("case", NO_GATE_SCAN_CASES, ids=lambda c: c[0])
+def test_selective_scan_without_gate(native, case):
+    """An empty or omitted z means "no gate" (VMamba's and MambaVision's scans): the native op equals the Python
+    op with z=None (y = scan + D skip), within the gated cases' tolerances; the gate would change y."""
+    name, B, L, D, S, reverse, quantized, fp16, gate = case
+    rng = np.random.default_rng(L * D + 1)
+    feeds, inits, tables, attrs = _no_gate_case(rng, B, L, D, S, reverse, quantized, fp16)
+    model = _scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
+    y = onnxruntime_session(model, ops="native").run(None, feeds)[0]
+    f32 = {k: v.astype(np.float32) for k, v in feeds.items()}
+    args = (f32["u"], f32["delta"], inits["A"], f32["Bm"], f32["Cm"], inits["Dskip"])
+    ref = selective_scan_node_ref(*args, None, *tables.values(), **attrs)
+    py = onnxruntime_session(model, ops="python").run(None, feeds)[0]  # the Python op reads the same node
+    if fp16:
+        assert y.dtype == np.float16
+        np.testing.assert_allclose(y.astype(np.float32), ref.half().float().numpy(), rtol=SCAN_FP16_TOL, atol=SCAN_FP16_TOL)
+        np.testing.assert_allclose(y.astype(np.float32), py.astype(np.float32), rtol=SCAN_FP16_TOL, atol=SCAN_FP16_TOL)
+    else:
+        np.testing.assert_allclose(y, ref.numpy(), rtol=SCAN_RTOL, atol=SCAN_ATOL)
+        np.testing.assert_allclose(y, py, rtol=SCAN_RTOL, atol=SCAN_ATOL)
+    z = rng.standard_normal((B, L, D)).astype(np.float32)
+    gated = selective_scan_node_ref(*args, z, *tables.values(), **attrs)
+    assert np.abs(gated.numpy() - ref.numpy()).max() > 100 * SCAN_FP16_TOL  # a gate would show
+
+
+@pytest.mark.native
+def test_selective_scan_bad_z_fails_clearly(native):
+    """A z that is neither (B, L, D) in u's dtype nor empty is refused, naming the input."""
+    B, L, D, S = 2, 5, 8, 4
+    rng = np.random.default_rng(3)
+    feeds, inits, _, attrs = _no_gate_case(rng, B, L, D, S, 0, False, False)
+    model = _scan_model(B, L, D, S, attrs, inits, False, gate="empty")  # z: the last initializer
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.ones((B, L), np.float32), "z"))
+    with pytest.raises(Exception, match=r"SelectiveScan 'scan': input 6 \(z\) has shape \(2, 5\), expected the shape of u"):
+        onnxruntime_session(model, ops="native").run(None, feeds)
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.zeros(0, np.int32), "z"))
+    with pytest.raises(Exception, match=r"input 6 \(z\) is empty \(no gate\) with type INT32, expected FLOAT or FLOAT16"):
+        onnxruntime_session(model, ops="native").run(None, feeds)
 
 
 @pytest.mark.native
@@ -520,6 +596,37 @@ def test_vim_tiny_graphs_native_vs_python_ops(native):
 
 
 @pytest.mark.native
+@pytest.mark.slow
+def test_vmamba_demo_graphs_native_vs_python_ops(native):
+    """The VMamba demo (every scan without a gate: 6-input FP nodes, empty-z plugin nodes with fp16 activations):
+    native vs Python-op sessions, the plugin graph within LOGITS_RTOL and the FP graph within FP_LOGITS_RTOL."""
+    from ouro.calib import data
+    from ouro.calib.quant import calibrate
+    from ouro.exporter.onnx_export import example_input, export_fp
+    from ouro.exporter.plugin import ungated_scans
+    from ouro.exporter.quantized import export_quantized
+    from ouro.recipes import get_preset
+
+    if not all(p.is_file() for p in data.demo_files("vmamba")):
+        pytest.skip("the VMamba demo checkpoint is not built yet (tools/train_demo.py --family vmamba)")
+    torch.manual_seed(0)
+    model = data.load_demo_model("vmamba").eval()
+    cfg = model.cfg
+    images = torch.randn(4, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
+    recipe = get_preset("w4a4")
+    q = calibrate(model, recipe.with_(calib=type(recipe.calib)(steps=0, init_samples=4)), lambda m: m(images), progress=False)
+    plugin, fp = export_quantized(q, "plugin").model, export_fp(model).model
+    n_scans = sum(n.op_type == "SelectiveScan" for n in plugin.graph.node)
+    assert n_scans > 0 and len(ungated_scans(plugin)) == n_scans and len(ungated_scans(fp)) == n_scans
+    for batch in (1, 3):
+        x = {"images": example_input(model, batch).numpy()}
+        nat, ref = (onnxruntime_session(plugin, ops=ops).run(None, x)[0] for ops in ("native", "python"))
+        assert np.abs(nat - ref).max() <= LOGITS_RTOL * np.abs(ref).max()
+        fn, fr = (onnxruntime_session(fp, ops=ops).run(None, x)[0] for ops in ("native", "python"))
+        assert np.abs(fn - fr).max() <= FP_LOGITS_RTOL * np.abs(fr).max()
+
+
+@pytest.mark.native
 def test_cpp_runner_prints_top1_on_digits(native, tmp_path):
     """tools/deploy/ouro_ort_run (C++, no Python) runs the demo's W4A4 plugin ONNX through onnxruntime with the
     library and prints the top-1 of a few digits: the same classes as the Python session, the labels mostly."""
@@ -557,6 +664,26 @@ def test_demo_w4a4_check_runs_on_the_native_library(native, monkeypatch, capsys,
         pytest.skip("the demo checkpoint is not built yet (tools/train_demo.py)")
     monkeypatch.setattr(ort_native, "_announced", set())
     rc = main(["--demo", "--w4a4", "-o", str(tmp_path / "demo.onnx"), "--check"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"onnxruntime custom ops: native library {native / ort_native.LIB_NAME}" in out.err
+    assert "Python reference ops" not in out.err
+    assert "Polygraphy PASSED" in out.out
+
+
+@pytest.mark.native
+@pytest.mark.slow
+def test_vmamba_demo_w4a4_check_runs_on_the_native_library(native, monkeypatch, capsys, tmp_path):
+    """`ouro-export --demo vmamba --w4a4 --calib real:32 -o x.onnx --check`: the plugin graph (ungated scans)
+    passes the check with the native library's ops."""
+    from ouro.calib import data
+    from ouro.exporter.cli import main
+
+    if not all(p.is_file() for p in data.demo_files("vmamba")):
+        pytest.skip("the VMamba demo checkpoint is not built yet (tools/train_demo.py --family vmamba)")
+    monkeypatch.setattr(ort_native, "_announced", set())
+    # real calibration images: the graph and the check are the point here, not OuroMamba-Gen (tested elsewhere)
+    rc = main(["--demo", "vmamba", "--w4a4", "--calib", "real:32", "-o", str(tmp_path / "vmamba.onnx"), "--check"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert f"onnxruntime custom ops: native library {native / ort_native.LIB_NAME}" in out.err

@@ -114,7 +114,7 @@ OURO_API ouroStatus_t ouroOutlierFakeQuant(const void* x, void* y, int x_is_fp32
 // Selective scan (Mamba-1), token-major layout, fp32 state.
 //   h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t ;  y_t = C_t . h_t + Dskip * u_t
 //   delta_t = softplus(delta_in_t) if delta_softplus else delta_in_t
-//   out_t = y_t * silu(z_t)   (if z != NULL)
+//   out_t = y_t * silu(z_t)   (if z != NULL; z == NULL: no gate, out_t = y_t, e.g. VMamba / MambaVision scans)
 // reverse = 1 runs t = L-1 .. 0 (the backward direction of Vim, without flipped copies).
 // ---------------------------------------------------------------------------------------------
 typedef struct
@@ -129,7 +129,7 @@ typedef struct
     const void* Bm;           // [B, L, S]
     const void* Cm;           // [B, L, S]
     const float* Dskip;       // [D] or NULL
-    const void* z;            // [B, L, D] or NULL
+    const void* z;            // [B, L, D], or NULL = no gate (every path; callers pass NULL for an empty z)
     void* out;                // [B, L, D]
     // SSM-operand fake quantization applied before the recurrence (bits = 0: off)
     ouroActQuant_t delta_q;   // over D channels per token

@@ -352,13 +352,20 @@ ScanShape check_scan(const ScanAttrs& a, const Tensor (&in)[kScanInputs])
     s.D = to_int(lb, u.shape[2], "D");
     s.S = to_int(lb, A.shape[1], "S");
     want_dim(lb, kA, "A", A, 0, s.D, "d_inner, dim 2 of u");
-    for (int i : {kDelta, kZ})
-    {
-        if (!in[i].present())
-            continue;
-        if (in[i].shape != u.shape)
-            shape_error(lb, i, kScanNames[i], "has shape " + shape_str(in[i].shape) + ", expected the shape of u " + shape_str(u.shape));
-    }
+    if (in[kDelta].shape != u.shape)
+        shape_error(lb, kDelta, "delta", "has shape " + shape_str(in[kDelta].shape) + ", expected the shape of u " + shape_str(u.shape));
+    // z: (B, L, D) in u's dtype = gate; omitted or empty (0 elements, e.g. the exporter's [0] FLOAT initializer) = no
+    // gate. Input 6 is declared with any type, so its dtype is checked here.
+    const Tensor& z = in[kZ];
+    s.gated = z.present() && z.numel > 0;
+    if (s.gated && z.shape != u.shape)
+        shape_error(lb, kZ, "z", "has shape " + shape_str(z.shape) + ", expected the shape of u " + shape_str(u.shape)
+            + " (or an empty tensor for no gate)");
+    if (s.gated && z.type != u.type)
+        shape_error(lb, kZ, "z", std::string("has type ") + type_name(z.type) + ", expected " + type_name(u.type)
+            + " (the type of u)");
+    if (z.present() && !s.gated && z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+        shape_error(lb, kZ, "z", std::string("is empty (no gate) with type ") + type_name(z.type) + ", expected FLOAT or FLOAT16");
     for (int i : {kBm, kCm})
     {
         const Tensor& t = in[i];

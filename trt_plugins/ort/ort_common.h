@@ -126,6 +126,7 @@ LinearShape check_linear(const LinearAttrs& a, const Tensor (&in)[kLinearInputs]
 struct ScanShape
 {
     int B, L, D, S;
+    bool gated; // z present with (B, L, D); false for an omitted or empty (0-element) z: no gate
 };
 ScanShape check_scan(const ScanAttrs& a, const Tensor (&in)[kScanInputs]);
 

@@ -350,7 +350,7 @@ OrtStatus* ORT_API_CALL compute_scan(void* kp, OrtKernelContext* ctx)
         a.Bm = in[kBm].data;
         a.Cm = in[kCm].data;
         a.Dskip = in[kDskip].as<float>();
-        a.z = in[kZ].data;
+        a.z = s.gated ? in[kZ].data : nullptr; // omitted or empty z: no gate
         a.out = out;
         a.reverse = at.reverse;
         a.delta_softplus = at.delta_softplus;
@@ -385,7 +385,8 @@ std::vector<ONNXTensorElementDataType> linear_inputs(ONNXTensorElementDataType a
 std::vector<ONNXTensorElementDataType> scan_inputs(ONNXTensorElementDataType act)
 {
     const auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    std::vector<ONNXTensorElementDataType> t = {act, act, F, act, act, F, act};
+    // z (6): any type, checked by check_scan (act when present, FLOAT or FLOAT16 when empty: no gate)
+    std::vector<ONNXTensorElementDataType> t = {act, act, F, act, act, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
     t.resize(kScanInputs, F);
     return t;
 }

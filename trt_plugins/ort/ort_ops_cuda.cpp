@@ -206,7 +206,7 @@ OrtStatus* ORT_API_CALL compute_scan(void* kp, OrtKernelContext* ctx)
         p.Bm = in[kBm].data;
         p.Cm = in[kCm].data;
         p.Dskip = in[kDskip].as<float>();
-        p.z = in[kZ].data;
+        p.z = s.gated ? in[kZ].data : nullptr; // omitted or empty z: no gate (the kernel's NULL z)
         p.out = out;
         if (at.quantized())
         {
@@ -247,7 +247,8 @@ void append_cuda_ops(std::vector<CustomOp*>& ops)
         init_custom_op(storage[i], OpDef{"OutlierLinear", kCudaEp, {act, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, F, F, F, F},
             kLinearInputs, act, create_linear, compute_linear, destroy_linear, infer_linear_shape}, g_api_version);
         ops.push_back(&storage[i++]);
-        std::vector<ONNXTensorElementDataType> scan = {act, act, F, act, act, F, act};
+        // z (6): any type, checked by check_scan (act when present, FLOAT or FLOAT16 when empty: no gate)
+        std::vector<ONNXTensorElementDataType> scan = {act, act, F, act, act, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
         scan.resize(kScanInputs, F);
         init_custom_op(storage[i], OpDef{"SelectiveScan", kCudaEp, scan, 5, act, create_scan, compute_scan, destroy_scan,
             infer_scan_shape}, g_api_version);

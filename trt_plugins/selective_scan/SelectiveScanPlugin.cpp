@@ -66,6 +66,19 @@ void expectSame(IDimensionExpr const* a, IDimensionExpr const* b, int32_t ia, in
     }
 }
 
+//! An empty gate z: some dimension is the constant 0 (the exporter writes an empty [0] initializer).
+bool zEmpty(DimsExprs const& z)
+{
+    for (int32_t k = 0; k < z.nbDims; ++k)
+    {
+        if (z.d[k] && z.d[k]->isConstant() && z.d[k]->getConstantValue() == 0)
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
 ouroActQuant_t actQuant(int32_t bits, int32_t bitsOutlier, C const& c, float kSigma, void const* scale,
     void const* theta)
 {
@@ -149,11 +162,11 @@ SelectiveScanConfig SelectiveScanPlugin::parseConfig(PluginFieldCollection const
 
 void SelectiveScanPlugin::checkCounts(int32_t nbInputs, int32_t nbOutputs) const
 {
-    if ((nbInputs != kNbInputsFloat && nbInputs != kNbInputsQuant) || nbOutputs != 1)
+    if ((nbInputs != kNbInputsUngated && nbInputs != kNbInputsFloat && nbInputs != kNbInputsQuant) || nbOutputs != 1)
     {
-        throw PluginError(std::string(kPlugin) + ": expected 7 inputs (u, delta, A, B, C, D, z) or 15 (plus "
-            "delta/b/c scale+theta, h_scale, h_zero) and 1 output, got " + std::to_string(nbInputs) + " inputs and "
-            + std::to_string(nbOutputs) + " outputs");
+        throw PluginError(std::string(kPlugin) + ": expected 6 inputs (u, delta, A, B, C, D: no gate), 7 (plus z) or "
+            "15 (plus delta/b/c scale+theta, h_scale, h_zero) and 1 output, got " + std::to_string(nbInputs)
+            + " inputs and " + std::to_string(nbOutputs) + " outputs");
     }
     if (mCfg.quantized() && nbInputs != kNbInputsQuant)
     {
@@ -162,6 +175,34 @@ void SelectiveScanPlugin::checkCounts(int32_t nbInputs, int32_t nbOutputs) const
             + std::to_string(mCfg.c_bits) + ", h_bits=" + std::to_string(mCfg.h_bits) + ") but the node has "
             + std::to_string(nbInputs) + " inputs; quantized nodes need 15");
     }
+}
+
+bool SelectiveScanPlugin::isEmpty(Dims const& d) noexcept
+{
+    for (int32_t k = 0; k < d.nbDims; ++k)
+    {
+        if (d.d[k] == 0)
+        {
+            return true;
+        }
+    }
+    return false;
+}
+
+int32_t SelectiveScanPlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    int32_t const rc = PluginBase::configurePlugin(in, nbInputs, out, nbOutputs);
+    mNbInputs = rc == 0 ? nbInputs : -1;
+    return rc;
+}
+
+int32_t SelectiveScanPlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    int32_t const rc = PluginBase::onShapeChange(in, nbInputs, out, nbOutputs);
+    mNbInputs = rc == 0 ? nbInputs : -1;
+    return rc;
 }
 
 void SelectiveScanPlugin::inferShapes(
@@ -174,12 +215,16 @@ void SelectiveScanPlugin::inferShapes(
     expectRank(in[kB], 3, kPlugin, kB, "B (B, L, S)");
     expectRank(in[kC], 3, kPlugin, kC, "C (B, L, S)");
     expectRank(in[kDskip], 1, kPlugin, kDskip, "D (D)");
-    expectRank(in[kZ], 3, kPlugin, kZ, "z (B, L, D)");
-    for (int32_t i : {kDelta, kZ})
+    for (int32_t d = 0; d < 3; ++d)
     {
+        expectSame(in[kU].d[d], in[kDelta].d[d], kU, d, kDelta, d, "(B, L, D)");
+    }
+    if (nbInputs > kZ && !zEmpty(in[kZ])) // an empty z (a constant 0 dimension, e.g. [0]): no gate
+    {
+        expectRank(in[kZ], 3, kPlugin, kZ, "z (B, L, D), or empty [0] for no gate");
         for (int32_t d = 0; d < 3; ++d)
         {
-            expectSame(in[kU].d[d], in[i].d[d], kU, d, i, d, "(B, L, D)");
+            expectSame(in[kU].d[d], in[kZ].d[d], kU, d, kZ, d, "(B, L, D)");
         }
     }
     for (int32_t i : {kB, kC})
@@ -226,8 +271,8 @@ void SelectiveScanPlugin::inferShapes(
 bool SelectiveScanPlugin::supportsFormatCombination(
     int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    if (inOut == nullptr || (nbInputs != kNbInputsFloat && nbInputs != kNbInputsQuant) || nbOutputs != 1 || pos < 0
-        || pos >= nbInputs + nbOutputs)
+    if (inOut == nullptr || (nbInputs != kNbInputsUngated && nbInputs != kNbInputsFloat && nbInputs != kNbInputsQuant)
+        || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs)
     {
         return false;
     }
@@ -239,6 +284,10 @@ bool SelectiveScanPlugin::supportsFormatCombination(
     if (pos == kU)
     {
         return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
+    }
+    if (pos == kZ && pos < nbInputs && isEmpty(d.dims))
+    {
+        return d.type == DataType::kFLOAT || d.type == DataType::kHALF; // empty z (no gate): never read
     }
     bool const activation = pos == kDelta || pos == kB || pos == kC || pos == kZ || pos == nbInputs;
     if (activation)
@@ -273,6 +322,11 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     try
     {
         C const& c = mCfg;
+        if (mNbInputs < 0)
+        {
+            throw PluginError(std::string(kPlugin) + ": enqueue before onShapeChange/configurePlugin: the node's input "
+                "count (6, 7 or 15) is unknown");
+        }
         Dims const& u = inputDesc[kU].dims;
         Dims const& a = inputDesc[kA].dims;
         if (u.nbDims != 3 || a.nbDims != 2)
@@ -294,7 +348,18 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         p.Bm = inputs[kB];
         p.Cm = inputs[kC];
         p.Dskip = static_cast<float const*>(inputs[kDskip]);
-        p.z = inputs[kZ];
+        p.z = nullptr; // 6 inputs or an empty z: no gate (y is not multiplied by silu(z))
+        if (mNbInputs > kZ && !isEmpty(inputDesc[kZ].dims))
+        {
+            Dims const& z = inputDesc[kZ].dims;
+            if (z.nbDims != 3 || z.d[0] != u.d[0] || z.d[1] != u.d[1] || z.d[2] != u.d[2])
+            {
+                throw PluginError(std::string(kPlugin) + ": enqueue with z of rank " + std::to_string(z.nbDims)
+                    + " not matching u (B, L, D) = (" + std::to_string(u.d[0]) + ", " + std::to_string(u.d[1]) + ", "
+                    + std::to_string(u.d[2]) + "); z must be (B, L, D) or empty [0] (no gate)");
+            }
+            p.z = inputs[kZ];
+        }
         p.out = outputs[0];
         if (c.quantized()) // checkCounts guarantees 15 inputs for quantized nodes
         {

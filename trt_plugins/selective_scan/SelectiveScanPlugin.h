@@ -47,6 +47,7 @@ class SelectiveScanPlugin : public PluginBase<SelectiveScanPlugin, SelectiveScan
 {
 public:
     static constexpr char const* kName = "SelectiveScan";
+    static constexpr int32_t kNbInputsUngated = 6; //!< u, delta, A, B, C, D: no gate z
     static constexpr int32_t kNbInputsFloat = 7;
     static constexpr int32_t kNbInputsQuant = 15;
     enum Input : int32_t
@@ -82,12 +83,26 @@ public:
     void inferShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs& out,
         nvinfer1::IExprBuilder& exprBuilder) const;
 
+    //! z (input 6) with a 0-sized dimension, e.g. the exporter's empty [0] initializer: "no gate".
+    static bool isEmpty(nvinfer1::Dims const& d) noexcept;
+
+    //! Build phase: also records the node's input count (6, 7 or 15) for enqueue.
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    //! Runtime: TensorRT calls this before enqueue (and whenever shapes change); records the input count,
+    //! which enqueue needs to know whether input 6 (z) exists.
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+
+private:
+    int32_t mNbInputs{-1}; //!< from configurePlugin / onShapeChange; -1: not told yet (enqueue refuses)
 };
 
 using SelectiveScanPluginCreator = PluginCreator<SelectiveScanPlugin>;

@@ -167,12 +167,26 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t ma
 
 // ---------------------------------------------------------------------------------------------
 // emptyUnquantized: the tables of operands that are not quantized are [0] (what the exporter writes).
-void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioType, bool emptyUnquantized = false)
+// Gate: kGated z (B, L, D); kEmptyZ an empty FLOAT [0] z (the exporter's "no gate", whatever u's dtype);
+// kNoZInput a 6-input node (nbInputs 6). Both ungated forms must reach the kernel as z = NULL.
+enum class Gate
+{
+    kGated,
+    kEmptyZ,
+    kNoZInput
+};
+
+void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioType, bool emptyUnquantized = false,
+    Gate gate = Gate::kGated)
 {
     SelectiveScanPlugin p(c);
     std::vector<PluginTensorDesc> in = {td(ioType, {kBatch, kL, kD}), td(ioType, {kBatch, kL, kD}),
         td(DataType::kFLOAT, {kD, kS}), td(ioType, {kBatch, kL, kS}), td(ioType, {kBatch, kL, kS}),
-        td(DataType::kFLOAT, {kD}), td(ioType, {kBatch, kL, kD})};
+        td(DataType::kFLOAT, {kD}), gate == Gate::kEmptyZ ? td(DataType::kFLOAT, {0}) : td(ioType, {kBatch, kL, kD})};
+    if (gate == Gate::kNoZInput)
+    {
+        in.pop_back();
+    }
     while (static_cast<int>(in.size()) < nbInputs)
     {
         int32_t const i = static_cast<int32_t>(in.size());
@@ -184,6 +198,7 @@ void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioTy
     void* outputs[1] = {kOut};
 
     recorder() = ouro_test::Recorder{};
+    CHECK(p.onShapeChange(in.data(), nbInputs, &out, 1) == 0); // TensorRT calls it before enqueue
     CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) == 0);
     CHECK(recorder().scanCalls == 1);
     ouroSelectiveScanParams_t const& r = recorder().scan;
@@ -193,7 +208,8 @@ void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioTy
     CHECK(r.io_is_fp32 == io32);
     CHECK(r.reverse == c.reverse && r.delta_softplus == c.delta_softplus);
     CHECK(r.u == fakeIn(0) && r.delta == fakeIn(1) && r.A == fakeIn(2) && r.Bm == fakeIn(3) && r.Cm == fakeIn(4));
-    CHECK(r.Dskip == fakeIn(5) && r.z == fakeIn(6) && r.out == kOut);
+    CHECK(r.Dskip == fakeIn(5) && r.out == kOut);
+    CHECK(r.z == (gate == Gate::kGated ? fakeIn(6) : nullptr)); // NULL z: the kernel applies no gate
     CHECK(r.workspace == kWorkspace && r.workspace_size == ouro_test::fakeSelectiveScanWorkspace(kBatch, kL, kD, kS, io32));
 
     struct Op
@@ -297,6 +313,30 @@ int main()
     SelectiveScanConfig corr = quantScan(0);
     corr.std_correction = 1;
     selectiveScanCase(corr, 15, DataType::kFLOAT);
+    // No gate (VMamba's scans): a 6-input node, or an empty [0] FLOAT z (also under fp16 I/O): z = NULL.
+    for (DataType t : {DataType::kHALF, DataType::kFLOAT})
+    {
+        selectiveScanCase(fp, 6, t, false, Gate::kNoZInput);
+        selectiveScanCase(fp, 7, t, false, Gate::kEmptyZ);
+        selectiveScanCase(quantScan(0), 15, t, false, Gate::kEmptyZ);
+    }
+    selectiveScanCase(bOnly, 15, DataType::kHALF, true, Gate::kEmptyZ);
+    {
+        // enqueue needs the input count (onShapeChange/configurePlugin first), and a non-empty z must be (B, L, D).
+        SelectiveScanPlugin p(fp);
+        std::vector<PluginTensorDesc> in = {td(DataType::kHALF, {kBatch, kL, kD}), td(DataType::kHALF, {kBatch, kL, kD}),
+            td(DataType::kFLOAT, {kD, kS}), td(DataType::kHALF, {kBatch, kL, kS}), td(DataType::kHALF, {kBatch, kL, kS}),
+            td(DataType::kFLOAT, {kD}), td(DataType::kHALF, {kBatch, kL - 1, kD})};
+        PluginTensorDesc out = td(DataType::kHALF, {kBatch, kL, kD});
+        std::vector<void const*> inputs = fakeInputs(7);
+        void* outputs[1] = {kOut};
+        recorder() = ouro_test::Recorder{};
+        CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
+        CHECK(p.onShapeChange(in.data(), 7, &out, 1) == 0);
+        CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
+        CHECK(recorder().scanCalls == 0);
+        CHECK(p.onShapeChange(in.data(), 5, &out, 1) != 0);
+    }
     {
         // A quantized operand whose table has the wrong length at enqueue is an error, not a wrong result.
         SelectiveScanPlugin p(bOnly);
@@ -311,6 +351,7 @@ int main()
         std::vector<void const*> inputs = fakeInputs(15);
         void* outputs[1] = {kOut};
         recorder() = ouro_test::Recorder{};
+        CHECK(p.onShapeChange(in.data(), 15, &out, 1) == 0);
         CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
         CHECK(recorder().scanCalls == 0);
     }

@@ -1011,7 +1011,17 @@ TEST(selective_scan_shape_inference)
                 std::fprintf(stderr, "  FAILED: shape error lacks '%s': \"%s\"\n", b.mentions, lastLog().c_str());
             }
         }
-        CHECK(p->getOutputShapes(in.data(), 6, nullptr, 0, &out, 1, eb) != 0);
+        // No gate z (VMamba's scans): a 6-input node (not quantized), or an empty z, [0] or any constant 0 dim.
+        CHECK_EQ(p->getOutputShapes(in.data(), 6, nullptr, 0, &out, 1, eb) == 0, !quant);
+        for (std::vector<std::string> const& emptyZ : {std::vector<std::string>{"0"}, {"B", "0", std::to_string(kD)}})
+        {
+            std::vector<DimsExprs> noGate = in;
+            noGate[6] = eb.dims(emptyZ);
+            finder().logger.messages.clear();
+            CHECK_EQ(p->getOutputShapes(noGate.data(), n, nullptr, 0, &out, 1, eb), 0);
+            CHECK(out.nbDims == 3 && out.d[2]->getConstantValue() == kD);
+        }
+        CHECK(p->getOutputShapes(in.data(), 5, nullptr, 0, &out, 1, eb) != 0);
     }
     // A partly quantized scan (what the exporter writes): the tables of an operand that is not quantized are
     // empty [0]; shape inference accepts them, and rejects an empty table of a quantized operand, naming it.
@@ -1091,6 +1101,18 @@ TEST(selective_scan_supports_format_combination)
                 bad[pos] = desc(DataType::kHALF);
                 CHECK(!p->supportsFormatCombination(pos, bad.data(), n, 1));
             }
+            // An empty z (no gate) is never read: FLOAT (what the exporter writes) or HALF, whatever u's dtype.
+            for (DataType zt : {DataType::kFLOAT, DataType::kHALF})
+            {
+                auto noGate = io;
+                noGate[6] = desc(zt, {0});
+                for (int32_t pos = 0; pos <= n; ++pos)
+                {
+                    CHECK(p->supportsFormatCombination(pos, noGate.data(), n, 1));
+                }
+                noGate[6] = desc(DataType::kINT8, {0});
+                CHECK(!p->supportsFormatCombination(6, noGate.data(), n, 1));
+            }
             auto bad = io;
             bad[2] = desc(DataType::kHALF); // A is fp32
             CHECK(!p->supportsFormatCombination(2, bad.data(), n, 1));
@@ -1099,6 +1121,17 @@ TEST(selective_scan_supports_format_combination)
             CHECK(!p->supportsFormatCombination(0, bad.data(), n, 1));
             bad[0] = desc(DataType::kINT8);
             CHECK(!p->supportsFormatCombination(0, bad.data(), n, 1));
+            if (!quant) // a 6-input node: position 6 is the output, which follows u
+            {
+                std::vector<DynamicPluginTensorDesc> six(io.begin(), io.begin() + 6);
+                six.push_back(desc(t));
+                for (int32_t pos = 0; pos <= 6; ++pos)
+                {
+                    CHECK(p->supportsFormatCombination(pos, six.data(), 6, 1));
+                }
+                six[6] = desc(other);
+                CHECK(!p->supportsFormatCombination(6, six.data(), 6, 1));
+            }
         }
     }
 }
@@ -1211,9 +1244,17 @@ TEST(selective_scan_enqueue_reports_errors)
     void const* inputs[7] = {};
     void* outputs[1] = {};
     finder().logger.messages.clear();
+    CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0); // before onShapeChange
+    CHECK(contains(lastLog(), "input count (6, 7 or 15) is unknown"));
+    CHECK_EQ(p->onShapeChange(in.data(), 7, &out, 1), 0);
+    finder().logger.messages.clear();
     CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
     CHECK(contains(lastLog(), "ouroSelectiveScan failed"));
     CHECK(contains(lastLog(), "S=" + std::to_string(kS)));
+    in[6] = plainDesc(DataType::kFLOAT, {2, kL - 1, kD}); // a non-empty z that is not (B, L, D)
+    finder().logger.messages.clear();
+    CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
+    CHECK(contains(lastLog(), "z must be (B, L, D) or empty [0] (no gate)"));
 }
 
 TEST(field_blob_rejects_inconsistent_sizes)
