@@ -37,7 +37,7 @@ What a family answers (each method's docstring below has the details):
     export_module(model, fp16)     the module traced for the FP ONNX graph (scans hooked through the
                                    hook points: one `ouro::SelectiveScan` node per ScanSite)
   Gen (OuroMamba-Gen)
-    gen_layout(point, scan)        the 2-D patch grid of a scan's tokens (`GenLayout`), for the
+    gen_layout(point, site)        the 2-D patch grid of a scan's (or an attention matmul's) tokens (`GenLayout`), for the
                                    Delta-weighted p x p neighbourhood of the enhanced implicit attention
     gen_forward(model, x, hook)    logits, running `hook(point)` after each hook point's forward
     gen_losses(model, x, t, cfg)   OuroMamba-Gen's (L^C, L^O, logits); default from the two above
@@ -280,7 +280,7 @@ class ModelFamily:
         return model
 
     # -- Gen -----------------------------------------------------------------------------------
-    def gen_layout(self, model: nn.Module, point: HookPoint, scan: ScanSite) -> GenLayout:
+    def gen_layout(self, model: nn.Module, point: HookPoint, scan: ScanSite | MatmulSite) -> GenLayout:
         raise NotImplementedError(f"{self.label}: OuroMamba-Gen does not know this family's patch grid")
 
     def gen_losses(self, model: nn.Module, x: Tensor, targets: Tensor, cfg) -> tuple[Tensor, Tensor, Tensor]:
