@@ -6,6 +6,9 @@ the scan has no gate z). For every quantized site of the model (the hook points 
 its quantizers give the plugin node everything it takes:
 
     linear <prefix>.<name>  ->  ouro::OutlierLinear(x, weight, w_scale, inlier_scale, theta, bias)
+        (constants named `<prefix>.<name>.weight|w_scale|inlier_scale|theta|plugin_bias`: `.plugin_bias`,
+        not `.bias`, so it never collides with the model's own bias initializer where the graph still
+        reads that, as MambaVision's mixer adds dt_proj.bias a second time)
         attributes: in/out_features, seq_len, then `linear_onnx_attrs(act.format, weight.format)`,
         max_outliers; weight: the int8 codes, two int4 per byte (INT8 bytes) at w_bits 4
     scan <prefix>.scan_<dir> -> the SelectiveScan node gets delta/B/C un-quantized (the inputs of their
@@ -95,7 +98,7 @@ def _outlier_linear(nodes: dict[str, gs.Node], key: str, qa, qw, module) -> gs.N
         OUTLIER_LINEAR_OP, name=key, domain=DOMAIN,
         inputs=[div.inputs[0], gs.Constant(f"{key}.weight", weight), _f32(f"{key}.w_scale", _np(qw.scale).reshape(N)),
                 _f32(f"{key}.inlier_scale", _np(qa.token_scale()).reshape(L)), _f32(f"{key}.theta", _np(qa.theta_table())),
-                _f32(f"{key}.bias", bias)],
+                _f32(f"{key}.plugin_bias", bias)],
         outputs=[out],
         attrs=dict(in_features=K, out_features=N, seq_len=L, **linear_onnx_attrs(qa.format, qw.format), max_outliers=K,
                    **PLUGIN_ATTRS),

@@ -149,7 +149,19 @@ class Recipe:
 
     w_bits / a_bits: weights / activation inliers; a_bits_outlier: OuroMamba's outlier channels.
     Each is an integer bit width or "fp16" (`FP16`: not quantized, kept in floating point). What
-    every site computes under the recipe is `self.formats` (`ouro.recipes.formats_for`)."""
+    every site computes under the recipe is `self.formats` (`ouro.recipes.formats_for`).
+
+    Hybrid Mamba-Transformer models (MambaVision): the attention blocks' qkv / proj and every MLP's
+    fc1 / fc2 are linears like the mixer's and get the recipe's weight and activation formats (OuroMamba:
+    per-token inlier scales with the token axis as the time axis, outlier channels found per token and
+    carried across tokens: the paper's transformer extension, supplementary H). The two attention
+    matmuls, QK^T and softmax x V, are not recipe sites: both operands of each are 8-bit symmetric per
+    tensor (min-max, fixed after init) for every method and every preset, the softmax stays floating
+    point (ouro.calib.quant.matmul). The paper's extension does not say how it treats them; 8-bit per
+    tensor is the usual ViT PTQ setting and maps to a plain Q/DQ MatMul on both targets. The conv stem,
+    the two conv stages (ConvBlocks), the downsampling convs and the mixer's depthwise convs stay floating
+    point (fp32, fp16 with --fp16), like Vim's and VMamba's convs (EXCLUDED_MODULES); no recipe field
+    selects them (ouro.calib.families.mambavision says why)."""
 
     name: str
     method: Method = Method.OUROMAMBA

@@ -8,7 +8,8 @@ quantization work). Each ouro configuration is checked once against the referenc
 
     python tools/bench_gemm.py                      # Vim-T/S/B in_proj, out_proj, x_proj at batch 1 and 32
     python tools/bench_gemm.py --model vim_b --batch 32 --tactics --json bench.json
-    python tools/bench_gemm.py --model vmamba           # VMamba-T/S/B per stage (--model all: both families)
+    python tools/bench_gemm.py --model vmamba           # VMamba-T/S/B per stage (--model all: every family)
+    python tools/bench_gemm.py --model mambavision      # MambaVision-T/T2/S/B hybrid stages
     python tools/bench_gemm.py --model all --list      # print the shape table only (no GPU needed)
     python tools/bench_gemm.py --peak-tops 1979     # override the INT8 peak used for the % column
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
 from kernel_cases import linear_ref, make_linear_case  # noqa: E402
 
+from ouro.calib.models.mambavision import ARCHS as MAMBAVISION_ARCHS, MambaVisionConfig  # noqa: E402
 from ouro.calib.models.vmamba import VMAMBA_ARCHS, VMambaConfig  # noqa: E402
 from ouro.exporter import cuda_kernels as ck  # noqa: E402
 
@@ -52,13 +54,30 @@ def vmamba_shapes(cfg: VMambaConfig) -> list[tuple[str, int, int, int]]:
     return out
 
 
-SHAPES = {  # (layer, L, K, N): Vim-T/S/B in_proj, out_proj, x_proj (L 197); VMamba-T/S/B per stage
+def mambavision_shapes(cfg: MambaVisionConfig) -> list[tuple[str, int, int, int]]:
+    """(layer, L, K, N) of a MambaVision's large linears per hybrid stage s (3 and 4): L = the window's
+    tokens (the sequence; B of the benchmark counts images x windows, one window per image at 224: 14x14
+    in stage 3, 7x7 in stage 4). Mixer in_proj (dim -> d_inner: the x and z halves), out_proj (d_inner ->
+    dim), attention qkv (dim -> 3 dim) and proj, MLP fc1 / fc2. x_proj / dt_proj (a few channels) are
+    left out, and the conv stages have no linears."""
+    out: list[tuple[str, int, int, int]] = []
+    for i in cfg.hybrid_stages:
+        d, di, hid, L = cfg.stage_dim(i), cfg.d_inner(i), cfg.mlp_hidden(i), cfg.seq_len(i)
+        for layer, K, N in (("in_proj", d, di), ("out_proj", di, d), ("qkv", d, 3 * d), ("proj", d, d), ("fc1", d, hid),
+                            ("fc2", hid, d)):
+            out.append((f"s{i + 1}.{layer}", L, K, N))
+    return out
+
+
+SHAPES = {  # (layer, L, K, N): Vim-T/S/B in_proj, out_proj, x_proj (L 197); VMamba-T/S/B per stage; MambaVision
     "vim_t": [("in_proj", L_VIM, 192, 768), ("out_proj", L_VIM, 384, 192), ("x_proj", L_VIM, 384, 44)],
     "vim_s": [("in_proj", L_VIM, 384, 1536), ("out_proj", L_VIM, 768, 384), ("x_proj", L_VIM, 768, 56)],
     "vim_b": [("in_proj", L_VIM, 768, 3072), ("out_proj", L_VIM, 1536, 768), ("x_proj", L_VIM, 1536, 80)],
     **{f"vmamba_{size[0]}": vmamba_shapes(VMAMBA_ARCHS[f"vmamba_{size}"]) for size in ("tiny", "small", "base")},
+    **{arch: mambavision_shapes(cfg) for arch, cfg in MAMBAVISION_ARCHS.items()},
 }
-GROUPS = {"vim": ["vim_t", "vim_s", "vim_b"], "vmamba": ["vmamba_t", "vmamba_s", "vmamba_b"], "all": sorted(SHAPES)}
+GROUPS = {"vim": ["vim_t", "vim_s", "vim_b"], "vmamba": ["vmamba_t", "vmamba_s", "vmamba_b"],
+          "mambavision": list(MAMBAVISION_ARCHS), "all": sorted(SHAPES)}
 """--model groups; the default `vim` is what tools/device_check.sh times."""
 INT8_PEAK_TOPS = {  # dense INT8 tensor-core peak (vendor data sheets), matched by substring of the name
     "H200": 1979.0,
@@ -199,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     models = GROUPS.get(args.model, [args.model])
     if args.list:
-        print(f"{'model':<9} {'layer':<11} {'B':>3} {'L':>5} {'K':>5} {'N':>5} {'M':>7}")
+        print(f"{'model':<14} {'layer':<11} {'B':>3} {'L':>5} {'K':>5} {'N':>5} {'M':>7}")
         for m in models:
             for B in args.batch:
                 for layer, L, K, N in SHAPES[m]:
-                    print(f"{m:<9} {layer:<11} {B:>3} {L:>5} {K:>5} {N:>5} {B * L:>7}")
+                    print(f"{m:<14} {layer:<11} {B:>3} {L:>5} {K:>5} {N:>5} {B * L:>7}")
         return 0
     if not ck.available():
         try:

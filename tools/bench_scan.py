@@ -6,7 +6,8 @@ Prints one table row per (shape, pass) with the best wall time of each path (the
 --repeat runs: robust on a shared machine), their ratio and the
 max abs difference of the outputs. Shapes: Vim-S (B 8, L 197, D 768, S 16), the demo model
 (training batch 128, L 17, D 192, S 16) and one scan direction of VMamba-T's first and last stage
-(d_state 1). On a machine shared with other jobs, --threads 1 gives steadier numbers (two OpenMP
+(d_state 1), and MambaVision-T's stage-3 and stage-4 mixer scans (one window, the x half of d_inner,
+d_state 8). On a machine shared with other jobs, --threads 1 gives steadier numbers (two OpenMP
 threads stall each other when a core is taken away)."""
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ SHAPES = {  # name: (B, L, D, S)
     "demo": (128, 17, 192, 16),
     "vmamba_t_stage1": (1, 56 * 56, 96, 1),  # VMamba-T at 224: one direction of a stage-1 block (d_state 1)
     "vmamba_t_stage4_b32": (32, 7 * 7, 768, 1),
+    "mambavision_t_stage3": (1, 14 * 14, 160, 8),  # MambaVision-T at 224: a stage-3 mixer (one 14x14 window, x half)
+    "mambavision_t_stage4_b32": (32, 7 * 7, 320, 8),
 }
 
 

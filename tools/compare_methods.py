@@ -3,6 +3,7 @@
 
     python tools/compare_methods.py --demo                       # embedded demo model (Vim)
     python tools/compare_methods.py --demo vmamba --threads 1    # the VMamba demo model
+    python tools/compare_methods.py --demo mambavision --calib real:128 --threads 1   # the MambaVision demo model
     python tools/compare_methods.py vim_s.pth --calib-dir C --eval-dir E -o out/compare
     python tools/compare_methods.py --demo --methods ptq4vm,qmamba --presets w4a4
 
@@ -19,9 +20,9 @@ from ouro.exporter.cli import RunContext, UserError, load_model
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", nargs="?", help="model checkpoint (.pth) of a known family (Vim, VMamba)")
+    p.add_argument("checkpoint", nargs="?", help="model checkpoint (.pth) of a known family (Vim, VMamba, MambaVision)")
     p.add_argument("--demo", nargs="?", const="vim", default=None, metavar="FAMILY",
-                   help="use an embedded demo model: the Vim demo, or --demo vmamba")
+                   help="use an embedded demo model: the Vim demo, or --demo vmamba|mambavision")
     p.add_argument("--arch", help="override the inferred architecture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default=None, help="real:N (demo calibration split) or synthetic:N; default real:128")

@@ -10,4 +10,11 @@ LayerNorm (the SS2D out_norm included), the downsampling layers, patch embed and
 mixer's (in the recipes' default `linear_layers`); per-direction x_proj_k / dt_proj_k are selected by
 their kind (x_proj, dt_proj); each of the four scan directions gets its own SSM-operand quantizers,
 whose per-token tables index that direction's own token order (ouro.calib.families.vmamba).
+
+MambaVision (ouro.calib.families.mambavision), likewise for every method: the mixer's in_proj, x_proj,
+dt_proj, out_proj and its one scan's operands as Vim's (one direction, no gate); the attention's qkv /
+proj and the MLPs' fc1 / fc2 at the recipe's formats; per-token tables index the position inside a
+window; the attention matmuls' operands 8-bit per tensor (the one shared quantizer,
+ouro.calib.quant.matmul), softmax FP; the conv stem and conv stages, downsampling convs, depthwise
+convs, norms and head FP.
 """

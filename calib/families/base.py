@@ -26,6 +26,8 @@ What a family answers (each method's docstring below has the details):
     hook_points(model)             the modules that hold `.ops` (`HookPoint`): their linears by name
                                    (`LinearSite`: kind, module, token count) and scans by direction
                                    (`ScanSite`: reverse flag, token count and layout, d_inner, d_state)
+                                   and attention matmuls by name (`MatmulSite`, called through
+                                   `ops.matmul(name, a, b)`; MambaVision's "qk" and "av")
     units(model), entry(model)     the calibration units in forward order (`Unit`: module, glue after it)
                                    and the module whose inputs are the first unit's input state
     unit_target(inputs, outputs)   the tensor the block-wise loss compares (FP vs quantized)
@@ -35,7 +37,7 @@ What a family answers (each method's docstring below has the details):
     export_module(model, fp16)     the module traced for the FP ONNX graph (scans hooked through the
                                    hook points: one `ouro::SelectiveScan` node per ScanSite)
   Gen (OuroMamba-Gen)
-    gen_layout(point, scan)        the 2-D patch grid of a scan's tokens (`GenLayout`), for the
+    gen_layout(point, site)        the 2-D patch grid of a scan's (or an attention matmul's) tokens (`GenLayout`), for the
                                    Delta-weighted p x p neighbourhood of the enhanced implicit attention
     gen_forward(model, x, hook)    logits, running `hook(point)` after each hook point's forward
     gen_losses(model, x, t, cfg)   OuroMamba-Gen's (L^C, L^O, logits); default from the two above
@@ -61,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "LinearSite",
     "ScanSite",
+    "MatmulSite",
     "HookPoint",
     "Unit",
     "DemoSpec",
@@ -118,6 +121,19 @@ class ScanSite:
 
 
 @dataclass(frozen=True)
+class MatmulSite:
+    """A matmul of two activations called through `ops.matmul(name, a, b)` (an attention's QK^T and
+    attention x V). name: the ops name; seq_len: tokens per sequence (N of the (..., N, N) attention);
+    attention: operand `a` is the softmax attention map (B, heads, N, N), whose rows OuroMamba-Gen
+    reads as the block's explicit attention. Every method quantizes both operands the same way
+    (ouro.calib.quant.matmul)."""
+
+    name: str
+    seq_len: int
+    attention: bool = False
+
+
+@dataclass(frozen=True)
 class HookPoint:
     """A module holding `.ops` (a dataclass with at least `linear` and `scan` fields).
 
@@ -131,6 +147,7 @@ class HookPoint:
     unit: int
     linears: tuple[LinearSite, ...] = ()
     scans: tuple[ScanSite, ...] = ()
+    matmuls: tuple[MatmulSite, ...] = ()
 
     def scan(self, direction: str) -> ScanSite:
         for s in self.scans:
@@ -263,7 +280,7 @@ class ModelFamily:
         return model
 
     # -- Gen -----------------------------------------------------------------------------------
-    def gen_layout(self, model: nn.Module, point: HookPoint, scan: ScanSite) -> GenLayout:
+    def gen_layout(self, model: nn.Module, point: HookPoint, scan: ScanSite | MatmulSite) -> GenLayout:
         raise NotImplementedError(f"{self.label}: OuroMamba-Gen does not know this family's patch grid")
 
     def gen_losses(self, model: nn.Module, x: Tensor, targets: Tensor, cfg) -> tuple[Tensor, Tensor, Tensor]:

@@ -143,7 +143,7 @@ def gen_threads(model: nn.Module) -> int | None:
 
     m = model.cfg
     work = getattr(m, "seq_len", None), getattr(m, "d_inner", None)
-    if None in work or module_device(model).type != "cpu":
+    if not all(isinstance(v, int) for v in work) or module_device(model).type != "cpu":  # per-stage sizes: keep
         return None
     return 1 if work[0] * work[1] < TINY_MODEL else None
 

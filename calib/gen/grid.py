@@ -22,7 +22,15 @@ each of its scan directions d (layout pi_d, reverse flag r_d):
 Vim (one layout, CLS in the middle, directions fwd / bwd-reversed) is exactly the original definition
 (`generate.layer_contrastive_loss`); VMamba's four cross-scan directions (row-major and column-major,
 each forward and reversed) share each stage's grid, and the column-major ones are re-indexed to row-major.
-L^C of the model = mean over hook points; L^O = cross-entropy of the logits against the targets.
+A hook point with an attention matmul (`MatmulSite.attention`, MambaVision's self-attention blocks)
+adds the block's explicit attention: its softmax map averaged over heads, rows mapped to grid order and
+aggregated over the same p x p neighbourhood with uniform weights (attention has no Delta), columns
+mapped to grid order: InfoNCE on those rows. A hook point with neither scans nor attention (an MLP)
+adds no term.
+
+Sequences that are windows (MambaVision: batch x windows on the batch axis, windows of one image
+consecutive) give one term per window; a point's term is the mean over the windows of each image.
+L^C of the model = mean over the terms; L^O = cross-entropy of the logits against the targets.
 """
 from __future__ import annotations
 
@@ -36,8 +44,8 @@ from .attention import contrastive_loss, effective_topk, implicit_attention
 from .config import GenConfig
 from .instrument import ScanRecord
 
-__all__ = ["grid_neighbourhood_mask", "layout_neighbourhood_weights", "point_contrastive_loss", "family_gen_losses",
-           "min_patches"]
+__all__ = ["grid_neighbourhood_mask", "layout_neighbourhood_weights", "point_contrastive_loss", "attention_contrastive_loss",
+           "family_gen_losses", "min_patches"]
 
 
 def grid_neighbourhood_mask(grid: tuple[int, int], p: int) -> Tensor:
@@ -95,6 +103,37 @@ def point_contrastive_loss(records: list[ScanRecord], scans: list[ScanSite], lay
     return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)
 
 
+def attention_contrastive_loss(probs: Tensor, layout: GenLayout, cfg: GenConfig) -> Tensor:
+    """L^C (B,) of an explicit attention map probs (B, heads, N, N) (module docstring)."""
+    tok = layout.patch_positions.to(probs.device)
+    a = probs.float().mean(1)[:, tok][:, :, tok]  # (B, P, P), rows and columns in grid order
+    m = grid_neighbourhood_mask(layout.grid, cfg.neighbourhood).to(probs.device, torch.float32)
+    feats = (m / m.sum(-1, keepdim=True)) @ a
+    return contrastive_loss(feats, effective_topk(cfg.topk, tok.numel()), cfg.tau)
+
+
+def _per_image(loss: Tensor, batch: int) -> Tensor:
+    """(B * windows,) -> (B,): the mean over each image's consecutive windows."""
+    if loss.shape[0] == batch:
+        return loss
+    if loss.shape[0] % batch:
+        raise ValueError(f"{loss.shape[0]} sequences are not windows of {batch} images")
+    return loss.reshape(batch, -1).mean(1)
+
+
+class _MatmulRecorder:
+    """A hook point's matmul (the installed one, else torch.matmul), recording the attention operand."""
+
+    def __init__(self, point: HookPoint, sink: list[Tensor]) -> None:
+        self.inner, self.sink = point.module.ops.matmul, sink
+        self.attention = {m.name for m in point.matmuls if m.attention}
+
+    def __call__(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        if name in self.attention:
+            self.sink.append(a)
+        return torch.matmul(a, b) if self.inner is None else self.inner(name, a, b)
+
+
 class _Recorder:
     """A hook point's scan, run as the chunked scan with the site's reverse flag, recording its inputs."""
 
@@ -112,7 +151,8 @@ class _Recorder:
 def min_patches(model: nn.Module) -> int:
     """The fewest patches any scan of the model sees (L^C needs at least 4)."""
     fam = family_of(model)
-    return min(int(fam.gen_layout(model, p, s).patch_positions.numel()) for p in fam.hook_points(model) for s in p.scans)
+    return min(int(fam.gen_layout(model, p, s).patch_positions.numel()) for p in fam.hook_points(model)
+               for s in (*p.scans, *(m for m in p.matmuls if m.attention)))
 
 
 def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,18 +163,32 @@ def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConf
     want_c = cfg.w_contrastive > 0
     points = fam.hook_points(model)
     layouts = {p.index: [fam.gen_layout(model, p, s) for s in p.scans] for p in points}
+    att_sites = {p.index: [m for m in p.matmuls if m.attention] for p in points}
+    att_layouts = {p.index: [fam.gen_layout(model, p, m) for m in att_sites[p.index]] for p in points}
     sinks: dict[int, list[ScanRecord]] = {p.index: [] for p in points}
+    att_sinks: dict[int, list[Tensor]] = {p.index: [] for p in points}
     lcs: list[Tensor] = []
+    batch = x.shape[0]
 
     def after(point: HookPoint) -> None:
         recs = sinks[point.index]
-        by_dir = {r.direction: r for r in recs}
-        ordered = [by_dir[s.direction] for s in point.scans]
-        lcs.append(point_contrastive_loss(ordered, list(point.scans), layouts[point.index], cfg))
+        if point.scans:
+            by_dir = {r.direction: r for r in recs}
+            ordered = [by_dir[s.direction] for s in point.scans]
+            lcs.append(_per_image(point_contrastive_loss(ordered, list(point.scans), layouts[point.index], cfg), batch))
+        for probs, lay in zip(att_sinks[point.index], att_layouts[point.index]):
+            lcs.append(_per_image(attention_contrastive_loss(probs, lay, cfg), batch))
         recs.clear()
+        att_sinks[point.index].clear()
+
+    def make(p: HookPoint) -> dict:
+        hooks = {"scan": _Recorder(p, sinks[p.index])}
+        if att_sites[p.index]:
+            hooks["matmul"] = _MatmulRecorder(p, att_sinks[p.index])
+        return hooks
 
     if want_c:
-        with override_ops(model, lambda p: {"scan": _Recorder(p, sinks[p.index])}):
+        with override_ops(model, make):
             logits = fam.gen_forward(model, x, after)
         lc = torch.stack(lcs).mean(0)
     else:

@@ -280,6 +280,8 @@ class QuantizedMixerOps(nn.Module):
 
     act[name] / weight[name]: input / weight quantizer of linear `name`;
     ssm[f"{operand}_{direction}"]: scan-operand quantizers (one per direction, not shared).
+    mm[f"{matmul}_{a|b}"]: the two operand quantizers of each attention matmul (`MatmulSite`; the same
+    8-bit per-tensor quantizer for every method, ouro.calib.quant.matmul).
     layer: the hook point's index; prefix: its module path (e.g. "layers.3.mixer"), the prefix of its
     node names in an exported graph; key: the prefix of its tensors in a QuantState (e.g. "layers.3").
     reverse[direction]: the direction's scan runs backwards; delta_of[linear]: the direction whose delta
@@ -298,6 +300,7 @@ class QuantizedMixerOps(nn.Module):
         self.act = nn.ModuleDict()
         self.weight = nn.ModuleDict()
         self.ssm = nn.ModuleDict()
+        self.mm = nn.ModuleDict()
         self.scan_core: ScanCore = fp_scan_core
         self.exporting = False
 
@@ -329,11 +332,22 @@ class QuantizedMixerOps(nn.Module):
                 if q is not None:
                     q.node_name = f"{ops.prefix}.scan_{sc.direction}.{op}"
                     ops.ssm[f"{op}_{sc.direction}"] = q
+        if point.matmuls:
+            from .matmul import MatmulOperandQuant
+
+            for mm in point.matmuls:
+                for operand in ("a", "b"):
+                    q = MatmulOperandQuant()
+                    q.node_name = f"{ops.prefix}.{mm.name}.{operand}"
+                    ops.mm[f"{mm.name}_{operand}"] = q
         return ops
 
     def install(self, point: HookPoint) -> None:
         point.module.add_module("quant", self)
-        point.module.ops = replace(point.module.ops, linear=self.linear, scan=self.scan)
+        fields = dict(linear=self.linear, scan=self.scan)
+        if point.matmuls:
+            fields["matmul"] = self.matmul
+        point.module.ops = replace(point.module.ops, **fields)
 
     def linear(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:
         if self.exporting and self.spec.export_linear is not None:
@@ -342,6 +356,13 @@ class QuantizedMixerOps(nn.Module):
 
     def scan(self, direction: str, inputs: ScanInputs) -> Tensor:
         return self.spec.scan(self, direction, inputs)
+
+    def matmul(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        """a @ b with both operands through their quantizers (Q/DQ nodes in export mode)."""
+        qa, qb = self.mm[f"{name}_a"], self.mm[f"{name}_b"]
+        if self.exporting:
+            return torch.matmul(qa.export(a), qb.export(b))
+        return torch.matmul(qa(a), qb(b))
 
     def run_scan_core(self, direction: str, inputs: ScanInputs, **kw) -> Tensor:
         """The recurrence of `direction` (after its operands are quantized), with its reverse flag."""
@@ -356,7 +377,7 @@ class QuantizedMixerOps(nn.Module):
         return q(x)
 
     def quantizers(self) -> Iterator[tuple[str, Quantizer]]:
-        for d, prefix in ((self.act, "act"), (self.weight, "weight"), (self.ssm, "ssm")):
+        for d, prefix in ((self.act, "act"), (self.weight, "weight"), (self.ssm, "ssm"), (self.mm, "matmul")):
             for k, q in d.items():
                 yield f"{prefix}.{k}", q
 

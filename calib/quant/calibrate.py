@@ -14,6 +14,9 @@ Per unit l, in order (ALGORITHMS.md §1.2, "Block-wise scale tuning"):
     2. tune: AdamW on the quantizers' learnable tensors, `calib.steps` steps, one random minibatch
        of `calib.batch_size` images per step, loss on the unit target (not the residual stream)
     3. freeze, then run the quantized unit (and the glue after it) to produce the next unit's q input.
+The batch axis of a unit's state counts its sequences: images, or (MambaVision) images x windows, so
+init_samples, batch_size and the minibatch draws count windows there, and the count may change at
+the glue between stages.
 Deterministic under `seed` (minibatches are drawn from a seeded generator; CPU arithmetic).
 """
 from __future__ import annotations
@@ -143,12 +146,12 @@ def _calibrate(model, recipe, x0, gen, loss_fn, spec, progress) -> QuantizedMode
     by_unit: dict[int, list] = {}
     for point, ops in iter_quant_points(qmodel):
         by_unit.setdefault(point.unit, []).append(ops)
-    n = x0[0].shape[0]
     fp_state = q_state = x0
     bar = tqdm(range(len(fp_units)), desc=f"calibrate {recipe.name}", disable=not progress, leave=False)
     losses: list[float] = []
     for i in bar:
         fu, qu = fp_units[i], q_units[i]
+        n = q_state[0].shape[0]  # sequences entering this unit (MambaVision: windows, fewer after a downsample)
         unit_ops = by_unit.get(i, [])
         quantizers = [q for ops in unit_ops for _, q in iter_quantizers(ops)]
         fp_out, fp_target = run_unit(fu, fp_state, target=fam.unit_target)

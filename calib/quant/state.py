@@ -173,6 +173,7 @@ def read_recipe(path: str | Path, header: dict | None = None) -> Recipe:
 
 
 def _arch_mismatch(saved: dict, cfg: dict) -> list[str]:
+    cfg = json.loads(json.dumps(cfg))  # as the header stores it (tuples become lists)
     keys = sorted((set(saved) | set(cfg)) - set(_ARCH_LABEL_KEYS))
     return [f"{k}: file {saved.get(k)!r} vs model {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
 

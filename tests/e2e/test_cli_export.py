@@ -219,3 +219,45 @@ def test_vmamba_demo_w4a4_plugin_check(capsys, tmp_path):
     rc, stdout, err = _run(["--demo", "vmamba", "--w4a4", "-o", tmp_path / "vmamba_demo.onnx", "--check"], capsys)
     assert rc == 0, err
     assert "vmamba_demo.onnx (plugin): Polygraphy PASSED" in stdout  # the path is printed in full
+
+
+# ------------------------------------------------------------------------------ MambaVision (issue 15)
+@pytest.mark.slow
+def test_mambavision_checkpoint_fp_check_and_gen(capsys, tmp_path):
+    """An official-format MambaVision file (the released .pth.tar layout, a small config) through the same
+    CLI: FP ONNX + --check, and `gen` writes synthetic images; a wrong --arch is a one-line error."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from ouro.calib.models.mambavision import MambaVisionConfig
+
+    name = "make_official_ckpt"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    cfg = MambaVisionConfig(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(8, 8, 2, 2),
+                            img_size=32, num_classes=5, name="e2e-mambavision")
+    ckpt = tmp_path / "mv.pth.tar"
+    torch.save(sys.modules[name].mambavision_checkpoint(cfg, "full"), ckpt)
+    rc, stdout, err = _run([ckpt, "-o", tmp_path / "mv.onnx", "--check"], capsys)
+    assert rc == 0, err
+    assert "Polygraphy PASSED" in stdout
+    rc, _, err = _run([ckpt, "--arch", "mambavision_t", "-o", tmp_path / "never.onnx"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "does not match" in err, err
+    cfgfile = tmp_path / "gen.toml"
+    cfgfile.write_text("iterations = 2\nbatch_size = 2\n")
+    rc, stdout, err = _run(["gen", ckpt, "-n", 2, "-o", tmp_path / "synth", "--config", cfgfile], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "synth" / "gen.json").is_file()
+
+
+@pytest.mark.slow
+def test_mambavision_demo_w4a4_plugin_check(capsys, tmp_path):
+    """Issue 15's acceptance: the plugin graph of the MambaVision demo passes --check (Python ORT ops)."""
+    rc, stdout, err = _run(["--demo", "mambavision", "--w4a4", "--calib", "real:64", "-o", tmp_path / "mv_demo.onnx",
+                            "--check"], capsys)
+    assert rc == 0, err
+    assert "mv_demo.onnx (plugin): Polygraphy PASSED" in stdout
