@@ -7,6 +7,6 @@ __all__ = ["onnxruntime_session"]
 
 def onnxruntime_session(path, providers=None):
     """An onnxruntime.InferenceSession for `path` with ouro's custom ops registered."""
-    from .ort_ops import onnxruntime_session as _session
+    from . import ort_ops
 
-    return _session(path, providers=providers)
+    return ort_ops.onnxruntime_session(path, providers=providers)
