@@ -6,7 +6,6 @@ previous implementation); per-image seeding; resuming an interrupted `gen` folde
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -231,8 +230,9 @@ def test_ctrl_c_then_rerun_of_the_gen_command(tmp_path):
         assert (tmp_path / "run" / f"img_{i:05d}.png").read_bytes() == (tmp_path / "ref" / f"img_{i:05d}.png").read_bytes()
 
 
-def test_gen_main_rejects_bad_count(tmp_path):
-    from ouro.calib.gen.cli import GenUsageError, gen_main
+def test_gen_request_rejects_bad_count(tmp_path):
+    from ouro.calib.gen.cli import GenRequest, GenUsageError
 
     with pytest.raises(GenUsageError, match="--num-images"):
-        gen_main(_model(), argparse.Namespace(num_images=0, output=str(tmp_path / "o"), force=False, config=None, seed=0))
+        GenRequest(num_images=0, output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
