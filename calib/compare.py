@@ -37,6 +37,7 @@ __all__ = [
     "run_comparison",
     "format_table",
     "write_outputs",
+    "CompareConfig",
     "compare_main",
 ]
 
@@ -230,22 +231,53 @@ def write_outputs(res: CompareResult, prefix: str | Path) -> list[Path]:
     return [pj, pm, pp]
 
 
-def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
-    """(calibration images, evaluation images, labels, data label) for the CLI arguments."""
+@dataclass(frozen=True)
+class CompareConfig:
+    """One `compare` run. demo: the embedded demo model's data (calibration and test splits);
+    otherwise calib_dir and eval_dir (ImageNet-style class folders) are required. calib: the
+    --calib spec text (None: see ouro.calib.imagefolder.parse_calib_spec). output: prefix of the
+    .json/.md/.png files. model_name: the name in the table."""
+
+    demo: bool = False
+    calib: str | None = None
+    calib_dir: Path | None = None
+    eval_dir: Path | None = None
+    seed: int = 0
+    methods: tuple[str, ...] = METHOD_ORDER
+    presets: tuple[str, ...] = COMPARE_PRESETS
+    output: Path = Path("compare")
+    model_name: str = "model"
+
+    def __post_init__(self) -> None:
+        from ouro.calib.imagefolder import ImageFolderError, parse_calib_spec
+        from ouro.recipes import Method, RecipeError
+
+        unknown = [m for m in self.methods if m not in {x.value for x in Method}]
+        if unknown:
+            raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
+        if not self.demo and not (self.calib_dir and self.eval_dir):
+            raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
+                                   "(ImageNet-style class folders); or use --demo")
+        parse_calib_spec(self.calib, None if self.calib_dir is None else str(self.calib_dir))  # a bad spec fails here
+
+    @staticmethod
+    def names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+        """`a, B,c` -> ("a", "b", "c"); empty or None -> default."""
+        items = tuple(s.strip().lower() for s in (text or "").split(",") if s.strip())
+        return items or default
+
+
+def _data(model, cfg: CompareConfig, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
+    """(calibration images, evaluation images, labels, data label) of a CompareConfig."""
     from ouro.calib.imagefolder import ImageFolderError, calibration_images, load_image_folder, parse_calib_spec
 
-    demo = bool(getattr(args, "demo", False))
-    calib_dir, eval_dir = getattr(args, "calib_dir", None), getattr(args, "eval_dir", None)
-    seed = int(getattr(args, "seed", 0))
-    if not demo and not (calib_dir and eval_dir):
-        raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
-                               "(ImageNet-style class folders); or use --demo")
-    spec = parse_calib_spec(getattr(args, "calib", None), calib_dir)
-    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=demo, seed=seed, dist=dist)
-    if eval_dir:
-        x, y = load_image_folder(eval_dir, img_size=model.cfg.img_size, seed=seed)
+    calib_dir = None if cfg.calib_dir is None else str(cfg.calib_dir)
+    spec = parse_calib_spec(cfg.calib, calib_dir)
+    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=cfg.demo, seed=cfg.seed, dist=dist)
+    if cfg.eval_dir:
+        x, y = load_image_folder(str(cfg.eval_dir), img_size=model.cfg.img_size, seed=cfg.seed)
         if y is None:
-            raise ImageFolderError(f"--eval-dir {eval_dir!r} has no class subfolders, so there are no labels to score top-1")
+            raise ImageFolderError(f"--eval-dir {str(cfg.eval_dir)!r} has no class subfolders, so there are no labels to score top-1")
     else:
         from ouro.calib.data import load_digits_split
 
@@ -257,32 +289,17 @@ def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
     return calib, x, y, label
 
 
-def _tuple(v, default: tuple[str, ...]) -> tuple[str, ...]:
-    if not v:
-        return default
-    items = v.split(",") if isinstance(v, str) else list(v)
-    return tuple(s.strip().lower() for s in items if s.strip())
-
-
-def compare_main(model, args, *, dist=None) -> int:
+def compare_main(model, cfg: CompareConfig, *, dist=None) -> int:
     """`ouro-export compare`: run, print the table, write <output>.json/.md/.png (rank 0 under
     torchrun). Returns the exit code."""
     from ouro.calib.distributed import SINGLE
 
     dist = dist or SINGLE
-    from ouro.recipes import Method, RecipeError
-
-    methods = _tuple(getattr(args, "methods", None), METHOD_ORDER)
-    unknown = [m for m in methods if m not in {x.value for x in Method}]
-    if unknown:
-        raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
-    presets = _tuple(getattr(args, "presets", None), COMPARE_PRESETS)
-    calib, x, y, label = _data(model, args, dist)
-    name = "demo" if getattr(args, "demo", False) else Path(getattr(args, "checkpoint", "") or "model").stem
-    res = run_comparison(model, calib, x, y, data=label, methods=methods, presets=presets,
-                         seed=int(getattr(args, "seed", 0)), model_name=name, dist=dist)
+    calib, x, y, label = _data(model, cfg, dist)
+    res = run_comparison(model, calib, x, y, data=label, methods=cfg.methods, presets=cfg.presets,
+                         seed=cfg.seed, model_name=cfg.model_name, dist=dist)
     if dist.is_main:
         print(format_table(res))
-        paths = write_outputs(res, getattr(args, "output", None) or "compare")
+        paths = write_outputs(res, cfg.output)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(r.error is None for r in res.rows) else 1
