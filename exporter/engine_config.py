@@ -146,7 +146,7 @@ class EngineConfig:
 
     @classmethod
     def for_plan(cls, plan_path: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None,
-                 batch: str | BatchProfile = "1,32,128", workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+                 batch: str | BatchProfile = BatchProfile(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                  timing_cache: str | os.PathLike | None = None,
                  plugin_library: str | os.PathLike | None = None, version_compatible: bool = False) -> EngineConfig:
         """The config of a `-o X.plan` request: ONNX beside the plan (X.onnx) unless given, plugin
