@@ -30,8 +30,6 @@ SUBCOMMANDS = ("export", "gen", "compare")
 DEFAULT_SUBCOMMAND = "export"
 DEFAULT_SEED = 0
 DEFAULT_DEVICE = "auto"
-DEFAULT_GEN_IMAGES = 128
-DEFAULT_COMPARE_PREFIX = "compare"
 
 
 # ------------------------------------------------------------------------------------ parsers
@@ -48,6 +46,8 @@ def _model_args() -> argparse.ArgumentParser:
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     from .engine_config import DEFAULT_WORKSPACE_MIB, BatchProfile
+    from .onnx_export import FP_OPSET
+    from .quantized import QDQ_OPSET
 
     p.add_argument("-o", "--output", help="output file; the format follows the extension: .onnx, .qdq.onnx, .safetensors (QuantState), .plan")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -71,7 +71,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     q.add_argument("--report", help="write a JSON report (accuracy, SQNR per block, outlier rates, compression, timings)")
     e = p.add_argument_group("export")
     e.add_argument("--stage", choices=["fp", "qdq", "plugin", "engine"], help="force the output stage instead of inferring it from -o")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for FP, 21 for quantized)")
+    e.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {FP_OPSET} for FP, {QDQ_OPSET} for quantized)")
     e.add_argument("--passes", help="comma-separated graph passes to apply, in order (default: the passes --print-passes lists "
                         "as default; add fp16_linear_io before cleanup for fp16 plugin activations)")
     e.add_argument("--print-passes", action="store_true", help="list the registered graph passes and exit")
@@ -84,7 +84,10 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--num-images", type=int, default=DEFAULT_GEN_IMAGES)
+    from ouro.calib.imagefolder import DEFAULT_CALIB_IMAGES
+
+    p.add_argument("-n", "--num-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                   help=f"images to generate (default {DEFAULT_CALIB_IMAGES}, the paper's calibration count)")
     p.add_argument("-o", "--output", required=True, help="output folder (PNGs + images.npz)")
     p.add_argument("--force", action="store_true", help="start over in a non-empty output folder")
     p.add_argument("--config", help="generation config (.toml) overriding the defaults")
@@ -92,12 +95,12 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
-    from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER
+    from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, CompareConfig
 
     p.add_argument("--calib-dir")
     p.add_argument("--eval-dir")
     p.add_argument("--calib", default=None)
-    p.add_argument("-o", "--output", default=DEFAULT_COMPARE_PREFIX, help="output prefix for .json, .md and .png")
+    p.add_argument("-o", "--output", default=None, help=f"output prefix for .json, .md and .png (default {CompareConfig.output})")
     p.add_argument("--methods", help=f"comma-separated subset (default: {','.join(METHOD_ORDER)})")
     p.add_argument("--presets", help=f"comma-separated subset (default: {','.join(COMPARE_PRESETS)}; each method runs those it ships)")
 
@@ -199,7 +202,7 @@ def build_compare_config(a: argparse.Namespace, model_name: str):
 
     return CompareConfig(demo=a.demo, calib=a.calib, calib_dir=_path(a.calib_dir), eval_dir=_path(a.eval_dir), seed=a.seed,
                          methods=CompareConfig.names(a.methods, METHOD_ORDER), presets=CompareConfig.names(a.presets, COMPARE_PRESETS),
-                         output=Path(a.output), model_name=model_name)
+                         output=Path(a.output) if a.output else CompareConfig.output, model_name=model_name)
 
 
 def _dispatch(a: argparse.Namespace) -> int:
