@@ -129,6 +129,8 @@ def run_export(cfg: RunConfig) -> int:
     if cfg.check:
         from .check import CheckFailed, check_images, run_check
 
+        if data is None:  # --check scores the first evaluation images when there is an evaluation set
+            data = load_evaluation(cfg.eval.source(model.cfg.img_size), ctx.dist)
         try:
             run_check(cfg.outputs.outputs, model, qmodel, check_images(data, model, cfg.seed), fp16=cfg.export.fp16, ctx=ctx)
         except CheckFailed:
