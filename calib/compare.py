@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .files import OutputError, WritePlan, atomic_write
 from .metrics import logits, sqnr_db, top1
 
 __all__ = [
@@ -36,8 +37,11 @@ __all__ = [
     "method_presets",
     "run_comparison",
     "format_table",
+    "output_files",
+    "output_plan",
     "write_outputs",
     "CompareConfig",
+    "check_selection",
     "compare_main",
 ]
 
@@ -215,19 +219,39 @@ def _plot(res: CompareResult, path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
-def write_outputs(res: CompareResult, prefix: str | Path) -> list[Path]:
-    """<prefix>.json, <prefix>.md, <prefix>.png; returns the paths written."""
+OUTPUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_files(prefix: str | Path) -> tuple[Path, ...]:
+    """The files of an output prefix: <prefix>.json, <prefix>.md, <prefix>.png."""
     prefix = Path(prefix)
-    if prefix.parent and not prefix.parent.exists():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-    pj, pm, pp = (prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png"))
-    pj.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-    pm.write_text(format_table(res) + "\n")
-    _plot(res, pp)
+    return tuple(prefix.with_name(prefix.name + ext) for ext in OUTPUT_SUFFIXES)
+
+
+def output_plan(prefix: str | Path, *, force: bool = False) -> WritePlan:
+    """The checked ouro.calib.files.WritePlan of an output prefix (existing files without force, a folder
+    that does not exist or is not writable, names too long: one-line OutputError, before any work)."""
+    plan = WritePlan(force=force)
+    for f in output_files(prefix):
+        plan.add("-o", f)
+    try:
+        return plan.check()
+    except OSError as e:  # a path the OS refuses to even look at
+        raise OutputError(f"cannot use output path {str(e.filename)[:60]}...: {e.strerror}") from None
+
+
+def write_outputs(res: CompareResult, prefix: str | Path, *, force: bool = True) -> list[Path]:
+    """<prefix>.json, <prefix>.md, <prefix>.png, each written atomically (no-clobber unless `force`);
+    returns the paths written."""
+    pj, pm, pp = output_files(prefix)
+    pj.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(pj, (json.dumps(res.to_dict(), indent=2) + "\n").encode(), force=force)
+    atomic_write(pm, (format_table(res) + "\n").encode(), force=force)
+    atomic_write(pp, lambda tmp: _plot(res, tmp), force=force)
     return [pj, pm, pp]
 
 
@@ -236,7 +260,8 @@ class CompareConfig:
     """One `compare` run. demo: the embedded demo model's data (calibration and test splits);
     otherwise calib_dir and eval_dir (ImageNet-style class folders) are required. calib: the
     --calib spec text (None: see ouro.calib.imagefolder.parse_calib_spec). output: prefix of the
-    .json/.md/.png files. model_name: the name in the table."""
+    .json/.md/.png files (checked by `check_outputs` before any work, written no-clobber unless force).
+    model_name: the name in the table."""
 
     demo: bool = False
     calib: str | None = None
@@ -247,18 +272,21 @@ class CompareConfig:
     presets: tuple[str, ...] = COMPARE_PRESETS
     output: Path = Path("compare")
     model_name: str = "model"
+    force: bool = False  # replace existing output files
 
     def __post_init__(self) -> None:
         from ouro.calib.imagefolder import ImageFolderError, parse_calib_spec
-        from ouro.recipes import Method, RecipeError
 
-        unknown = [m for m in self.methods if m not in {x.value for x in Method}]
-        if unknown:
-            raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
+        check_selection(self.methods, self.presets)
         if not self.demo and not (self.calib_dir and self.eval_dir):
             raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
                                    "(ImageNet-style class folders); or use --demo")
         parse_calib_spec(self.calib, None if self.calib_dir is None else str(self.calib_dir))  # a bad spec fails here
+
+    def check_outputs(self) -> CompareConfig:
+        """The output files can be written (ouro.calib.files.WritePlan), before any work; returns self."""
+        output_plan(self.output, force=self.force)
+        return self
 
     @staticmethod
     def names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -281,12 +309,28 @@ def _data(model, cfg: CompareConfig, dist=None) -> tuple[Tensor, Tensor, Tensor,
     else:
         from ouro.calib.data import load_digits_split
 
-        x, y = load_digits_split("test")
+        x, y = load_digits_split("test", model.cfg.img_size)
     if spec.kind == "synthetic" or (calib_dir and (Path(calib_dir) / "images.npz").is_file()):
         label = "synthetic"
     else:
         label = "real"
     return calib, x, y, label
+
+
+def check_selection(methods: tuple[str, ...], presets: tuple[str, ...]) -> None:
+    """The methods x presets of a compare run, checked before any work: unknown names, or a selection
+    in which no method ships any preset, are a one-line RecipeError."""
+    from ouro.recipes import Method, RecipeError, list_presets
+
+    unknown = [m for m in methods if m not in {x.value for x in Method}]
+    if unknown:
+        raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
+    known = sorted({p for m in Method for p in list_presets(m)})
+    unknown = [p for p in presets if p not in known]
+    if unknown:
+        raise RecipeError(f"unknown preset(s) {unknown} for --presets; known: {', '.join(known)}")
+    if not any(method_presets(m, presets) for m in methods):
+        raise RecipeError(f"no method of {list(methods)} ships any preset of {list(presets)}: nothing to compare")
 
 
 def compare_main(model, cfg: CompareConfig, *, dist=None) -> int:
@@ -300,6 +344,6 @@ def compare_main(model, cfg: CompareConfig, *, dist=None) -> int:
                          seed=cfg.seed, model_name=cfg.model_name, dist=dist)
     if dist.is_main:
         print(format_table(res))
-        paths = write_outputs(res, cfg.output)
+        paths = write_outputs(res, cfg.output, force=cfg.force)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(r.error is None for r in res.rows) else 1

@@ -83,30 +83,46 @@ def load_digits_split(split: str, img_size: int = DIGITS_IMG_SIZE) -> tuple[Tens
     return x[i].clone(), y[i].clone()
 
 
-def demo_files() -> tuple[Path, Path]:
-    """Paths of the shipped demo checkpoint and its JSON card (package data of ouro.calib)."""
+def _demo_spec(family: str):
+    from .families import get_family
+
+    fam = get_family(family)
+    if fam.demo is None:
+        from .families import all_families
+
+        have = [f.name for f in all_families() if f.demo is not None]
+        raise ValueError(f"model family {family!r} has no embedded demo model; demos: {', '.join(have)}")
+    return fam, fam.demo
+
+
+def demo_files(family: str = "vim") -> tuple[Path, Path]:
+    """Paths of a family's shipped demo checkpoint and its JSON card (package data of ouro.calib)."""
     root = Path(str(resources.files("ouro.calib") / "demo"))
-    return root / DEMO_CHECKPOINT, root / DEMO_CARD
+    _, spec = _demo_spec(family)
+    return root / spec.checkpoint, root / spec.card
 
 
-def demo_card() -> dict:
-    """The demo model's card: config, split, seed, FP test top-1, training time."""
-    _, card = demo_files()
+def demo_card(family: str = "vim") -> dict:
+    """A demo model's card: config, split, seed, FP test top-1, training time."""
+    _, card = demo_files(family)
     if not card.is_file():
-        raise FileNotFoundError(f"demo card {card} is missing; run `python tools/train_demo.py` to create it")
+        raise FileNotFoundError(f"demo card {card} is missing; run `python tools/train_demo.py --family {family}` to create it")
     return json.loads(card.read_text())
 
 
-def load_demo_model(device: torch.device | str | None = None):
-    """The shipped demo Vim (eval mode, on `device`; default the CPU), loaded through the same
-    checkpoint loader as official files."""
+def load_demo_model(family: str = "vim", device: torch.device | str | None = None):
+    """A shipped demo model (eval mode, on `device`; default the CPU; default the Vim demo), loaded
+    through the same checkpoint loader as official files, with the architecture its card records
+    (which must be the family's demo config)."""
     from .checkpoint import load_checkpoint
 
-    ckpt, _ = demo_files()
-    card = VimConfig(**demo_card()["config"])
-    if card != DEMO_CONFIG:
-        raise RuntimeError(f"the demo card's architecture {card} is not DEMO_CONFIG {DEMO_CONFIG}; retrain with tools/train_demo.py")
-    return load_checkpoint(ckpt, arch=DEMO_CONFIG, device=device).eval()
+    fam, spec = _demo_spec(family)
+    ckpt, _ = demo_files(family)
+    card = fam.config_from_dict(demo_card(family)["config"])
+    if card != spec.config:
+        raise RuntimeError(f"the {fam.label} demo card's architecture {card} is not the family's demo config {spec.config}; "
+                           f"retrain with tools/train_demo.py --family {family}")
+    return load_checkpoint(ckpt, arch=spec.config, device=device).eval()
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ class EvalSource:
         if self.kind == "demo":
             from .data import load_digits_split
 
-            x, y = load_digits_split("test")
+            x, y = load_digits_split("test", self.img_size)
             idx = torch.tensor(positions, dtype=torch.long, device="cpu")
             return x[idx], y[idx]
         from .imagefolder import ImageFolderError, load_image_folder

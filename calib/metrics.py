@@ -6,7 +6,7 @@
     agreement(a, b)                percent of images on which two predictions (or logits) agree
     sqnr_db(ref, x)                20 log10(||ref|| / ||ref - x||) in dB over the whole tensor (inf when equal)
     cosine(ref, x)                 mean cosine similarity of the rows
-    block_sqnr(model, qmodel, x)   SQNR of the quantized residual stream after each block vs FP
+    block_sqnr(model, qmodel, x)   SQNR of the quantized residual stream after each block (calibration unit) vs FP
     logits_vs_fp(out, fp)          {cosine, snr_db, top1_agreement}: a runtime's logits vs FP (--check)
 
 Tensors or numpy arrays are accepted; all sums are in float64. Library decision: Polygraphy (0.53)
@@ -107,21 +107,30 @@ def cosine(ref, x) -> float:
     return float(torch.nn.functional.cosine_similarity(r, q, dim=1, eps=1e-30).mean())
 
 
-def _block_streams(module: nn.Module, images: Tensor) -> list[Tensor]:
-    """Residual stream after each block (residual + mixer output), (N, L, d) per block."""
-    outs: list[list[Tensor]] = [[] for _ in module.layers]
-    hooks = []
-    for i, blk in enumerate(module.layers):
-        def hook(_m, _a, out, i=i):
-            o, res = out
-            outs[i].append((res + o.float()).detach().cpu())
-        hooks.append(blk.register_forward_hook(hook))
-    try:
-        logits(module, images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(o) for o in outs]
+def _block_streams(module: nn.Module, images: Tensor, batch: int = EVAL_BATCH) -> list[Tensor]:
+    """Residual stream after each calibration unit (the family's `unit_stream`), one tensor per unit
+    (on the CPU), computed by running the units as `calibrate` does, from the first unit's captured
+    input; the units run on the model's device."""
+    from .device import module_device
+    from .families.base import family_of
+    from .quant.calibrate import capture_unit_inputs, intra_op_threads, run_unit, small_work_threads
+
+    fam = family_of(module)
+    module.eval()
+    dev = module_device(module)
+
+    def loop(m: nn.Module) -> None:
+        for i in range(0, images.shape[0], batch):
+            m(images[i : i + batch].to(dev))
+
+    with torch.no_grad(), intra_op_threads(small_work_threads(module, batch) if dev.type == "cpu" else None):
+        state = capture_unit_inputs(module, loop)
+        outs = []
+        for unit in fam.units(module):
+            out, _ = run_unit(unit, state)
+            outs.append(fam.unit_stream(out).detach().cpu())
+            state = unit.next_input(out)
+    return outs
 
 
 def block_sqnr(model: nn.Module, qmodel, images: Tensor) -> list[float]:

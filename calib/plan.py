@@ -9,7 +9,6 @@ better than the warm-up's single images, so they lean high) and are printed as s
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -104,10 +103,11 @@ def _images(model: nn.Module, n: int) -> torch.Tensor:
 def measure_gen_step(model: nn.Module, cfg, images: int = WARMUP_IMAGES) -> float:
     """Seconds of one OuroMamba-Gen step (forward and backward of both losses) per image, measured on
     `images` images after one untimed step (with Gen's thread policy)."""
+    from .families.base import family_of
     from .gen.generate import gen_threads
-    from .gen.losses import gen_losses
     from .quant.calibrate import intra_op_threads
 
+    gen_losses = family_of(model).gen_losses
     dev = module_device(model)
     x0 = _images(model, images)
     t = torch.zeros(images, dtype=torch.long, device=dev)
@@ -142,10 +142,9 @@ def measure_forward(model: nn.Module, images: int = WARMUP_IMAGES) -> float:
 
 
 def measure_calibration_block(model: nn.Module, recipe, images: int = 2) -> dict[str, float]:
-    """Per-image seconds of the pieces of one block's calibration, measured on block 0 with a few
-    images: fp (FP block forward), observe (forward while observing), init (static init, per
-    observed image), step (quantized forward + backward)."""
-    from .quant.base import QuantizedMixerOps, QuantMode, iter_quantizers, set_quant_mode
+    """Per-image seconds of the pieces of one calibration unit, measured on unit 0 (the model family's
+    first block) with a few images: fp (FP unit forward), observe (forward while observing), init
+    (static init, per observed image), step (quantized forward + backward)."""
     from .quant.calibrate import intra_op_threads, small_work_threads
 
     with intra_op_threads(small_work_threads(model)):
@@ -153,37 +152,42 @@ def measure_calibration_block(model: nn.Module, recipe, images: int = 2) -> dict
 
 
 def _measure_calibration_block(model: nn.Module, recipe, images: int) -> dict[str, float]:
-    from .quant.base import QuantizedMixerOps, QuantMode, iter_quantizers, set_quant_mode
+    from .families.base import family_of
+    from .quant.base import QuantMode, iter_quant_points, iter_quantizers, quantize_model, set_quant_mode
+    from .quant.calibrate import capture_unit_inputs
 
     dev = module_device(model)
+    fam = family_of(model)
     x = _images(model, images)
-    with torch.no_grad():
-        h = model.embed(x)
-    blk = copy.deepcopy(model.layers[0])
-    for p in blk.parameters():
-        p.requires_grad_(False)
-    with torch.device(dev):
-        ops = QuantizedMixerOps.build(blk.mixer, recipe, 0)
-    ops.install(blk.mixer)
+    state = capture_unit_inputs(model, lambda m: m(x))
+    qmodule = quantize_model(model, recipe).module
+    fp_unit, q_unit = fam.units(model)[0], fam.units(qmodule)[0]
+    unit_ops = [ops for point, ops in iter_quant_points(qmodule) if point.unit == 0]
+
+    def modes(mode):
+        for ops in unit_ops:
+            set_quant_mode(ops, mode)
+
     out: dict[str, float] = {}
     with torch.no_grad():
-        set_quant_mode(ops, QuantMode.FP)
-        blk(h, None)
-        out["fp"] = _timed(lambda: blk(h, None), dev) / images
-        set_quant_mode(ops, QuantMode.OBSERVE)
-        out["observe"] = _timed(lambda: blk(h, None), dev) / images
+        fp_unit.run(state)
+        out["fp"] = _timed(lambda: fp_unit.run(state), dev) / images
+        modes(QuantMode.OBSERVE)
+        out["observe"] = _timed(lambda: q_unit.run(state), dev) / images
 
     def init():
-        for _, q in iter_quantizers(ops):
-            q.init_from_stats(recipe.calib)
-            q.clear_observed()
+        for ops in unit_ops:
+            for _, q in iter_quantizers(ops):
+                q.init_from_stats(recipe.calib)
+                q.clear_observed()
 
     out["init"] = _timed(init, dev) / images
-    set_quant_mode(ops, QuantMode.QUANT)
+    modes(QuantMode.QUANT)
 
     def step():
-        o, _ = blk(h, None)
-        o.float().pow(2).mean().backward()
+        o = fam.unit_target(state, q_unit.run(state))
+        if o.requires_grad:  # methods without trainable scales (minmax, percentile) have no backward
+            o.float().pow(2).mean().backward()
 
     step()
     out["step"] = _timed(step, dev) / images
@@ -204,7 +208,9 @@ def estimate_calibration(model: nn.Module, recipe, n: int) -> tuple[str, float]:
     seen = min(n, c.init_samples)
     per_block = (m["fp"] * 2 * n + m["observe"] * seen + m["init"] * seen
                  + (c.steps * m["step"] * min(n, c.batch_size) if c.steps else 0.0))
-    return "calibration", per_block * len(model.layers)
+    from .families.base import family_of
+
+    return "calibration", per_block * len(family_of(model).units(model))
 
 
 def estimate_eval(model: nn.Module, n_images: int, passes: int, processes: int = 1) -> tuple[str, float]:

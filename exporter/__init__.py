@@ -5,8 +5,9 @@ from __future__ import annotations
 __all__ = ["onnxruntime_session"]
 
 
-def onnxruntime_session(path, providers=None):
-    """An onnxruntime.InferenceSession for `path` with ouro's custom ops registered."""
+def onnxruntime_session(path, providers=None, ops=None):
+    """An onnxruntime.InferenceSession for `path` with ouro's custom ops registered: the native library
+    libouro_ort_ops.so when built, else the Python reference ops (`ops`: auto | native | python)."""
     from . import ort_ops
 
-    return ort_ops.onnxruntime_session(path, providers=providers)
+    return ort_ops.onnxruntime_session(path, providers=providers, ops=ops)

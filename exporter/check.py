@@ -97,13 +97,11 @@ def _half(t):
 def _fp16_io(qmodel, names: set[str]):
     """Twin of the `fp16_io` pass: round the named nodes' activations in and out to fp16 (linears:
     x and y; scans: u, delta, B, C, z and y; A, D and every table stay fp32)."""
-    from ouro.calib.models.vim import override_ops
+    from ouro.calib.families import override_ops
 
-    paths = {id(m): n for n, m in qmodel.module.named_modules()}
-
-    def make(_i: int, mixer) -> dict:
-        prefix = paths[id(mixer)]
-        inner_linear, inner_scan = mixer.ops.linear, mixer.ops.scan
+    def make(point) -> dict:
+        prefix = point.path
+        inner_linear, inner_scan = point.module.ops.linear, point.module.ops.scan
 
         def linear(name, module, x):
             run = inner_linear or (lambda _n, mod, v: torch.nn.functional.linear(v, mod.weight, mod.bias))

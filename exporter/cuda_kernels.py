@@ -39,16 +39,22 @@ __all__ = [
     "ActQuant",
     "OutlierLinearResult",
     "library_path",
+    "open_library",
     "load_library",
     "available",
     "last_gemm_path",
     "workspace_size",
+    "tactic_names",
     "outlier_linear",
     "outlier_linear_profiled",
     "outlier_linear_launcher",
     "outlier_fake_quant",
     "selective_scan",
     "STEP_NAMES",
+    "KernelCost",
+    "LaunchPlan",
+    "linear_plan",
+    "scan_plan",
 ]
 
 LIB_ENV = LIBRARIES["ouro_kernels"].env
@@ -58,9 +64,9 @@ BUILD_HINT = (
     f"(from the repository root), or point {LIB_ENV} at an existing {LIB_NAME}"
 )
 STEP_NAMES = ("detect+extract", "inlier quant", "inlier GEMM", "outlier GEMM", "dequant+combine")
-"""The five pipeline steps timed by `outlier_linear_profiled` (seed section E). With the fused epilogue,
-"inlier GEMM" includes the inlier dequantization, "outlier GEMM" the outlier dequantization and the
-combination, and "dequant+combine" is 0."""
+"""The five pipeline steps timed by `outlier_linear_profiled` (seed section E), as the separate epilogue runs
+them. The fused epilogue has two kernels: the activation prep (detect + extract + quantize) is timed as step 0
+and the fused GEMM (inlier GEMM + outlier K-slab + dequantization) as step 2; steps 1, 3 and 4 are 0."""
 MAX_K = 16384
 """Largest K (channels per token) the kernels accept (one thread block holds a token's channel mask)."""
 MAX_STATE = 16
@@ -89,12 +95,13 @@ class Status(IntEnum):
     WORKSPACE = 5
     CUDA = 6
     UNSUPPORTED_ARCH = 7
+    NOT_IMPLEMENTED = 8
 
 
 class Epilogue(IntEnum):
-    """Where the dequantization runs: FUSED in the GEMM epilogue (fp16 y, no int32 M x N buffers), SEPARATE
-    in a fifth kernel (y equals the reference's fp32 expression rounded once; needed for debug accumulators).
-    AUTO: fused when possible."""
+    """FUSED: one activation-prep kernel and one tensor-core GEMM that also runs the outlier term and writes y
+    once (no M x N buffer); SEPARATE: the five-kernel exact variant. Both give the reference's y for integer
+    outliers (fp16 outliers: fused within a named tolerance). AUTO: fused whenever the shape allows."""
 
     AUTO = 0
     FUSED = 1
@@ -112,6 +119,7 @@ class GemmPath(IntEnum):
     SM80_S4_TENSORCORE = 1
     S8_TENSORCORE = 2
     SIMT_FALLBACK = 3
+    SM90_WGMMA = 4  # reserved: not implemented (requests raise KernelError NOT_IMPLEMENTED)
 
     @property
     def label(self) -> str:
@@ -126,6 +134,7 @@ class _ActQuantC(ctypes.Structure):
         ("n_refresh", ctypes.c_int),
         ("policy", ctypes.c_int),
         ("k_sigma", ctypes.c_float),
+        ("std_correction", ctypes.c_int),
         ("scale", ctypes.c_void_p),
         ("theta", ctypes.c_void_p),
     ]
@@ -184,7 +193,42 @@ class _ScanParamsC(ctypes.Structure):
     ]
 
 
-_ABI_STRUCTS = {0: _ActQuantC, 1: _LinearParamsC, 2: _ScanParamsC}
+class _LinearConfigC(ctypes.Structure):
+    _fields_ = [
+        ("path", ctypes.c_int),
+        ("epilogue", ctypes.c_int),
+        ("tactic", ctypes.c_int),
+        ("overflow_report", ctypes.c_void_p),
+    ]
+
+
+class _LinearChoiceC(ctypes.Structure):
+    _fields_ = [("path", ctypes.c_int), ("epilogue", ctypes.c_int), ("tactic", ctypes.c_int)]
+
+
+class _KernelCostC(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char * 48),
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("smem_bytes", ctypes.c_uint),
+        ("mma_kind", ctypes.c_int),
+        ("mma_kind_outlier", ctypes.c_int),
+        ("dram_read_bytes", ctypes.c_double),
+        ("dram_write_bytes", ctypes.c_double),
+        ("l2_read_bytes", ctypes.c_double),
+        ("mma_ops", ctypes.c_double),
+        ("mma_ops_outlier", ctypes.c_double),
+        ("simt_ops", ctypes.c_double),
+    ]
+
+
+class _OutlierStatsC(ctypes.Structure):
+    _fields_ = [("window_channels", ctypes.c_double), ("hot_channels", ctypes.c_double)]
+
+
+_ABI_STRUCTS = {0: _ActQuantC, 1: _LinearParamsC, 2: _ScanParamsC, 3: _LinearConfigC, 4: _LinearChoiceC,
+                5: _KernelCostC, 6: _OutlierStatsC}
 
 _PROTOTYPES = {
     "ouroStatusString": (ctypes.c_char_p, [ctypes.c_int]),
@@ -207,6 +251,22 @@ _PROTOTYPES = {
     ),
     "ouroSelectiveScanWorkspaceSize": (ctypes.c_size_t, [ctypes.c_int] * 5),
     "ouroSelectiveScan": (ctypes.c_int, [ctypes.POINTER(_ScanParamsC), ctypes.c_void_p]),
+    "ouroOutlierLinearRun": (
+        ctypes.c_int,
+        [ctypes.POINTER(_LinearParamsC), ctypes.POINTER(_LinearConfigC), ctypes.c_void_p,
+         ctypes.POINTER(_LinearChoiceC), ctypes.POINTER(ctypes.c_float)],
+    ),
+    "ouroOutlierLinearWorkspaceSizeFor": (ctypes.c_size_t, [ctypes.c_int] * 10),
+    "ouroOutlierLinearNumTactics": (ctypes.c_int, []),
+    "ouroOutlierLinearTacticName": (ctypes.c_char_p, [ctypes.c_int]),
+    "ouroOutlierLinearPlan": (
+        ctypes.c_int,
+        [ctypes.c_int] * 12 + [ctypes.POINTER(_LinearConfigC), ctypes.POINTER(_OutlierStatsC),
+                               ctypes.POINTER(_LinearChoiceC), ctypes.POINTER(_KernelCostC), ctypes.c_int],
+    ),
+    "ouroSelectiveScanPlan": (ctypes.c_int, [ctypes.c_int] * 12 + [ctypes.POINTER(_KernelCostC), ctypes.c_int]),
+    "ouroHostFlagAlloc": (ctypes.c_int, [ctypes.POINTER(ctypes.c_void_p)]),
+    "ouroHostFlagFree": (None, [ctypes.c_void_p]),
 }
 
 _LIB: ctypes.CDLL | None = None
@@ -218,12 +278,10 @@ def library_path() -> Path:
     return library_candidate("ouro_kernels")
 
 
-def load_library() -> ctypes.CDLL:
-    """Load (once) and self-check the kernel library; raise KernelUnavailable with a fix if that fails."""
-    global _LIB
-    if _LIB is not None:
-        return _LIB
-    path = library_path()
+def open_library(path: Path | str) -> ctypes.CDLL:
+    """Load a kernel library from `path` (the CUDA build, or the CPU-emulator build of the same sources, whose
+    launch plans are the same host code) with the binding's prototypes and ABI self-check; not cached."""
+    path = Path(path)
     if not path.is_file():
         raise KernelUnavailable(f"ouro CUDA kernel library not found at {path}; {BUILD_HINT}")
     try:
@@ -243,8 +301,15 @@ def load_library() -> ctypes.CDLL:
                 f"ABI mismatch: {struct.__name__} is {ctypes.sizeof(struct)} bytes here but {native} bytes in {path}; "
                 f"rebuild the library from this checkout ({BUILD_HINT})"
             )
-    _LIB = lib
     return lib
+
+
+def load_library() -> ctypes.CDLL:
+    """Load (once) and self-check the kernel library; raise KernelUnavailable with a fix if that fails."""
+    global _LIB
+    if _LIB is None:
+        _LIB = open_library(library_path())
+    return _LIB
 
 
 def available() -> bool:
@@ -314,9 +379,13 @@ class ActQuant:
     policy: ThresholdPolicy | str = ThresholdPolicy.DYNAMIC
     k_sigma: float = DEFAULT_K_SIGMA
     theta: Tensor | None = None
+    std_correction: int = 0
+    """std of the dynamic threshold divides by max(C - std_correction, 1): 0, or 1 (Bessel, like torch.std)."""
 
     def __post_init__(self) -> None:
         self.policy = ThresholdPolicy(self.policy)
+        if self.std_correction not in (0, 1):
+            raise ValueError(f"std_correction must be 0 or 1, got {self.std_correction}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"inlier bits must be in [2, 8], got {self.bits}")
         if not (2 <= self.bits_outlier <= 8 or self.bits_outlier == 16):
@@ -331,11 +400,12 @@ class ActQuant:
         if self.theta is not None:
             _check_tensor(self.theta, f"{name}.theta", (L,), (torch.float32,), device=device)
         policy = 0 if self.policy is ThresholdPolicy.DYNAMIC else 1
-        return _ActQuantC(self.bits, self.bits_outlier, self.n_refresh, policy, float(self.k_sigma),
-                          self.scale.data_ptr(), _ptr(self.theta) if policy == 1 else None)
+        return _ActQuantC(bits=self.bits, bits_outlier=self.bits_outlier, n_refresh=self.n_refresh, policy=policy,
+                          k_sigma=float(self.k_sigma), std_correction=int(self.std_correction),
+                          scale=self.scale.data_ptr(), theta=_ptr(self.theta) if policy == 1 else None)
 
 
-_NO_QUANT = _ActQuantC(0, 0, 1, 0, 0.0, None, None)
+_NO_QUANT = _ActQuantC(bits=0, bits_outlier=0, n_refresh=1)
 
 
 def _raise(fn: str, status: int, sizes: str, hint: str = "") -> None:
@@ -358,11 +428,12 @@ def _stream() -> ctypes.c_void_p:
 # --------------------------------------------------------------------------- outlier-split linear
 @dataclass
 class OutlierLinearResult:
-    """y (B, L, N) in x's dtype; path / epilogue: what ran; debug tensors when requested."""
+    """y (B, L, N) in x's dtype; path / epilogue / tactic: what ran; debug tensors when requested."""
 
     y: Tensor
     path: str
     epilogue: str = "none"
+    tactic: str | None = None  # tile of the fused GEMM ("128x128", ...), None for the separate epilogue
     acc_inlier: Tensor | None = None  # int32 (B, L, N)
     acc_outlier: Tensor | None = None  # int32 (B, L, N), integer outliers only
     inlier_codes: Tensor | None = None  # int8 (B, L, K)
@@ -370,16 +441,41 @@ class OutlierLinearResult:
     step_ms: list[float] = field(default_factory=list)
 
 
-def workspace_size(M: int, L: int, K: int, N: int, w_bits: int, act: ActQuant, max_outliers: int) -> int:
+def workspace_size(M: int, L: int, K: int, N: int, w_bits: int, act: ActQuant, max_outliers: int,
+                   epilogue: Epilogue | str = Epilogue.AUTO) -> int:
+    """Workspace bytes of `epilogue` (AUTO: the one AUTO runs for this shape; the fused one needs no M x N buffer)."""
     lib = load_library()
-    return int(lib.ouroOutlierLinearWorkspaceSize(M, L, K, N, w_bits, act.bits, act.bits_outlier, act.n_refresh,
-                                                  max_outliers))
+    epi = _enum_arg(Epilogue, epilogue, "epilogue")
+    return int(lib.ouroOutlierLinearWorkspaceSizeFor(M, L, K, N, w_bits, act.bits, act.bits_outlier, act.n_refresh,
+                                                     max_outliers, int(epi)))
+
+
+def tactic_names() -> list[str]:
+    """Tile shapes of the fused GEMM, in tactic order (tactic id = index + 1; 0 = automatic)."""
+    lib = load_library()
+    return [lib.ouroOutlierLinearTacticName(i).decode() for i in range(1, lib.ouroOutlierLinearNumTactics() + 1)]
+
+
+def _tactic_arg(tactic, lib) -> int:
+    """A tactic id (0 = automatic) from an int or a tile name."""
+    n = lib.ouroOutlierLinearNumTactics()
+    names = [lib.ouroOutlierLinearTacticName(i).decode() for i in range(1, n + 1)]
+    if isinstance(tactic, str):
+        if tactic == "auto":
+            return 0
+        if tactic not in names:
+            raise ValueError(f"unknown tactic {tactic!r}; choose 'auto' or one of {', '.join(names)}")
+        return names.index(tactic) + 1
+    if not 0 <= int(tactic) <= n:
+        raise ValueError(f"unknown tactic {tactic!r}; choose 0 (auto) or 1..{n} ({', '.join(names)})")
+    return int(tactic)
 
 
 def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath, epilogue: Epilogue) -> str:
     if epilogue is Epilogue.FUSED and status in (Status.UNSUPPORTED_SHAPE, Status.INVALID_ARGUMENT):
-        return (f"the fused epilogue needs a tensor-core path, fp16 x, N % 8 == 0 (N={N}), 16-byte aligned "
-                "w_scale and bias, and no debug accumulators; use epilogue='auto'")
+        need = "K % 16 == 0" if w_bits == 8 else "K % 32 == 0"
+        return (f"the fused epilogue needs a tensor-core path, {need} and K <= 8192 (K={K}), and for the int4 path "
+                "integer outliers; use epilogue='auto'")
     if status is Status.UNSUPPORTED_SHAPE:
         if K > MAX_K:
             return f"K={K} exceeds the kernels' limit {MAX_K}"
@@ -390,7 +486,9 @@ def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath, epi
         if w_bits == 4 and K % 2:
             return f"4-bit weights need an even K (got K={K})"
     if status is Status.UNSUPPORTED_ARCH:
-        return "the native INT4 path runs only on sm_80/sm_86 built with those archs; all paths need sm_80+"
+        return "the native INT4 path runs only on sm_80/86/89 built with those archs; all paths need sm_80+"
+    if status is Status.NOT_IMPLEMENTED:
+        return "the sm_90 wgmma path is not implemented; use path='auto' (sm_90 runs s8_tensorcore)"
     if status is Status.OUTLIER_CAPACITY:
         return "raise max_outliers (at most K) or check the static scales (too small S_I triggers everything)"
     return ""
@@ -399,6 +497,7 @@ def _shape_hint(status: Status, K: int, N: int, w_bits: int, path: GemmPath, epi
 @dataclass
 class _PreparedLinear:
     params: _LinearParamsC
+    config: _LinearConfigC
     result: OutlierLinearResult
     keep: list  # tensors the params point into (workspace, debug mask)
     sizes: str
@@ -418,7 +517,8 @@ def _enum_arg(enum: type[IntEnum], value, what: str):
         raise ValueError(f"unknown {what} {value!r}; choose one of {names}") from None
 
 
-def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug) -> _PreparedLinear:
+def _prepare_linear(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic,
+                    debug) -> _PreparedLinear:
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, K), got shape {tuple(x.shape)}")
     B, L, K = x.shape
@@ -444,9 +544,12 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilog
         _check_tensor(bias, "bias", (N,), (torch.float32,), device=dev)
     path = _enum_arg(GemmPath, path, "path")
     epilogue = _enum_arg(Epilogue, epilogue, "epilogue")
+    tactic_id = _tactic_arg(tactic, lib)
     c_act = act.to_c(L, "act", dev)
     y = torch.empty(B, L, N, dtype=x.dtype, device=dev)
-    ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers), 1), dtype=torch.uint8, device=dev)
+    ws_epi = Epilogue.SEPARATE if path is GemmPath.SIMT_FALLBACK else epilogue  # SIMT runs the separate epilogue
+    ws = torch.empty(max(workspace_size(M, L, K, N, w_bits, act, max_outliers, ws_epi), 1), dtype=torch.uint8,
+                     device=dev)
     res = OutlierLinearResult(y=y, path="none")
     keep = [ws]
     mask_u8 = None
@@ -463,49 +566,52 @@ def _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilog
         acc_inlier=_ptr(res.acc_inlier), acc_outlier=_ptr(res.acc_outlier), inlier_codes=_ptr(res.inlier_codes),
         outlier_mask=_ptr(mask_u8),
     )
+    cfg = _LinearConfigC(path=int(path), epilogue=int(epilogue), tactic=tactic_id, overflow_report=None)
     sizes = (f"B={B}, L={L}, M={M}, K={K}, N={N}, w_bits={w_bits}, act bits={act.bits}/{act.bits_outlier}, "
-             f"n_refresh={act.n_refresh}, max_outliers={max_outliers}, path={path.label}, epilogue={epilogue.label}")
-    return _PreparedLinear(p, res, keep, sizes, path, epilogue, K, N, w_bits)
+             f"n_refresh={act.n_refresh}, max_outliers={max_outliers}, path={path.label}, epilogue={epilogue.label}, "
+             f"tactic={tactic_id}")
+    return _PreparedLinear(p, cfg, res, keep, sizes, path, epilogue, K, N, w_bits)
 
 
-def _record_path(ran: ctypes.c_int, epi: ctypes.c_int, res: OutlierLinearResult) -> None:
+def _record_choice(lib, ran: _LinearChoiceC, res: OutlierLinearResult) -> None:
     global _LAST_PATH
-    if ran.value:
-        _LAST_PATH = GemmPath(ran.value)
+    if ran.path:
+        _LAST_PATH = GemmPath(ran.path)
         res.path = _LAST_PATH.label
-    if epi.value:
-        res.epilogue = Epilogue(epi.value).label
+    if ran.epilogue:
+        res.epilogue = Epilogue(ran.epilogue).label
+    res.tactic = lib.ouroOutlierLinearTacticName(ran.tactic).decode() if ran.tactic else None
 
 
-def _call_linear(lib, pl: _PreparedLinear, ran: ctypes.c_int, epi: ctypes.c_int, steps=None) -> int:
-    return lib.ouroOutlierLinearEx(ctypes.byref(pl.params), int(pl.path), int(pl.epilogue), _stream(),
-                                   ctypes.byref(ran), ctypes.byref(epi), steps)
+def _call_linear(lib, pl: _PreparedLinear, ran: _LinearChoiceC, steps=None) -> int:
+    return lib.ouroOutlierLinearRun(ctypes.byref(pl.params), ctypes.byref(pl.config), _stream(), ctypes.byref(ran),
+                                    steps)
 
 
 def _raise_linear(pl: _PreparedLinear, st: int) -> None:
     _raise("ouroOutlierLinear", st, pl.sizes, _shape_hint(Status(st), pl.K, pl.N, pl.w_bits, pl.path, pl.epilogue))
 
 
-def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug,
+def _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic, debug,
                     profiled) -> OutlierLinearResult:
     lib = _require_gpu()
     with _on_device(x):
-        pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug)
+        pl = _prepare_linear(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic, debug)
         return _outlier_linear_on_device(lib, pl, debug, profiled)
 
 
 def _outlier_linear_on_device(lib, pl: _PreparedLinear, debug: bool, profiled: bool) -> OutlierLinearResult:
     res = pl.result
-    ran, epi = ctypes.c_int(0), ctypes.c_int(0)
+    ran = _LinearChoiceC()
     if profiled:
         steps = (ctypes.c_float * 5)()
-        st = _call_linear(lib, pl, ran, epi, steps)
+        st = _call_linear(lib, pl, ran, steps)
         res.step_ms = [float(v) for v in steps]
     else:
-        st = _call_linear(lib, pl, ran, epi)
+        st = _call_linear(lib, pl, ran)
         if st == Status.OK:
             st = lib.ouroOutlierLinearCheck(ctypes.byref(pl.params), _stream())
-    _record_path(ran, epi, res)
+    _record_choice(lib, ran, res)
     if st != Status.OK:
         _raise_linear(pl, st)
     if debug:
@@ -516,22 +622,22 @@ def _outlier_linear_on_device(lib, pl: _PreparedLinear, debug: bool, profiled: b
 def outlier_linear_launcher(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
     max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
-    epilogue: Epilogue | str = Epilogue.AUTO,
+    epilogue: Epilogue | str = Epilogue.AUTO, tactic: int | str = 0,
 ) -> tuple[Callable[[], None], OutlierLinearResult]:
     """Validate and allocate once; return (launch, result): launch() enqueues one asynchronous call on the
-    current stream writing result.y (no synchronisation, no capacity check), for benchmarks.
-    Call `outlier_linear` once first to check the capacity and the numerics."""
+    current stream writing result.y (no synchronisation, no capacity check, no Python work but the ctypes call:
+    it can be captured in a CUDA graph). Call `outlier_linear` once first to check the capacity and the numerics."""
     lib = _require_gpu()
     with _on_device(x):
-        pl = _prepare_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, False)
-    ran, epi = ctypes.c_int(0), ctypes.c_int(0)
+        pl = _prepare_linear(lib, x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic, False)
+    ran = _LinearChoiceC()
 
     def launch() -> None:
         with _on_device(x):
-            st = _call_linear(lib, pl, ran, epi)
+            st = _call_linear(lib, pl, ran)
         if st != Status.OK:
             _raise_linear(pl, st)
-        _record_path(ran, epi, pl.result)
+        _record_choice(lib, ran, pl.result)
 
     launch.keep = (pl, x, w, w_scale, bias, act)  # keep every tensor the params point into alive
     return launch, pl.result
@@ -540,24 +646,98 @@ def outlier_linear_launcher(
 def outlier_linear(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
     max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
-    epilogue: Epilogue | str = Epilogue.AUTO, debug: bool = False,
+    epilogue: Epilogue | str = Epilogue.AUTO, tactic: int | str = 0, debug: bool = False,
 ) -> OutlierLinearResult:
     """Outlier-split linear Y = X W^T on the GPU (numerics: ouro.calib.quantizers.outlier_linear_ref).
 
     x: (B, L, K) fp16/fp32 CUDA; w: int8 codes (N, K) (w_bits=8) or `pack_int4` output (N, K/2) (w_bits=4);
     w_scale, bias: (N,) fp32. max_outliers defaults to K (the window can never overflow).
-    epilogue: see `Epilogue` (result.epilogue says which ran).
-    debug=True also returns the exact integer accumulators, inlier codes and outlier masks (separate epilogue)."""
-    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, debug, profiled=False)
+    epilogue: see `Epilogue`; tactic: tile of the fused GEMM (0 / 'auto', an id, or a name from `tactic_names`).
+    debug=True also returns the exact integer accumulators, inlier codes and outlier masks (both epilogues)."""
+    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic, debug,
+                           profiled=False)
 
 
 def outlier_linear_profiled(
     x: Tensor, w: Tensor, w_scale: Tensor, act: ActQuant, *, w_bits: int = 8, bias: Tensor | None = None,
     max_outliers: int | None = None, path: GemmPath | str = GemmPath.AUTO,
-    epilogue: Epilogue | str = Epilogue.AUTO,
+    epilogue: Epilogue | str = Epilogue.AUTO, tactic: int | str = 0,
 ) -> OutlierLinearResult:
     """As `outlier_linear`, synchronising after each of the five steps; result.step_ms follows STEP_NAMES."""
-    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, False, profiled=True)
+    return _outlier_linear(x, w, w_scale, act, w_bits, bias, max_outliers, path, epilogue, tactic, False,
+                           profiled=True)
+
+
+# --------------------------------------------------------------------------- launch plans (no GPU needed)
+MMA_KINDS = {0: None, 1: "s8", 2: "s4", 3: "f16"}
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """One kernel of a launch plan: its launch configuration and modelled work (see ouroKernelCost_t)."""
+
+    name: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem_bytes: int
+    mma_kind: str | None
+    mma_kind_outlier: str | None
+    dram_read_bytes: float
+    dram_write_bytes: float
+    l2_read_bytes: float
+    mma_ops: float
+    mma_ops_outlier: float
+    simt_ops: float
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    path: str
+    epilogue: str
+    tactic: str | None
+    kernels: tuple[KernelCost, ...]
+
+
+def _costs(buf, n: int) -> tuple[KernelCost, ...]:
+    return tuple(KernelCost(k.name.decode(), tuple(k.grid), tuple(k.block), int(k.smem_bytes), MMA_KINDS[k.mma_kind],
+                            MMA_KINDS[k.mma_kind_outlier], k.dram_read_bytes, k.dram_write_bytes, k.l2_read_bytes,
+                            k.mma_ops, k.mma_ops_outlier, k.simt_ops) for k in buf[:n])
+
+
+def linear_plan(M: int, L: int, K: int, N: int, *, w_bits: int, act_bits: int, bits_outlier: int, n_refresh: int,
+                cc: int, num_sms: int, max_outliers: int | None = None, x_fp32: bool = False,
+                path: GemmPath | str = GemmPath.AUTO, epilogue: Epilogue | str = Epilogue.AUTO,
+                tactic: int | str = 0, window_channels: float = 0.0, hot_channels: float = 0.0,
+                lib: ctypes.CDLL | None = None) -> LaunchPlan:
+    """The kernels `outlier_linear` would launch on a GPU of compute capability `cc` with `num_sms` SMs, from the
+    library's own launch code (ouroOutlierLinearPlan; host code, no GPU needed), with modelled traffic and MMA
+    work for outlier lists of `window_channels` channels per window drawn from `hot_channels` channels."""
+    lib = lib or load_library()
+    cfg = _LinearConfigC(path=int(_enum_arg(GemmPath, path, "path")), epilogue=int(_enum_arg(Epilogue, epilogue, "epilogue")),
+                         tactic=_tactic_arg(tactic, lib))
+    stats = _OutlierStatsC(window_channels, hot_channels)
+    choice = _LinearChoiceC()
+    buf = (_KernelCostC * 8)()
+    n = lib.ouroOutlierLinearPlan(M, L, K, N, w_bits, act_bits, bits_outlier, n_refresh,
+                                  K if max_outliers is None else max_outliers, int(x_fp32), cc, num_sms,
+                                  ctypes.byref(cfg), ctypes.byref(stats), ctypes.byref(choice), buf, 8)
+    if n < 0:
+        _raise("ouroOutlierLinearPlan", -n, f"M={M}, L={L}, K={K}, N={N}, w_bits={w_bits}, cc={cc}")
+    tactic_name = lib.ouroOutlierLinearTacticName(choice.tactic).decode() if choice.tactic else None
+    return LaunchPlan(GemmPath(choice.path).label, Epilogue(choice.epilogue).label, tactic_name, _costs(buf, n))
+
+
+def scan_plan(B: int, L: int, D: int, S: int, *, io_fp32: bool = False, delta_bits: int = 0, b_bits: int = 0,
+              c_bits: int = 0, h_bits: int = 0, has_z: bool = True, cc: int = 90, num_sms: int = 132,
+              lib: ctypes.CDLL | None = None) -> tuple[KernelCost, ...]:
+    """The kernels `selective_scan` launches (ouroSelectiveScanPlan), with modelled traffic."""
+    lib = lib or load_library()
+    buf = (_KernelCostC * 4)()
+    n = lib.ouroSelectiveScanPlan(B, L, D, S, int(io_fp32), delta_bits, b_bits, c_bits, h_bits, int(has_z), cc,
+                                  num_sms, buf, 4)
+    if n < 0:
+        _raise("ouroSelectiveScanPlan", -n, f"B={B}, L={L}, D={D}, S={S}")
+    return _costs(buf, n)
 
 
 # --------------------------------------------------------------------------- fake quant, scan

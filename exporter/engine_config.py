@@ -23,6 +23,7 @@ __all__ = [
     "PLUGIN_LIBRARY_NAME",
     "PLUGIN_LIBRARY_ENV",
     "DEFAULT_WORKSPACE_MIB",
+    "MAX_WORKSPACE_MIB",
     "BatchProfile",
     "InputSpec",
     "EngineConfig",
@@ -41,6 +42,7 @@ __all__ = [
 PLUGIN_LIBRARY_NAME = LIBRARIES["ouro_trt_plugins"].file
 PLUGIN_LIBRARY_ENV = LIBRARIES["ouro_trt_plugins"].env
 DEFAULT_WORKSPACE_MIB = 4096
+MAX_WORKSPACE_MIB = 1 << 20  # 1 TiB: beyond any GPU's memory
 # TensorRT 10.x needs --stronglyTyped; from 11 on every network is strongly typed and the flag is gone.
 FIRST_ALWAYS_STRONGLY_TYPED_MAJOR = 11
 DEFAULT_TENSORRT_MAJOR = 11

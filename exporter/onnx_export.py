@@ -1,16 +1,19 @@
 """torch -> ONNX: the FP graph, and the hook that turns each selective scan into one custom node.
 
-The Vim model calls its scan through `MambaMixer.ops.scan(direction, inputs)`. During export
-that hook is wrapped in `SelectiveScanFn`, an autograd.Function whose forward runs the model's own
-scan (FP, or the quantized model's fake-quant scan) and whose ONNX `symbolic` emits
+Every model family (ouro.calib.families) calls its scans through its hook points' ops,
+`ops.scan(direction, inputs)`. During export that hook is wrapped in `SelectiveScanFn`, an
+autograd.Function whose forward runs the model's own scan (FP, or the quantized model's fake-quant
+scan) and whose ONNX `symbolic` emits
 
-    ouro::SelectiveScan(u, delta, A, Bm, Cm, Dskip, z) -> y
+    ouro::SelectiveScan(u, delta, A, Bm, Cm, Dskip[, z]) -> y
         attributes: reverse, delta_softplus, plugin_version="1", plugin_namespace="ouro"
 
-one node per direction and layer, named `layers.{i}.mixer.scan_{fwd|bwd}` (DESIGN.md §3; the
-TensorRT plugin of the same name replaces it). Graph inputs/outputs: `images` (B, C, H, W) and
-`logits` (B, classes), batch axis dynamic. The ONNX graph contains no flips (the backward scan
-runs with reverse=1 on the original token order).
+one node per scan, named `<hook point path>.scan_<direction>` (Vim `layers.{i}.mixer.scan_{fwd|bwd}`,
+VMamba `layers.{s}.blocks.{j}.op.scan_{row_fwd|col_fwd|row_bwd|col_bwd}`), `reverse` from the scan's
+ScanSite (DESIGN.md §3; the TensorRT plugin of the same name replaces it). A scan without a gate
+(VMamba's v05_noz) has no z: the node has 6 inputs (trt_plugins/selective_scan/README.md). Graph
+inputs/outputs: `images` (B, C, H, W) and `logits` (B, classes), batch axis dynamic. The graph
+contains no flips (reversed scans run with reverse=1 on their own token layout).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from ouro.calib.models.vim import override_ops
+from ouro.calib.families import family_of, override_ops
 from ouro.calib.quant.qdq import NODE_NAME_ATTR
 from ouro.calib.scan import ScanInputs, selective_scan
 
@@ -58,68 +61,77 @@ class ExportError(Exception):
 
 
 class SelectiveScanFn(torch.autograd.Function):
-    """Runs `inner` (the model's scan) in PyTorch; exports as one `ouro::SelectiveScan` node."""
+    """Runs `inner` (the model's scan) in PyTorch; exports as one `ouro::SelectiveScan` node
+    (6 inputs when z is None: no gate)."""
 
     @staticmethod
-    def forward(ctx, inner: Callable, name: str, reverse: bool, u: Tensor, delta: Tensor, A: Tensor,
-                Bm: Tensor, Cm: Tensor, Dskip: Tensor, z: Tensor) -> Tensor:  # noqa: N803
+    def forward(ctx, inner: Callable, name: str, direction: str, reverse: bool, u: Tensor, delta: Tensor, A: Tensor,
+                Bm: Tensor, Cm: Tensor, Dskip: Tensor, z: Tensor | None) -> Tensor:  # noqa: N803
         if torch.jit.is_tracing():
             # Under torch.onnx.export only the node's type and shape matter (the model has no
             # data-dependent control flow); running the scan inside the trace records thousands of
             # ops and made a Vim-T export take minutes. The graph is checked against the model after.
             return torch.zeros_like(u)
-        direction = "bwd" if reverse else "fwd"
         y = inner(direction, ScanInputs(u, delta, A, Bm, Cm, Dskip, z))
         return y.to(u.dtype)
 
     @staticmethod
-    def symbolic(g, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z):  # noqa: N803
+    def symbolic(g, inner, name, direction, reverse, u, delta, A, Bm, Cm, Dskip, z):  # noqa: N803
         attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
+        operands = [u, delta, A, Bm, Cm, Dskip] + ([] if _is_none(z) else [z])
         y = g.op(
-            f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z,
+            f"{DOMAIN}::{SCAN_OP}", *operands,
             reverse_i=int(reverse), delta_softplus_i=1, **attrs, **{f"{NODE_NAME_ATTR}_s": name},
         )
-        y.setType(u.type())
+        y.setType(scan_output_type(u))
         return y
 
 
-def fp_scan(direction: str, inputs: ScanInputs) -> Tensor:
-    """The model's default scan (MambaMixer._scan without hooks)."""
-    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd")
+def scan_output_type(u):
+    """The traced type of a scan node's output: u's, with a dynamic batch axis (the trace runs on a
+    batch of one; without this the exporter folds shape computations downstream into constants)."""
+    t = u.type()
+    sizes = t.varyingSizes() if hasattr(t, "varyingSizes") else None
+    if not sizes:
+        return t
+    return t.with_sizes([None] + list(sizes[1:]))
 
 
-def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Route every mixer's scan through `SelectiveScanFn` (numerics unchanged); restore on exit."""
+def _is_none(v) -> bool:
+    """A symbolic argument that stands for a Python None (an absent optional operand)."""
+    return v is None or (hasattr(v, "node") and v.node().mustBeNone())
 
-    def make(i: int, mixer: nn.Module) -> dict:
-        inner, prefix = mixer.ops.scan or fp_scan, f"layers.{i}.mixer"
+
+def fp_scan(direction: str, inputs: ScanInputs, *, reverse: bool) -> Tensor:
+    """The model's default scan (no hooks installed)."""
+    return selective_scan(*inputs, delta_softplus=True, reverse=reverse)
+
+
+def scan_export_hooks(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Route every hook point's scan through `SelectiveScanFn` (numerics unchanged); restore on exit."""
+
+    def make(point) -> dict:
+        reverse = {s.direction: s.reverse for s in point.scans}
+        installed = point.module.ops.scan
+
+        def inner(direction: str, inputs: ScanInputs) -> Tensor:
+            if installed is not None:
+                return installed(direction, inputs)
+            return fp_scan(direction, inputs, reverse=reverse[direction])
 
         def hook(direction: str, inputs: ScanInputs) -> Tensor:
-            return SelectiveScanFn.apply(inner, f"{prefix}.scan_{direction}", direction == "bwd", *inputs)
+            return SelectiveScanFn.apply(inner, f"{point.path}.scan_{direction}", direction, reverse[direction], *inputs)
 
         return {"scan": hook}
 
     return override_ops(model, make)
 
 
-class _Fp16Head(nn.Module):
-    """fp16 export wrapper: the model keeps its residual stream and norms in fp32 (by design), so the
-    fp32 activations are cast to the fp16 weights' dtype in front of every linear layer."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        feats = self.model.forward_features(x)
-        return self.model.head(feats.to(self.model.head.weight.dtype))
-
-
-def _fp16_linears(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+def _fp16_linears(model: nn.Module) -> contextlib.AbstractContextManager:
     """Cast each linear layer's input to its (fp16) weight dtype, wrapping any installed hook."""
 
-    def make(_i: int, mixer: nn.Module) -> dict:
-        inner = mixer.ops.linear
+    def make(point) -> dict:
+        inner = point.module.ops.linear
 
         def linear(name, module, x):
             x = x.to(module.weight.dtype)
@@ -153,17 +165,20 @@ class ExportResult:
     seconds: float
 
 
-def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, vim: nn.Module | None = None,
+def export_onnx(module: nn.Module, example: Tensor, *, opset: int = FP_OPSET, model: nn.Module | None = None,
                 hook_scans: bool = True) -> ExportResult:
-    """Trace `module` (whose scans are hooked through `vim`, default `module`) into an ONNX model in
-    memory, with a dynamic batch axis. Returns the checked ModelProto and the export time.
-    hook_scans=False: the caller has already routed the scans through `SelectiveScanFn`."""
-    vim = module if vim is None else vim
-    if not hasattr(vim, "layers"):
-        raise ExportError(f"expected a Vim model with .layers, got {type(vim).__name__}")
+    """Trace `module` (whose scans are hooked through the hook points of `model`, default `module`, a
+    model of a registered family) into an ONNX model in memory, with a dynamic batch axis. Returns the
+    checked ModelProto and the export time. hook_scans=False: the caller has already routed the scans
+    through `SelectiveScanFn`."""
+    model = module if model is None else model
+    try:
+        family_of(model)
+    except TypeError as e:
+        raise ExportError(str(e)) from None
     t0 = time.perf_counter()
     buf = io.BytesIO()
-    hooks = scan_export_hooks(vim) if hook_scans else contextlib.nullcontext()
+    hooks = scan_export_hooks(model) if hook_scans else contextlib.nullcontext()
     with hooks, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values in the graph
         torch.onnx.export(
@@ -184,13 +199,16 @@ def example_input(model: nn.Module, batch: int = 1, dtype: torch.dtype = torch.f
 
 
 def export_fp(model: nn.Module, *, fp16: bool = False, opset: int = FP_OPSET, batch: int = 1) -> ExportResult:
-    """The FP graph: fp32 by default; fp16 keeps the residual stream and RMSNorms in fp32 (as the
-    model does) and casts to fp16 in front of each linear layer. The model is not modified."""
+    """The FP graph: fp32 by default; fp16: a half copy of the model whose linear layers get their
+    inputs cast to fp16, wrapped by the family (`export_module`: Vim keeps its residual stream and
+    RMSNorms in fp32, as the model does). The model is not modified."""
     model = model.eval()
+    fam = family_of(model)
     if not fp16:
-        return export_onnx(model, example_input(model, batch), opset=opset)
+        return export_onnx(fam.export_module(model), example_input(model, batch), opset=opset, model=model)
     import copy
 
     half = copy.deepcopy(model).half()
     with _fp16_linears(half):
-        return export_onnx(_Fp16Head(half), example_input(model, batch, torch.float16), opset=opset, vim=half)
+        return export_onnx(fam.export_module(half, fp16=True), example_input(model, batch, torch.float16), opset=opset,
+                           model=half)

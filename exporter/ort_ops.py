@@ -6,7 +6,7 @@ references, shared by the onnxruntime kernels below and the tests.
 
 onnxruntime-extensions registers one Python kernel per (domain, op type) with a fixed arity and
 fixed dtypes (no float16), and needs every declared attribute present. The files we write follow
-the TensorRT plugin contract instead (7-input FP scans, 15-input quantized scans, int8 or
+the TensorRT plugin contract instead (7-input FP scans, 6 without a gate, 15-input quantized scans, int8 or
 packed-int4 weights stored as int8 bytes, fp16 or fp32 activations: the plugin graph feeds fp16 by
 default), so `onnxruntime_session` adapts an in-memory copy before creating the session: it pads
 omitted inputs with empty tensors, fills absent attributes with their neutral defaults, casts float
@@ -98,11 +98,12 @@ def _act_quant(x: torch.Tensor, bits: int, bits_outlier: int, scale, theta, n_re
     )
 
 
-def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale=None, delta_theta=None, b_scale=None,
+def selective_scan_node_ref(u, delta, A, Bm, Cm, Dskip, z=None, delta_scale=None, delta_theta=None, b_scale=None,
                             b_theta=None, c_scale=None, c_theta=None, h_scale=None, h_zero=None, **attrs) -> torch.Tensor:
     """`ouro::SelectiveScan` in PyTorch: operand quantization (delta, Bm, Cm: OuroMamba outlier
     quantizer with per-token static inlier scales; bits 0 = off), then the scan: `selective_scan_ref`
     with the TGQ h-quantizer when h_bits > 0, else the model's own dispatch `selective_scan`.
+    z None or empty (0 elements; a 6-input node arrives here with an empty z): no gate.
     fp16 or fp32 activations (u, delta, B, C, z); computed in fp32, returned (B, L, D) in u's dtype
     (an fp16 output is rounded once, at the end)."""
     return _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_scale, b_theta, c_scale, c_theta,
@@ -117,7 +118,8 @@ def _scan_node_ref(u, delta, A, Bm, Cm, Dskip, z, delta_scale, delta_theta, b_sc
     b = _act_quant(_t(Bm), a["b_bits"], a["b_bits_outlier"], b_scale, b_theta, nr, pol, a["bc_k_sigma"], sc)
     c = _act_quant(_t(Cm), a["c_bits"], a["c_bits_outlier"], c_scale, c_theta, nr, pol, a["bc_k_sigma"], sc)
     kw = dict(delta_softplus=bool(a["delta_softplus"]), reverse=bool(a["reverse"]))
-    u32, z32 = _t(u).float(), _t(z).float()
+    u32 = _t(u).float()
+    z32 = None if z is None or _t(z).numel() == 0 else _t(z).float()  # absent / empty z: no gate
     if not a["h_bits"]:
         # the dispatch the PyTorch model itself calls (chunked for L >= 16, matching _ref to fp32
         # tolerance): identical floats keep the next quantizer's codes identical (no rounding flips)
@@ -252,9 +254,14 @@ def prepare_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def onnxruntime_session(path_or_model, providers=None, sess_options=None):
+def onnxruntime_session(path_or_model, providers=None, sess_options=None, ops=None):
     """An onnxruntime.InferenceSession for an ONNX file (or ModelProto / bytes) with ouro's custom
     ops registered. Plain graphs pass through unchanged.
+
+    The custom ops are the native library libouro_ort_ops.so when it is built, else the Python reference
+    ops below (`ops` = "auto" | "native" | "python", default $OURO_ORT_OPS or "auto"; see
+    `ouro.exporter.ort_native`, which also says which one a process took). The native session runs the
+    file as written: no adapted copy.
 
     Without `sess_options`, graph optimisation stops at ORT_ENABLE_BASIC (exact rewrites such as
     constant folding): the extended level fuses DequantizeLinear(INT4 weight) + MatMul into kernels
@@ -272,6 +279,12 @@ def onnxruntime_session(path_or_model, providers=None, sess_options=None):
         if not p.is_file():
             raise FileNotFoundError(f"no ONNX file at {p}")
         model = onnx.load(str(p))
+    if any(n.domain == DOMAIN for n in model.graph.node):
+        from . import ort_native
+
+        lib = ort_native.select_ops(ops)
+        if lib is not None:
+            return ort_native.session(model.SerializeToString(), lib, providers, sess_options)
     _register()
     so = sess_options
     if so is None:

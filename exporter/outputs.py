@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ouro.calib.files import OutputError, atomic_write
+from ouro.calib.files import OutputError, WritePlan, atomic_write
 from ouro.recipes import Target
 
-from .engine_config import DEFAULT_WORKSPACE_MIB, BatchProfile
+from .engine_config import DEFAULT_WORKSPACE_MIB, MAX_WORKSPACE_MIB, BatchProfile, EngineConfigError
 from .passes import DEFAULT_PASSES, PASSES, PassError
 
 if TYPE_CHECKING:
@@ -67,18 +67,6 @@ _SUFFIXES: tuple[tuple[str, Callable[[bool], Stage]], ...] = (
 _NEEDS_QUANT = {Stage.QDQ, Stage.PLUGIN, Stage.QUANT_STATE}
 
 
-def _check_writable(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists; pass --force to overwrite it")
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory; give a file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: folder {parent} is not writable")
-
-
 # ------------------------------------------------------------------------------------ options
 @dataclass(frozen=True)
 class ExportOptions:
@@ -104,6 +92,14 @@ class EngineOptions:
     workspace_mib: int = DEFAULT_WORKSPACE_MIB
     timing_cache: Path | None = None
     plugin_library: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workspace_mib, bool) or not isinstance(self.workspace_mib, int) \
+                or not 1 <= self.workspace_mib <= MAX_WORKSPACE_MIB:
+            raise EngineConfigError(f"--workspace must be a number of MiB in [1, {MAX_WORKSPACE_MIB}], got {self.workspace_mib}")
+        if self.plugin_library is not None and not Path(self.plugin_library).is_file():
+            raise EngineConfigError(f"--plugin-lib {self.plugin_library}: no such file "
+                                    "(give the path of the built libouro_trt_plugins.so)")
 
 
 # ------------------------------------------------------------------------------------ artifacts
@@ -228,17 +224,47 @@ class OutputPlan:
 
     Built once by `ouro.exporter.cli` (via `plan_outputs`) from the flags, before the model is
     loaded; this is the one place where output flags are checked (extension, existing file and
-    --force, writable folder, --opset, --stage). Checks of further output flags belong in
+    --force, writable folder, name length, two outputs on one file, --opset, --stage; OutputPlan.check
+    declares them all in one ouro.calib.files.WritePlan). Checks of further output flags belong in
     `plan_outputs` / `__post_init__` here, so that a bad request fails before any work."""
 
     outputs: tuple[Output, ...] = ()
     save_calib: Path | None = None
     report: Path | None = None
+    force: bool = False
 
     @property
     def target(self) -> Target | None:
         """The quantized export target that -o asks for (None: none)."""
         return self.outputs[0].target if self.outputs else None
+
+    @property
+    def builds_engine(self) -> bool:
+        """-o asks for a TensorRT engine (.plan or --stage engine)."""
+        return any(o.stage is Stage.ENGINE for o in self.outputs)
+
+    def write_plan(self) -> WritePlan:
+        """Every file of the plan (-o, the ONNX beside a .plan, --save-calib, --report and its plots) in
+        one ouro.calib.files.WritePlan, unchecked."""
+        from .pipeline import report_files
+
+        plan = WritePlan(force=self.force)
+        for o in self.outputs:
+            plan.add("-o", o.path)
+            if o.stage is Stage.ENGINE:
+                plan.add("-o (the ONNX written beside the .plan)", o.onnx_path)
+        plan.add("--save-calib", self.save_calib)
+        plan.add("--report", self.report, siblings=report_files(self.report) if self.report is not None else ())
+        return plan
+
+    def check(self) -> OutputPlan:
+        """No two outputs on one file, no existing file without --force, writable existing folders, names
+        and paths the file system holds (OutputError, one line); returns self."""
+        try:
+            self.write_plan().check()
+        except OSError as e:  # a path the OS refuses to even look at
+            raise OutputError(f"cannot use output path {str(e.filename)[:60]}...: {e.strerror}") from None
+        return self
 
 
 def _stage_of(path: Path, quantized: bool) -> Stage:
@@ -268,13 +294,14 @@ def _check_opset(opset: int | None, stages: set[Stage]) -> None:
 def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, quantized: bool = False,
                  force: bool = False, opset: int | None = None, save_calib: str | os.PathLike | None = None,
                  report: str | os.PathLike | None = None) -> OutputPlan:
-    """Validate the `-o` request (and --opset) before any work starts; returns the plan of every
-    file to write (possibly none)."""
-    extra = {"save_calib": None if save_calib is None else Path(save_calib), "report": None if report is None else Path(report)}
+    """Validate the `-o` request (and --opset), then every file the run will write together (OutputPlan.check),
+    before any work starts; returns the checked plan (possibly with no output)."""
+    extra = {"save_calib": None if save_calib is None else Path(save_calib), "report": None if report is None else Path(report),
+             "force": force}
     if output is None:
         if stage is not None:
             raise OutputError(f"--stage {stage} needs an output file (-o)")
-        return OutputPlan(**extra)
+        return OutputPlan(**extra).check()
     path = Path(output)
     st = Stage(stage) if stage else _stage_of(path, quantized)
     if st in _NEEDS_QUANT and not quantized:
@@ -284,9 +311,6 @@ def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, 
         )
     if st is Stage.FP and quantized and stage is None:
         st = Stage.PLUGIN
-    _check_writable(path, force)
     out = Output(path, st, force, onnx_stage=(Stage.PLUGIN if quantized else Stage.FP) if st is Stage.ENGINE else None)
-    if st is Stage.ENGINE:
-        _check_writable(out.onnx_path, force)
     _check_opset(opset, {out.onnx_stage or st})
-    return OutputPlan((out,), **extra)
+    return OutputPlan((out,), **extra).check()

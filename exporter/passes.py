@@ -108,7 +108,17 @@ def _cast(graph: gs.Graph, name: str, x: gs.Variable, to: int, dtype) -> gs.Vari
 
 FP16_IO_INPUTS = {OUTLIER_LINEAR_OP: (0,), SCAN_OP: (0, 1, 3, 4, 6)}
 """Activation inputs cast to fp16 per plugin node: OutlierLinear x; SelectiveScan u, delta, B, C, z
-(A, D and the quantization tables stay fp32, as the plugins take them)."""
+(A, D and the quantization tables stay fp32, as the plugins take them; an absent or empty z, a scan
+without a gate, stays as it is)."""
+
+
+def is_absent(node: gs.Node, i: int) -> bool:
+    """Input i of `node` is absent: not given, an empty name, or an empty [0] constant (SelectiveScan's
+    z of a scan without a gate, the tables of an operand that is not quantized)."""
+    if i >= len(node.inputs):
+        return True
+    x = node.inputs[i]
+    return not x.name or (isinstance(x, gs.Constant) and x.values.size == 0)
 
 
 @register_pass("fp16_io", "fp16 activations into every OutlierLinear and SelectiveScan (Cast in, Cast back to fp32 out): "
@@ -120,6 +130,8 @@ def fp16_io(graph: gs.Graph) -> gs.Graph:
         if y.dtype == np.float16:
             continue
         for i in FP16_IO_INPUTS[node.op]:
+            if is_absent(node, i):
+                continue
             x = node.inputs[i]
             if x.dtype not in (None, np.float32):
                 raise PassError(f"{node.name}: input {i} has dtype {x.dtype}; expected float32")
@@ -219,16 +231,17 @@ def _scan_body(name: str, h_bits: int) -> gs.Graph:
                "TGQ of h and Abar quantizer when the node carries them), for plain onnxruntime")
 def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
     """Nodes with delta/B/C quantized (OuroMamba's dynamic outliers: the plugin graph) are refused;
-    7-input nodes and the exporter's 15/19-input nodes with h (h_bits, h_group, h_scale, h_zero at
+    6/7-input nodes and the exporter's 15/19-input nodes with h (h_bits, h_group, h_scale, h_zero at
     inputs 13-14) and Abar (abar_bits, abar_ltsq; abar_scale, abar_zero, abar_upper, abar_span at
-    inputs 15-18) quantized inside the recurrence are lowered."""
+    inputs 15-18) quantized inside the recurrence are lowered. An absent or empty z: no gate."""
     f = np.float32
     for node in [n for n in graph.nodes if n.op == SCAN_OP and n.domain == DOMAIN]:
         a = node.attrs
-        if len(node.inputs) not in (7, 15, 19) or any(int(a.get(f"{p}_bits", 0)) for p in ("delta", "b", "c")):
+        if len(node.inputs) not in (6, 7, 15, 19) or any(int(a.get(f"{p}_bits", 0)) for p in ("delta", "b", "c")):
             raise PassError(f"{node.name}: a SelectiveScan that quantizes delta/B/C (dynamic outliers) cannot be lowered "
                             "to standard ONNX ops; only its plugin computes it")
-        u, delta, A, Bm, Cm, Dskip, z = node.inputs[:7]
+        u, delta, A, Bm, Cm, Dskip = node.inputs[:6]
+        z = None if is_absent(node, 6) else node.inputs[6]
         k = node.name
         rev = int(a.get("reverse", 0))
         h_bits, h_group = int(a.get("h_bits", 0)), int(a.get("h_group", 1))
@@ -285,10 +298,13 @@ def lower_selective_scan(graph: gs.Graph) -> gs.Graph:
         nodes.append(gs.Node("Scan", name=f"{k}/scan", inputs=[h0, *scan_in], outputs=[h_last, ys], attrs=dict(
             body=_scan_body(k, h_bits), num_scan_inputs=len(scan_in), scan_input_axes=axes, scan_output_axes=[1],
             scan_input_directions=[rev] * len(scan_in), scan_output_directions=[rev])))
-        y = op("Add", [ys, op("Mul", [u, Dskip], v("uD"))], v("y"))
-        gate = op("Mul", [z, op("Sigmoid", [z], v("sz"))], v("silu_z"))
         out = node.outputs[0]
         node.outputs = []
-        nodes.append(gs.Node("Mul", name=f"{k}/out", inputs=[y, gate], outputs=[out]))
+        if z is None:
+            nodes.append(gs.Node("Add", name=f"{k}/out", inputs=[ys, op("Mul", [u, Dskip], v("uD"))], outputs=[out]))
+        else:
+            y = op("Add", [ys, op("Mul", [u, Dskip], v("uD"))], v("y"))
+            gate = op("Mul", [z, op("Sigmoid", [z], v("sz"))], v("silu_z"))
+            nodes.append(gs.Node("Mul", name=f"{k}/out", inputs=[y, gate], outputs=[out]))
         graph.nodes += nodes
     return graph.cleanup().toposort()

@@ -18,6 +18,7 @@ processes (ctx.dist, ouro.calib.evaluation) and identical to one process's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -51,6 +52,8 @@ __all__ = [
     "quantized_metrics",
     "format_table",
     "write_report",
+    "report_files",
+    "strict_json",
 ]
 
 SQNR_MAX_IMAGES = 256  # images used for the per-block SQNR and the outlier rates
@@ -60,10 +63,10 @@ SCALE_BYTES = 4  # scales and thresholds are stored as fp32
 
 def outlier_rates(qmodel, images: Tensor) -> dict[str, float]:
     """Fraction of activation elements quantized as outliers, per quantizer (runs `images`)."""
-    from ouro.calib.quant import QuantMode, iter_quant_ops, set_quant_mode
+    from ouro.calib.quant import QuantMode, iter_quant_points, set_quant_mode
 
     set_quant_mode(qmodel, QuantMode.QUANT, track_stats=True)
-    qs = [(f"layers.{i}.{n}", q) for i, ops in iter_quant_ops(qmodel) for n, q in ops.quantizers()]
+    qs = [(f"{point.key}.{n}", q) for point, ops in iter_quant_points(qmodel) for n, q in ops.quantizers()]
     for _, q in qs:
         q.reset_stats()
     try:
@@ -81,12 +84,11 @@ def memory_compression(model: nn.Module, qmodel) -> dict:
     tensor a quantizer stores in the QuantState (`state_keys`), at 4 bytes.
     quantized_layers: FP16 size of the quantized tensors / their quantized size (scales included);
     model: the whole model, unquantized parameters counted as FP16 on both sides."""
-    from ouro.calib.quant import iter_quant_ops
+    from ouro.calib.quant import iter_quant_points
 
     fp16_q = q_bytes = 0.0
-    for _, ops in iter_quant_ops(qmodel):
-        mixer = qmodel.module.get_submodule(ops.prefix)
-        weights = {id(q): getattr(mixer, name).weight.numel() for name, q in ops.weight.items()}
+    for point, ops in iter_quant_points(qmodel):
+        weights = {id(q): point.linear(name).module.weight.numel() for name, q in ops.weight.items()}
         for _, q in ops.quantizers():
             sd = q.state_dict()
             keys = q.state_keys()
@@ -170,15 +172,16 @@ def load_calibration(model: nn.Module, path: str | Path, ctx: RunContext) -> Qua
     return qmodel
 
 
-def save_calibration(qmodel: QuantizedModel, path: str | Path, ctx: RunContext) -> None:
+def save_calibration(qmodel: QuantizedModel, path: str | Path, ctx: RunContext, *, force: bool = False) -> None:
+    """Write the QuantState (no-clobber unless `force`: the output plan checked the path before the run)."""
     from ouro.calib.quant import save_quant_state
 
     with ctx.stage("save_calib"):
-        atomic_write(path, lambda tmp: save_quant_state(qmodel, tmp))
+        atomic_write(path, lambda tmp: save_quant_state(qmodel, tmp), force=force)
 
 
 def quantize(model: nn.Module, *, recipe: Recipe | None = None, calib: CalibSource | None = None,
-             load_calib: str | Path | None = None, save_calib: str | Path | None = None,
+             load_calib: str | Path | None = None, save_calib: str | Path | None = None, force: bool = False,
              data: EvalData | None = None, fp_pred: Tensor | None = None, ctx: RunContext) -> QuantizedModel:
     """Calibrate `model` with `recipe` on `calib` (or load the QuantState `load_calib`), optionally
     save it, then measure (quantized_metrics) and print the summary."""
@@ -189,7 +192,7 @@ def quantize(model: nn.Module, *, recipe: Recipe | None = None, calib: CalibSour
     else:
         raise ValueError("quantize needs a recipe and a calibration source, or a QuantState to load")
     if save_calib is not None:
-        save_calibration(qmodel, save_calib, ctx)
+        save_calibration(qmodel, save_calib, ctx, force=force)
     ctx.report["recipe"] = qmodel.recipe.to_dict()
     ctx.report["method"] = qmodel.recipe.method.value
     ctx.report["method_info"] = qmodel.method_info
@@ -254,20 +257,49 @@ def format_table(report: dict) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
-def write_report(ctx: RunContext, path: str | Path) -> Path:
-    """Write ctx.report (+ timings) as JSON; plots (SQNR per block, outlier rates) beside it."""
+REPORT_PLOTS = (".sqnr.png", ".outliers.png")  # written beside the report: r.json -> r.sqnr.png, r.outliers.png
+
+
+def report_files(path: str | Path) -> tuple[Path, ...]:
+    """The files a report at `path` may write besides itself (the plots), for the output plan."""
+    return tuple(Path(path).with_suffix(s) for s in REPORT_PLOTS)
+
+
+def _finite_or_none(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+def strict_json(obj) -> str:
+    """JSON that strict parsers accept: NaN and infinities become null (a metric that has no value)."""
+    return json.dumps(_finite_or_none(obj), indent=2, default=str, allow_nan=False)
+
+
+def write_report(ctx: RunContext, path: str | Path, *, force: bool = False) -> Path:
+    """Write ctx.report (+ timings) as strict JSON; plots (SQNR per block, outlier rates) beside it.
+    Each file is written atomically; an existing one is replaced only with `force` (--force: the
+    output plan checked every one of them before the run)."""
     path = Path(path)
     rep = dict(ctx.report)
     rep["timings"] = dict(ctx.timings)
-    path.write_text(json.dumps(rep, indent=2, default=str))
+    atomic_write(path, strict_json(rep).encode(), force=force)
     try:
-        _plots(rep, path)
+        _plots(rep, path, force)
     except ImportError:
         pass
     return path
 
 
-def _plots(rep: dict, path: Path) -> None:
+def _save_fig(fig, path: Path, force: bool) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), force=force)
+
+
+def _plots(rep: dict, path: Path, force: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,23 +312,28 @@ def _plots(rep: dict, path: Path) -> None:
         ax.set_ylabel("SQNR (dB)")
         ax.set_title(f"SQNR per block, {rep.get('recipe', {}).get('name')}")
         fig.tight_layout()
-        fig.savefig(path.with_suffix(".sqnr.png"))
+        _save_fig(fig, path.with_suffix(".sqnr.png"), force)
         plt.close(fig)
     if rep.get("outlier_rate"):
-        # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per layer
+        # heat map: one row per quantizer kind (e.g. act.in_proj, ssm.B_fwd), one column per hook point
+        # (names are <hook key>.<act|weight|ssm>.<site>)
+        import re
+
         cells: dict[str, dict[int, float]] = {}
+        columns: dict[str, int] = {}
         for name, rate in rep["outlier_rate"].items():
-            _, layer, kind = name.split(".", 2) if name.startswith("layers.") else ("", "0", name)
-            cells.setdefault(kind, {})[int(layer)] = 100 * rate
+            m = re.match(r"^(.*?)\.((?:act|weight|ssm)\..+)$", name)
+            key, kind = (m.group(1), m.group(2)) if m else ("", name)
+            cells.setdefault(kind, {})[columns.setdefault(key, len(columns))] = 100 * rate
         kinds = list(cells)
-        depth = 1 + max(i for row in cells.values() for i in row)
+        depth = len(columns)
         grid = [[cells[k].get(i, float("nan")) for i in range(depth)] for k in kinds]
         fig, ax = plt.subplots(figsize=(max(4, 0.6 * depth + 3), 0.3 * len(kinds) + 1.2))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_xticks(range(depth))
-        ax.set_xlabel("layer")
+        ax.set_xlabel("block")
         fig.colorbar(im, ax=ax, label="outlier rate (%)")
         fig.tight_layout()
-        fig.savefig(path.with_suffix(".outliers.png"))
+        _save_fig(fig, path.with_suffix(".outliers.png"), force)
         plt.close(fig)

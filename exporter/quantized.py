@@ -6,7 +6,7 @@
    before anything is traced (the CLI checks the same from -o before calibrating).
 2. `trace_quantized`: torch.onnx.export of the model in export mode (ouro.calib.quant.export_mode):
    every quantizer emits its own standard Q/DQ (ouro.calib.quant.qdq), every scan one 7-input
-   `ouro::SelectiveScan` node (its operands' Q/DQ in front of it).
+   `ouro::SelectiveScan` node (6 inputs without a gate; its operands' Q/DQ in front of it).
 3. per target:
      QDQ_ONNXRUNTIME  scans lowered to ONNX Scan loops (pass lower_selective_scan): runs in plain
                       onnxruntime; this is the .qdq.onnx file
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,9 @@ from .onnx_export import (
     ExportError,
     ExportResult,
     SelectiveScanFn,
+    _is_none,
     example_input,
+    scan_output_type,
     export_onnx,
     fp_scan,
 )
@@ -84,35 +87,38 @@ class RecurrenceQuant:
 
 class QuantScanFn(torch.autograd.Function):
     """A scan with Abar / h quantized inside the recurrence: one 19-input ouro::SelectiveScan node
-    (7 operands, 6 empty delta/B/C tables, h_scale, h_zero, 4 Abar scalars); forward: `inner`."""
+    (7 operands, z an empty [0] tensor when there is no gate, 6 empty delta/B/C tables, h_scale,
+    h_zero, 4 Abar scalars); forward: `inner`."""
 
     @staticmethod
-    def forward(ctx, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
-                spec: RecurrenceQuant):  # noqa: N803
+    def forward(ctx, inner, name, direction, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper,
+                a_span, spec: RecurrenceQuant):  # noqa: N803
         if torch.jit.is_tracing():
             return torch.zeros_like(u)
-        return inner("bwd" if reverse else "fwd", ScanInputs(u, delta, A, Bm, Cm, Dskip, z)).to(u.dtype)
+        return inner(direction, ScanInputs(u, delta, A, Bm, Cm, Dskip, z)).to(u.dtype)
 
     @staticmethod
-    def symbolic(g, inner, name, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
-                 spec):  # noqa: N803
+    def symbolic(g, inner, name, direction, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper,
+                 a_span, spec):  # noqa: N803
         empty = [g.op("Constant", value_t=torch.zeros(0)) for _ in range(6)]
+        if _is_none(z):
+            z = g.op("Constant", value_t=torch.zeros(0))
         attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
         y = g.op(f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z, *empty, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,
                  reverse_i=int(reverse), delta_softplus_i=1, h_bits_i=spec.h_bits, h_group_i=spec.h_group,
                  abar_bits_i=spec.abar_bits, abar_ltsq_i=spec.abar_ltsq, **attrs, **{f"{NODE_NAME_ATTR}_s": name})
-        y.setType(u.type())
+        y.setType(scan_output_type(u))
         return y
 
 
-def _scan_core(prefix: str):
-    """The scan of a mixer in export mode: one ouro::SelectiveScan node `<prefix>.scan_<dir>`; with
-    Abar / h quantizers (QMamba) the node carries them (`QuantScanFn`)."""
+def _scan_core(ops):
+    """The scan of a hook point in export mode: one ouro::SelectiveScan node `<prefix>.scan_<dir>`;
+    with Abar / h quantizers (QMamba) the node carries them (`QuantScanFn`)."""
 
-    def core(direction: str, inputs: ScanInputs, *, abar_quant=None, h_quant=None) -> Tensor:
-        name, reverse = f"{prefix}.scan_{direction}", direction == "bwd"
+    def core(direction: str, inputs: ScanInputs, *, reverse: bool, abar_quant=None, h_quant=None) -> Tensor:
+        name = f"{ops.prefix}.scan_{direction}"
         if abar_quant is None and h_quant is None:
-            return SelectiveScanFn.apply(fp_scan, name, reverse, *inputs)
+            return SelectiveScanFn.apply(partial(fp_scan, reverse=reverse), name, direction, reverse, *inputs)
 
         def inner(d: str, ins: ScanInputs) -> Tensor:
             return selective_scan_ref(*ins, delta_softplus=True, reverse=reverse,
@@ -125,7 +131,7 @@ def _scan_core(prefix: str):
         spec = RecurrenceQuant(h_bits=h_quant.format.bits if h_quant is not None else 0,
                                h_group=h_quant.format.group if h_quant is not None else 1,
                                abar_bits=abar_quant.format.bits if abar_quant is not None else 0, abar_ltsq=int(ltsq))
-        return QuantScanFn.apply(inner, name, reverse, *inputs, *h, *abar, spec)
+        return QuantScanFn.apply(inner, name, direction, reverse, *inputs, *h, *abar, spec)
 
     return core
 

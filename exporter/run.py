@@ -88,7 +88,7 @@ def run_plan(cfg: RunConfig, model: nn.Module, ctx: RunContext):
             other.append("--calib-dir DIR (real images)")
         if not (src.explicit and src.spec.kind == "synthetic"):
             other.append("--calib synthetic:N")
-        if cfg.model.demo and not (src.explicit and src.spec.kind == "real"):
+        if cfg.model.is_demo and not (src.explicit and src.spec.kind == "real"):
             other.append("--calib real:N (the demo's split)")
     if ctx.device.type == "cpu":
         other.append("--device cuda (a GPU)")
@@ -118,7 +118,7 @@ def run_export(cfg: RunConfig) -> int:
     qmodel = None
     if cfg.quantized:
         qmodel = quantize(model, recipe=cfg.recipe, calib=cfg.calib, load_calib=cfg.load_calib,
-                          save_calib=cfg.outputs.save_calib, data=data, fp_pred=fp_pred, ctx=ctx)
+                          save_calib=cfg.outputs.save_calib, force=cfg.outputs.force, data=data, fp_pred=fp_pred, ctx=ctx)
     if not ctx.is_main:  # rank 0 writes, checks and reports
         return 0
     from .outputs import ExportedGraphs
@@ -135,10 +135,10 @@ def run_export(cfg: RunConfig) -> int:
             run_check(cfg.outputs.outputs, model, qmodel, check_images(data, model, cfg.seed), fp16=cfg.export.fp16, ctx=ctx)
         except CheckFailed:
             if cfg.outputs.report is not None:
-                write_report(ctx, cfg.outputs.report)
+                write_report(ctx, cfg.outputs.report, force=cfg.outputs.force)
             raise
     if cfg.outputs.report is not None:
-        write_report(ctx, cfg.outputs.report)
+        write_report(ctx, cfg.outputs.report, force=cfg.outputs.force)
     return 0
 
 
@@ -167,5 +167,6 @@ def run_compare(source: ModelSource, device: str, cfg: CompareConfig) -> int:
     """`ouro-export compare`: every method x preset on the model of `source`."""
     from ouro.calib.compare import compare_main
 
+    cfg.check_outputs()  # before any work
     ctx = RunContext.start(device)
     return compare_main(load_model(source, ctx), cfg, dist=ctx.dist)

@@ -31,36 +31,47 @@ __all__ = ["ModelSource", "CalibSource", "EvalOptions", "RunConfig"]
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checkpoint path (arch: override the architecture inferred from it) or the embedded demo model."""
+    """A checkpoint path (arch: override the architecture inferred from it; allow_nonfinite: load
+    it even with NaN/Inf weights) or an embedded demo model (demo: its family, e.g. "vim", "vmamba")."""
 
     checkpoint: Path | None = None
-    demo: bool = False
+    demo: str | None = None
     arch: str | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        if self.demo and self.checkpoint is not None:
+        if self.demo is not None and self.checkpoint is not None:
             raise UserError("give either a checkpoint or --demo, not both")
-        if not self.demo and self.checkpoint is None:
+        if self.demo is None and self.checkpoint is None:
             raise UserError("no model: give a checkpoint path, or --demo for the embedded demo model")
+        if self.demo is not None and self.arch is not None:
+            raise UserError("--arch does not apply to --demo (the embedded demo model has its own architecture); remove --arch")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo is not None
 
     @property
     def name(self) -> str:
-        """Short name for tables and file names: "demo" or the checkpoint's stem."""
-        return "demo" if self.demo else self.checkpoint.stem
+        """Short name for tables and file names: "<family> demo" or the checkpoint's stem."""
+        return f"{self.demo} demo" if self.is_demo else self.checkpoint.stem
 
     def describe(self) -> str:
-        return "embedded demo" if self.demo else str(self.checkpoint)
+        return "embedded demo" if self.is_demo else str(self.checkpoint)
 
     def load(self, device: torch.device) -> nn.Module:
         """The FP model on `device`, in eval mode."""
-        if self.demo:
+        if self.is_demo:
             from ouro.calib.data import load_demo_model
 
-            model = load_demo_model(device)
+            try:
+                model = load_demo_model(self.demo, device=device)
+            except ValueError as e:  # an unknown family, or one without a demo
+                raise UserError(f"--demo {self.demo}: {e}") from None
         else:
             from ouro.calib.checkpoint import load_checkpoint
 
-            model = load_checkpoint(self.checkpoint, arch=self.arch, device=device)
+            model = load_checkpoint(self.checkpoint, arch=self.arch, device=device, allow_nonfinite=self.allow_nonfinite)
         return model.eval()
 
 
@@ -80,6 +91,8 @@ class CalibSource:
     def __post_init__(self) -> None:
         if self.spec.kind == "dir" and self.calib_dir is None:
             raise UserError("a calibration folder spec needs --calib-dir")
+        if self.calib_dir is not None and not self.calib_dir.is_dir():
+            raise UserError(f"--calib-dir {self.calib_dir}: no such folder")
 
     def images(self, model: nn.Module, dist: DistContext = SINGLE) -> Tensor:
         """(N, C, H, W) normalised calibration images on the CPU (ouro.calib.imagefolder.calibration_images)."""
@@ -97,6 +110,10 @@ class EvalOptions:
     eval_dir: Path | None = None
     demo: bool = False
     print_fp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.eval_dir is not None and not self.eval_dir.is_dir():
+            raise UserError(f"--eval-dir {self.eval_dir}: no such folder")
 
     def source(self, img_size: int):
         """The ouro.calib.evaluation.EvalSource, or None when there is no evaluation set."""
@@ -135,6 +152,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.quantized and self.load_calib is None and (self.recipe is None or self.calib is None):
             raise UserError("calibration needs a recipe and a calibration source")
+        if self.load_calib is not None and (self.recipe is not None or self.calib is not None):
+            raise UserError("--load-calib uses the recipe and calibration saved in the QuantState; give no recipe or "
+                            "calibration source with it")
+        if self.engine != EngineOptions() and not self.outputs.builds_engine:
+            raise UserError("TensorRT engine options are used only when building an engine (-o X.plan); remove them")
 
     @property
     def quantized(self) -> bool:

@@ -54,6 +54,11 @@ def build_engine(cfg: EngineConfig, *, log: Callable[[str], None] = print) -> Pa
     """Build cfg.plan_path from cfg.onnx_path. Returns the plan path."""
     trt = import_tensorrt(cfg)
     cfg.check_plugins_available()
+    import onnx
+
+    from .plugin import refuse_ungated_scans
+
+    refuse_ungated_scans(onnx.load(str(cfg.onnx_path), load_external_data=False), str(cfg.onnx_path))
     spec = cfg.resolved_input()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

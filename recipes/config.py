@@ -34,6 +34,7 @@ from .formats import (
     parse_bits,
 )
 from .methods import Method, NoParams, OuroMambaParams, formats_for, method_params_type, register_method_params
+from .typecheck import check_field_types
 
 __all__ = [
     "RECIPE_VERSION",
@@ -66,15 +67,22 @@ class LossKind(str, Enum):
     MSE = "mse"  # mean squared error (QMamba)
 
 
-LINEAR_LAYERS: tuple[str, ...] = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj")
-"""Linear layers of a mixer that a recipe may quantize (input activation and weight)."""
+LINEAR_LAYERS: tuple[str, ...] = ("in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj", "fc1", "fc2", "qkv", "proj")
+"""Linear layers a recipe may quantize (input activation and weight), by name or kind: a model family
+gives each linear a name and a kind (ouro.calib.families.LinearSite) and a linear is quantized when
+either is listed. Vim: in_proj, x_proj, x_proj_b, dt_proj, dt_proj_b, out_proj (kind = name);
+VMamba: in_proj, x_proj_0..3 (kind x_proj), dt_proj_0..3 (kind dt_proj), out_proj and the MLP's fc1,
+fc2; qkv and proj are attention linears (MambaVision). A kind a model does not have selects nothing."""
 
 SSM_OPERANDS: tuple[str, ...] = ("delta", "B", "C", "A", "D", "h", "u", "abar")
 """Selective-scan operands a recipe may quantize (ALGORITHMS.md §1.2). `h` = hidden state in the recurrence;
 `u` = the scan input x' and `abar` = exp(dt*A) inside the scan (QMamba, ALGORITHMS.md §2)."""
 
-EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm", "norm_f", "head")
-"""The one shared never-quantize list: patch embed, depthwise convs, RMSNorms, classifier head."""
+EXCLUDED_MODULES: tuple[str, ...] = ("patch_embed", "conv1d", "conv1d_b", "norm", "norm_f", "head",
+                                      "conv2d", "out_norm", "norm2", "downsample", "classifier")
+"""The one shared never-quantize list, applied the same way by every method: patch embed, depthwise
+convs (Vim's conv1d/conv1d_b, VMamba's 2-D conv2d), every norm (Vim's RMSNorms; VMamba's LayerNorms,
+the SS2D out_norm included), VMamba's downsampling layers, the classifier head."""
 
 _PRESET_PACKAGE = "ouro.recipes"
 
@@ -84,6 +92,15 @@ def _enum(cls: type[Enum], v: Any, key: str) -> Enum:
         return cls(v)
     except ValueError:
         raise RecipeError(f"{key}={v!r} is not one of {', '.join(m.value for m in cls)}") from None
+
+
+CALIB_INT_RANGES: dict[str, tuple[int, int]] = {
+    # beyond these a run would not finish (or not fit in memory): refused, not attempted
+    "steps": (0, 100_000),
+    "batch_size": (1, 65_536),
+    "grid_points": (1, 100_000),
+    "init_samples": (1, 1_000_000),
+}
 
 
 @dataclass(frozen=True)
@@ -102,15 +119,14 @@ class CalibConfig:
     init_samples: int = 64  # calibration images used for the static init statistics (the official script uses 64)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "calib", RecipeError)
         object.__setattr__(self, "loss", _enum(LossKind, self.loss, "calib.loss"))
-        for k in ("steps",):
-            if int(getattr(self, k)) < 0:
-                raise RecipeError(f"calib.{k} must be >= 0, got {getattr(self, k)}")
-        for k in ("batch_size", "grid_points", "init_samples"):
-            if int(getattr(self, k)) < 1:
-                raise RecipeError(f"calib.{k} must be >= 1, got {getattr(self, k)}")
+        for k, (lo, hi) in CALIB_INT_RANGES.items():
+            v = getattr(self, k)
+            if v < lo or v > hi:
+                raise RecipeError(f"calib.{k} must be {'>= ' + str(lo) if v < lo else '<= ' + str(hi)}, got {v}")
         for k in ("lr_act", "lr_weight", "weight_decay", "grad_clip"):
-            if float(getattr(self, k)) < 0:
+            if getattr(self, k) < 0:
                 raise RecipeError(f"calib.{k} must be >= 0, got {getattr(self, k)}")
         if not self.lp_norm > 0:
             raise RecipeError(f"calib.lp_norm must be > 0, got {self.lp_norm}")
@@ -155,6 +171,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         s = object.__setattr__
+        check_field_types(self, "", RecipeError)
         if not self.name or not isinstance(self.name, str):
             raise RecipeError("recipe name must be a non-empty string")
         s(self, "method", _enum(Method, self.method, "method"))
@@ -165,10 +182,10 @@ class Recipe:
             raise RecipeError(f"a_bits_outlier ({self.a_bits_outlier}) must be >= a_bits ({self.a_bits})")
         if not isinstance(self.a_bits, int) and isinstance(self.a_bits_outlier, int):
             raise RecipeError(f"a_bits_outlier ({self.a_bits_outlier}) must be fp16 when a_bits is {self.a_bits.value}")
-        if not isinstance(self.n_refresh, int) or self.n_refresh < 1:
+        if self.n_refresh < 1:
             raise RecipeError(f"n_refresh must be an integer >= 1, got {self.n_refresh!r}")
         for k in ("k_sigma", "k_sigma_delta"):
-            if not float(getattr(self, k)) > 0:
+            if not getattr(self, k) > 0:
                 raise RecipeError(f"{k} must be > 0, got {getattr(self, k)}")
         if self.std_correction not in (0, 1) or isinstance(self.std_correction, bool):
             raise RecipeError(f"std_correction must be 0 or 1 (1: Bessel's correction, as torch.std), got {self.std_correction!r}")
@@ -205,8 +222,10 @@ class Recipe:
         return formats_for(self)
 
     # -- conveniences ------------------------------------------------------------------------
-    def quantizes_linear(self, name: str) -> bool:
-        return name in self.linear_layers and name not in self.exclude
+    def quantizes_linear(self, name: str, kind: str | None = None) -> bool:
+        """Whether the linear `name` (of kind `kind`, ouro.calib.families.LinearSite) is quantized."""
+        listed = name in self.linear_layers or (kind is not None and kind in self.linear_layers)
+        return listed and name not in self.exclude and (kind is None or kind not in self.exclude)
 
     def quantizes_ssm(self, operand: str) -> bool:
         return operand in self.ssm_operands
@@ -244,8 +263,9 @@ class Recipe:
             raise RecipeError(f"{source}: missing key 'name'")
         try:
             return cls(**d)
-        except TypeError as e:  # wrong value types
-            raise RecipeError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:  # wrong value types / values: name the file
+            msg = str(e)
+            raise RecipeError(msg if msg.startswith(f"{source}:") else f"{source}: {msg}") from None
 
     def to_toml(self) -> str:
         import tomli_w
@@ -256,7 +276,14 @@ class Recipe:
         return tomli_w.dumps({**head, **tables})
 
     @classmethod
-    def from_toml(cls, text: str, *, source: str = "recipe") -> "Recipe":
+    def from_toml(cls, text: str | bytes, *, source: str = "recipe") -> "Recipe":
+        """A recipe from TOML text (bytes must be UTF-8); every error names `source`."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{source}: not a UTF-8 text file (byte {e.start}: {bytes(text)[e.start:e.start + 1]!r}); "
+                                  "save it as UTF-8 TOML") from None
         try:
             d = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -336,7 +363,11 @@ def resolve_recipe(preset: str | None = None, recipe_file: str | Path | None = N
         p = Path(recipe_file)
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} does not exist")
-        r = Recipe.from_toml(p.read_text(), source=str(p))
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
+        r = Recipe.from_toml(data, source=str(p))
         if method is not None and _enum(Method, method, "method") is not r.method:
             r = replace(r, method=_enum(Method, method, "method"), method_params=None)
     else:

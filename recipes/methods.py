@@ -25,6 +25,7 @@ from .formats import (
     RecipeError,
     WeightFormat,
 )
+from .typecheck import check_field_types
 
 if TYPE_CHECKING:
     from .config import Recipe
@@ -66,6 +67,7 @@ class OuroMambaParams:
     delta_before_bias: bool = False  # quantize Delta = dt_proj(x) before its bias is added (bias added in FP after)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "method_params", RecipeError)
         if self.inlier_granularity not in ("token", "tensor"):
             raise RecipeError(f"ouromamba.inlier_granularity must be 'token' or 'tensor', got {self.inlier_granularity!r}")
         if self.outlier_detection not in ("dynamic", "static", "none"):
@@ -81,6 +83,7 @@ class PTQ4VMParams:
     alpha: float = 0.5  # SmoothQuant migration strength (0.65 for VMamba)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "method_params", RecipeError)
         if not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"ptq4vm.alpha must be in [0, 1], got {self.alpha}")
 
@@ -94,6 +97,7 @@ class QMambaParams:
     percentile: float = 0.01  # activation init range [p, 1 - p] (1st / 99th percentile)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "method_params", RecipeError)
         if not 0.0 <= self.tau <= 1.0:
             raise RecipeError(f"qmamba.tau must be in [0, 1], got {self.tau}")
         if self.group < 1:

@@ -1,38 +1,65 @@
-"""Benchmark of the outlier-split GEMM (ouro CUDA kernels) against cuBLAS FP16 and a plain INT8 GEMM.
+"""Benchmark of the outlier-split linear (ouro CUDA kernels) against cuBLAS FP16 and a plain INT8 GEMM.
 
-Prints one table per shape set: the ouro pipeline (W4A4 by default) vs `torch.matmul` in fp16 and
-`torch._int_mm` (INT8 x INT8 -> INT32, no quantization work), with TOPS, % of the GPU's dense INT8
-tensor-core peak, the speed-up over FP16, the time share of the five pipeline steps (seed Fig. 1, from
-`outlier_linear_profiled`) and the outlier rate (fraction of (token, channel) entries in the outlier list).
-One row per epilogue: `fused` (dequantization in the CUTLASS GEMM epilogue, outlier GEMM + combine in one
-kernel) and `separate` (the five-kernel pipeline with int32 accumulators in memory).
+Every timing replays a CUDA graph of --reps back-to-back launches (no host gaps, no per-call setup: the kernels
+are launched through `outlier_linear_launcher`, whose call is one ctypes call), measured with CUDA events, the
+median of --iters replays. Rows: the fused path with its automatic tile (and every tile with --tactics), the
+separate five-kernel variant, torch.matmul in fp16 (cuBLAS) and torch._int_mm (INT8 x INT8 -> INT32, no
+quantization work). Each ouro configuration is checked once against the reference before it is timed.
 
-    python tools/bench_gemm.py                      # Vim-T/S/B linear shapes, batch 1 and 32
-    python tools/bench_gemm.py --model vim_b --batch 32 --outlier-frac 0.013
+    python tools/bench_gemm.py                      # Vim-T/S/B in_proj, out_proj, x_proj at batch 1 and 32
+    python tools/bench_gemm.py --model vim_b --batch 32 --tactics --json bench.json
+    python tools/bench_gemm.py --model vmamba           # VMamba-T/S/B per stage (--model all: both families)
+    python tools/bench_gemm.py --model all --list      # print the shape table only (no GPU needed)
     python tools/bench_gemm.py --peak-tops 1979     # override the INT8 peak used for the % column
-    python tools/bench_gemm.py --epilogue fused     # only the fused epilogue
 
-Needs a CUDA GPU and the built library (see ouro.exporter.cuda_kernels). Timings: CUDA events,
-median of --iters runs after --warmup runs.
+Needs a CUDA GPU and the built library (see ouro.exporter.cuda_kernels). The numbers are measurements of the GPU
+it runs on; nothing in this repository was measured on a GPU when it was written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from ouro.calib.quantizers import outlier_quant_ref, pack_int4, qmax
-from ouro.exporter import cuda_kernels as ck
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "gpu"))
+
+from kernel_cases import linear_ref, make_linear_case  # noqa: E402
+
+from ouro.calib.models.vmamba import VMAMBA_ARCHS, VMambaConfig  # noqa: E402
+from ouro.exporter import cuda_kernels as ck  # noqa: E402
 
 L_VIM = 197
-SHAPES = {  # (K, N) of the Vim linear layers: in_proj (d_model -> 2 d_inner), out_proj (d_inner -> d_model)
-    "vim_t": [(192, 768), (384, 192)],
-    "vim_s": [(384, 1536), (768, 384)],
-    "vim_b": [(768, 3072), (1536, 768)],
+
+
+def vmamba_shapes(cfg: VMambaConfig) -> list[tuple[str, int, int, int]]:
+    """(layer, L, K, N) of a VMamba's large linears per stage s (tokens L = grid**2 at the config's img_size):
+    in_proj (dim -> d_inner, no gate in the released v05_noz), out_proj (d_inner -> dim), MLP fc1 (dim ->
+    hidden) and fc2 (back). x_proj / dt_proj (N or K = dt_rank + 2 d_state, a few channels) are left out."""
+    out: list[tuple[str, int, int, int]] = []
+    for s, g in enumerate(cfg.grids):
+        dim, di, hid = cfg.dims[s], cfg.d_inner(s), cfg.mlp_hidden(s)
+        for layer, K, N in (("in_proj", dim, di), ("out_proj", di, dim), ("fc1", dim, hid), ("fc2", hid, dim)):
+            if K and N:
+                out.append((f"s{s + 1}.{layer}", g * g, K, N))
+    return out
+
+
+SHAPES = {  # (layer, L, K, N): Vim-T/S/B in_proj, out_proj, x_proj (L 197); VMamba-T/S/B per stage
+    "vim_t": [("in_proj", L_VIM, 192, 768), ("out_proj", L_VIM, 384, 192), ("x_proj", L_VIM, 384, 44)],
+    "vim_s": [("in_proj", L_VIM, 384, 1536), ("out_proj", L_VIM, 768, 384), ("x_proj", L_VIM, 768, 56)],
+    "vim_b": [("in_proj", L_VIM, 768, 3072), ("out_proj", L_VIM, 1536, 768), ("x_proj", L_VIM, 1536, 80)],
+    **{f"vmamba_{size[0]}": vmamba_shapes(VMAMBA_ARCHS[f"vmamba_{size}"]) for size in ("tiny", "small", "base")},
 }
+GROUPS = {"vim": ["vim_t", "vim_s", "vim_b"], "vmamba": ["vmamba_t", "vmamba_s", "vmamba_b"], "all": sorted(SHAPES)}
+"""--model groups; the default `vim` is what tools/device_check.sh times."""
 INT8_PEAK_TOPS = {  # dense INT8 tensor-core peak (vendor data sheets), matched by substring of the name
     "H200": 1979.0,
     "H100 SXM": 1979.0,
@@ -54,109 +81,130 @@ def int8_peak(name: str) -> float | None:
     return None
 
 
-def time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
+def graph_time_ms(fn, reps: int, iters: int) -> float:
+    """Median time of one fn() call: a CUDA graph of `reps` calls, replayed `iters` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up (also lazy initialisation) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / reps)
     return statistics.median(times)
 
 
 @dataclass
 class Row:
+    model: str
+    layer: str
     B: int
+    L: int
     K: int
     N: int
+    config: str  # "fused/<tile>", "separate", "cublas_fp16", "int8_mm"
     path: str
-    epilogue: str
+    ms: float
+    tops: float
+    vs_fp16: float
     outlier_rate: float
-    ouro_ms: float
-    fp16_ms: float
-    int8_ms: float | None
     steps_ms: list[float]
 
 
-def bench_shape(B: int, K: int, N: int, args) -> list[Row]:
-    g = torch.Generator().manual_seed(K * 31 + N)
-    x = torch.randn(B, L_VIM, K, generator=g)
-    n_out = round(args.outlier_frac * K)
-    if n_out:
-        x[..., torch.randperm(K, generator=g)[:n_out]] *= 12.0
-    x = x.half().cuda()
-    qi = qmax(args.act_bits)
-    scale = (3.0 * x.float().std(dim=(0, 2)) / qi).contiguous()
-    qw = qmax(args.w_bits)
-    w_codes = torch.randint(-qw, qw + 1, (N, K), generator=g, dtype=torch.int8)
-    w = (pack_int4(w_codes) if args.w_bits == 4 else w_codes).cuda()
-    w_scale = (torch.rand(N, generator=g) * 0.01 + 1e-3).cuda()
-    act = ck.ActQuant(args.act_bits, args.bits_outlier, args.n_refresh, scale)
-    rate = float(outlier_quant_ref(x, scale, args.act_bits, args.bits_outlier, args.n_refresh).outlier_mask.float().mean())
-
-    runs = []
-    for epi in (["fused", "separate"] if args.epilogue == "both" else [args.epilogue]):
-        ck.outlier_linear(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)  # checks capacity once
-        launch, res = ck.outlier_linear_launcher(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)
-        ouro_ms = time_ms(launch, args.warmup, args.iters)
-        steps = [0.0] * 5
-        for _ in range(args.profile_iters):
-            prof = ck.outlier_linear_profiled(x, w, w_scale, act, w_bits=args.w_bits, epilogue=epi)
-            steps = [s + t / args.profile_iters for s, t in zip(steps, prof.step_ms)]
-        runs.append((res.path, res.epilogue, ouro_ms, steps))
-
-    x2 = x.reshape(-1, K)
+def bench_shape(model: str, layer: str, B: int, L: int, K: int, N: int, args) -> list[Row]:
+    M = B * L
+    c = make_linear_case(B, L, K, N, w_bits=args.w_bits, act_bits=args.act_bits, bits_outlier=args.bits_outlier,
+                         n_refresh=args.n_refresh, outlier_frac=args.outlier_frac, seed=K * 31 + N).to("cuda")
+    act = c.act()
+    y_ref = linear_ref(c).y
+    rate = 0.0
+    configs = [("fused", "auto")]
+    if args.tactics:
+        configs += [("fused", t) for t in ck.tactic_names()]
+    configs.append(("separate", "auto"))
+    rows = []
+    ops = 2.0 * M * K * N
+    x2 = c.x.reshape(M, K)
     wf = torch.randn(N, K, device="cuda", dtype=torch.float16)
-    fp16_ms = time_ms(lambda: torch.matmul(x2, wf.t()), args.warmup, args.iters)
-    int8_ms = None
-    a8 = torch.randint(-127, 128, (B * L_VIM, K), device="cuda", dtype=torch.int8)
+    out16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
+    fp16_ms = graph_time_ms(lambda: torch.matmul(x2, wf.t(), out=out16), args.reps, args.iters)
+    for epi, tactic in configs:
+        res = ck.outlier_linear(c.x, c.w, c.w_scale, act, w_bits=c.w_bits, bias=c.bias, epilogue=epi,
+                                tactic=0 if tactic == "auto" else tactic, debug=True)
+        if not torch.equal(res.y, y_ref.to(res.y.dtype)) and c.bits_outlier < 16:
+            raise SystemExit(f"{model} {layer} B={B}: {epi}/{tactic} differs from the reference; not timing it")
+        rate = float(res.outlier_mask.float().mean())
+        launch, lres = ck.outlier_linear_launcher(c.x, c.w, c.w_scale, act, w_bits=c.w_bits, bias=c.bias,
+                                                  epilogue=epi, tactic=0 if tactic == "auto" else tactic)
+        ms = graph_time_ms(launch, args.reps, args.iters)
+        prof = ck.outlier_linear_profiled(c.x, c.w, c.w_scale, act, w_bits=c.w_bits, bias=c.bias, epilogue=epi,
+                                          tactic=0 if tactic == "auto" else tactic)
+        name = f"fused/{lres.tactic}" if epi == "fused" and tactic == "auto" else (
+            f"fused/{tactic}" if epi == "fused" else "separate")
+        rows.append(Row(model, layer, B, L, K, N, name + (" (auto)" if tactic == "auto" and epi == "fused" else ""),
+                        lres.path, ms, ops / (ms * 1e-3) / 1e12, fp16_ms / ms, rate, prof.step_ms))
+    rows.append(Row(model, layer, B, L, K, N, "cublas_fp16", "-", fp16_ms, ops / (fp16_ms * 1e-3) / 1e12, 1.0, rate, []))
+    a8 = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
     b8 = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
     try:
-        int8_ms = time_ms(lambda: torch._int_mm(a8, b8.t()), args.warmup, args.iters)
-    except RuntimeError as e:  # shape constraints of cuBLASLt int8 (M > 16, K, N multiples of 8)
-        print(f"  torch._int_mm unavailable for M={B * L_VIM}, K={K}, N={N}: {e}", file=sys.stderr)
-    return [Row(B, K, N, path, epi, rate, ms, fp16_ms, int8_ms, steps) for path, epi, ms, steps in runs]
+        torch._int_mm(a8, b8.t())
+        i8 = graph_time_ms(lambda: torch._int_mm(a8, b8.t()), args.reps, args.iters)
+        rows.append(Row(model, layer, B, L, K, N, "int8_mm", "-", i8, ops / (i8 * 1e-3) / 1e12, fp16_ms / i8, rate, []))
+    except RuntimeError as e:  # cuBLASLt int8 shape constraints (M > 16, K and N multiples of 8)
+        print(f"  torch._int_mm unavailable for M={M}, K={K}, N={N}: {e}", file=sys.stderr)
+    return rows
 
 
 def print_table(rows: list[Row], peak: float | None) -> None:
-    steps_hdr = " / ".join(ck.STEP_NAMES)
-    print(f"\nINT8 peak used: {peak if peak else 'unknown (pass --peak-tops)'} TOPS; step shares: {steps_hdr}")
-    hdr = (f"{'B':>3} {'K':>5} {'N':>5} {'M':>6} {'path':>18} {'epilogue':>8} {'outl%':>6} {'ouro ms':>8} {'fp16 ms':>8} "
-           f"{'int8 ms':>8} {'ouro TOPS':>9} {'%peak':>6} {'vs fp16':>7}  step shares %")
+    print(f"\nINT8 peak used: {peak if peak else 'unknown (pass --peak-tops)'} TOPS; steps: {' / '.join(ck.STEP_NAMES)}")
+    hdr = (f"{'model':8} {'layer':11} {'B':>3} {'L':>5} {'K':>5} {'N':>5} {'config':22} {'path':>18} {'outl%':>6} {'ms':>9} "
+           f"{'TOPS':>7} {'%peak':>6} {'vs fp16':>8}  step ms")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        M = r.B * L_VIM
-        ops = 2.0 * M * r.K * r.N
-        tops = ops / (r.ouro_ms * 1e-3) / 1e12
-        pct = f"{100 * tops / peak:6.1f}" if peak else f"{'-':>6}"
-        total = sum(r.steps_ms) or 1.0
-        shares = " ".join(f"{100 * s / total:4.1f}" for s in r.steps_ms)
-        i8 = f"{r.int8_ms:8.4f}" if r.int8_ms is not None else f"{'-':>8}"
-        print(f"{r.B:>3} {r.K:>5} {r.N:>5} {M:>6} {r.path:>18} {r.epilogue:>8} {100 * r.outlier_rate:6.2f} {r.ouro_ms:8.4f} "
-              f"{r.fp16_ms:8.4f} {i8} {tops:9.1f} {pct} {r.fp16_ms / r.ouro_ms:6.2f}x  {shares}")
+        pct = f"{100 * r.tops / peak:6.1f}" if peak else f"{'-':>6}"
+        steps = " ".join(f"{s:.4f}" for s in r.steps_ms)
+        print(f"{r.model:8} {r.layer:11} {r.B:>3} {r.L:>5} {r.K:>5} {r.N:>5} {r.config:22} {r.path:>18} {100 * r.outlier_rate:6.2f} "
+              f"{r.ms:9.5f} {r.tops:7.1f} {pct} {r.vs_fp16:7.2f}x  {steps}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=sorted(SHAPES) + ["all"], default="all")
+    ap.add_argument("--model", choices=sorted(SHAPES) + sorted(GROUPS), default="vim")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--w-bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--act-bits", type=int, default=4)
     ap.add_argument("--bits-outlier", type=int, default=8)
     ap.add_argument("--n-refresh", type=int, default=10)
     ap.add_argument("--outlier-frac", type=float, default=0.02, help="fraction of spiky channels in the input")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--profile-iters", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20, help="launches per CUDA graph")
+    ap.add_argument("--iters", type=int, default=20, help="graph replays (median)")
+    ap.add_argument("--tactics", action="store_true", help="also time every tile of the fused GEMM")
     ap.add_argument("--peak-tops", type=float, default=None)
-    ap.add_argument("--epilogue", choices=("both", "fused", "separate", "auto"), default="both")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--list", action="store_true", help="print the (model, layer, B, L, K, N) shape table and exit")
     args = ap.parse_args(argv)
+    models = GROUPS.get(args.model, [args.model])
+    if args.list:
+        print(f"{'model':<9} {'layer':<11} {'B':>3} {'L':>5} {'K':>5} {'N':>5} {'M':>7}")
+        for m in models:
+            for B in args.batch:
+                for layer, L, K, N in SHAPES[m]:
+                    print(f"{m:<9} {layer:<11} {B:>3} {L:>5} {K:>5} {N:>5} {B * L:>7}")
+        return 0
     if not ck.available():
         try:
             ck.load_library()
@@ -167,16 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name()
     peak = args.peak_tops or int8_peak(name)
-    print(f"device: {name} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
-          f"W{args.w_bits}A{args.act_bits}, outliers {args.bits_outlier}-bit, n_refresh {args.n_refresh}")
-    models = sorted(SHAPES) if args.model == "all" else [args.model]
-    from tqdm import tqdm
-
-    jobs = [(m, B, K, N) for m in models for B in args.batch for K, N in SHAPES[m]]
-    rows = [bench_shape(B, K, N, args) for _, B, K, N in tqdm(jobs, desc="shapes", leave=False)]
+    cc = "".join(map(str, torch.cuda.get_device_capability()))
+    print(f"device: {name} (sm_{cc}), W{args.w_bits}A{args.act_bits}, outliers {args.bits_outlier}-bit, "
+          f"n_refresh {args.n_refresh}; CUDA graphs of {args.reps} launches, median of {args.iters}")
+    rows = []
+    for m in models:
+        for B in args.batch:
+            for layer, L, K, N in SHAPES[m]:
+                rows += bench_shape(m, layer, B, L, K, N, args)
     for m in models:
         print(f"\n== {m} ==", end="")
-        print_table([r for (mm, *_), rs in zip(jobs, rows) if mm == m for r in rs], peak)
+        print_table([r for r in rows if r.model == m], peak)
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=name, sm=cc, rows=[asdict(r) for r in rows]), indent=1))
     return 0
 
 

@@ -4,9 +4,10 @@
 
 Prints one table row per (shape, pass) with the best wall time of each path (the minimum of
 --repeat runs: robust on a shared machine), their ratio and the
-max abs difference of the outputs. Shapes: Vim-S (B 8, L 197, D 768, S 16) and the demo model
-(training batch 128, L 17, D 192, S 16). On a machine shared with other jobs, --threads 1 gives
-steadier numbers (two OpenMP threads stall each other when a core is taken away)."""
+max abs difference of the outputs. Shapes: Vim-S (B 8, L 197, D 768, S 16), the demo model
+(training batch 128, L 17, D 192, S 16) and one scan direction of VMamba-T's first and last stage
+(d_state 1). On a machine shared with other jobs, --threads 1 gives steadier numbers (two OpenMP
+threads stall each other when a core is taken away)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,8 @@ from ouro.calib.scan import selective_scan_chunked, selective_scan_ref
 SHAPES = {  # name: (B, L, D, S)
     "vim_s": (8, 197, 768, 16),
     "demo": (128, 17, 192, 16),
+    "vmamba_t_stage1": (1, 56 * 56, 96, 1),  # VMamba-T at 224: one direction of a stage-1 block (d_state 1)
+    "vmamba_t_stage4_b32": (32, 7 * 7, 768, 1),
 }
 
 

@@ -31,7 +31,7 @@ def _model(name: str, device: str):
     if name == "demo":
         from ouro.calib.data import load_demo_model
 
-        return load_demo_model(device)
+        return load_demo_model(device=device)
     torch.manual_seed(0)
     return build_model(ARCHS[name]).to(device).eval()
 

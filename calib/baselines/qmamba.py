@@ -307,10 +307,10 @@ def _qmamba_scan(ops: QuantizedMixerOps, direction: str, inputs: ScanInputs) -> 
             inputs = inputs._replace(**{arg: ops.quantize_operand(q, getattr(inputs, arg))})
     abar, hq = _get(ops.ssm, f"abar_{direction}"), _get(ops.ssm, f"h_{direction}")
     if abar is None and hq is None:
-        return ops.scan_core(direction, inputs)
+        return ops.run_scan_core(direction, inputs)
     if ops.exporting:  # the exporter's scan core emits the recurrence with its abar / h quantizers
-        return ops.scan_core(direction, inputs, abar_quant=abar, h_quant=hq)
-    return quantized_scan(*inputs, reverse=direction == "bwd", abar_quant=abar, h_quant=None if hq is None else hq.hook)
+        return ops.run_scan_core(direction, inputs, abar_quant=abar, h_quant=hq)
+    return quantized_scan(*inputs, reverse=ops.reverse[direction], abar_quant=abar, h_quant=None if hq is None else hq.hook)
 
 
 def _make_act(site: Site, recipe: Recipe) -> Quantizer | None:

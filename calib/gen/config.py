@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ouro.recipes.typecheck import check_field_types
+
 from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["GenConfig", "IMAGENET_MEAN", "IMAGENET_STD", "CHECKPOINT_AUTO_BYTES"]
@@ -74,6 +76,7 @@ class GenConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "GenConfig", ValueError)
         if self.iterations < 0:
             raise ValueError(f"GenConfig.iterations must be >= 0, got {self.iterations}")
         for k in ("lr", "tau", "init_std"):
@@ -103,11 +106,20 @@ class GenConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"generation config {p} does not exist")
-        with p.open("rb") as f:
-            data = tomllib.load(f)
+        try:
+            data = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{p}: not a UTF-8 text file; save it as UTF-8 TOML") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
         data = data.get("gen", data)
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: [gen] must be a table of GenConfig keys")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{p}: unknown GenConfig keys {unknown}; known keys: {sorted(known)}")
-        return (base or cls()).replace(**data)
+        try:
+            return (base or cls()).replace(**data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p}: {e}") from None

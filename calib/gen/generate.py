@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 
 from ..data import DEMO_CONFIG
 from ..distributed import SINGLE, DistContext
+from ..families.base import all_families, family_of
 from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from .config import GenConfig
+from .grid import min_patches
 from .losses import gen_losses
 from .storage import NPZ_NAME, GenFolder, atomic_save, load_synthetic_dir, model_fingerprint, write_pngs
 
@@ -76,7 +78,7 @@ def _demo_normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
 def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel of the model's input transform: the config's if given; else
     `ouro.calib.data.input_normalization(model)` if the data module has it; else the digits
-    transform for the embedded demo model; else ImageNet's for 3-channel models."""
+    transform for an embedded demo model (of any family); else ImageNet's for 3-channel models."""
     cfg = config or GenConfig()
     C = model.cfg.in_chans
     if cfg.mean is not None:
@@ -86,7 +88,7 @@ def input_normalization(model: nn.Module, config: GenConfig | None = None) -> tu
 
         if hasattr(data, "input_normalization"):
             mean, std = (tuple(float(v) for v in t) for t in data.input_normalization(model))
-        elif model.cfg.name == DEMO_CONFIG.name:
+        elif any(f.demo is not None and model.cfg.name == f.demo.config.name for f in all_families()):
             mean, std = _demo_normalization()
         elif C == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -140,15 +142,16 @@ def gen_threads(model: nn.Module) -> int | None:
     from ..device import module_device
 
     m = model.cfg
-    return 1 if module_device(model).type == "cpu" and m.seq_len * m.d_inner < TINY_MODEL else None
+    work = getattr(m, "seq_len", None), getattr(m, "d_inner", None)
+    if None in work or module_device(model).type != "cpu":
+        return None
+    return 1 if work[0] * work[1] < TINY_MODEL else None
 
 
 def _check_model(model: nn.Module, cfg: GenConfig) -> None:
-    mcfg = getattr(model, "cfg", None)
-    if mcfg is None or not hasattr(model, "layers"):
-        raise TypeError(f"OuroMamba-Gen needs a Vim model (ouro.calib.models.vim.VisionMamba), got {type(model).__name__}")
-    if cfg.w_contrastive > 0 and mcfg.num_patches < 4:
-        raise ValueError(f"L^C needs at least 4 patches (positives and negatives), the model has {mcfg.num_patches}")
+    family_of(model)  # TypeError for a model of no registered family
+    if cfg.w_contrastive > 0 and min_patches(model) < 4:
+        raise ValueError(f"L^C needs at least 4 patches (positives and negatives), the model has {min_patches(model)} in a scan")
 
 
 def _run_batch(model: nn.Module, b: int, idx: range, seed: int, cfg: GenConfig, bounds, losses: LossFn, step0: int,
@@ -176,7 +179,7 @@ def _run_batch(model: nn.Module, b: int, idx: range, seed: int, cfg: GenConfig, 
 
 
 def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None = None, *, progress: bool = True,
-             callback: Callable[[int, dict[str, float], Tensor], None] | None = None, losses: LossFn = gen_losses,
+             callback: Callable[[int, dict[str, float], Tensor], None] | None = None, losses: LossFn | None = None,
              done: dict[int, tuple[Tensor, Tensor]] | None = None,
              on_batch: Callable[[int, list[int], Tensor, Tensor], None] | None = None,
              dist: DistContext = SINGLE) -> GenResult:
@@ -184,7 +187,8 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
     on the CPU, on every rank.
 
     callback(step, loss_terms, images) after every Adam step (global step b * G + g over mini-batches;
-    images: the current mini-batch, detached, clamped). losses: `gen_losses` or its twin.
+    images: the current mini-batch, detached, clamped). losses: the model family's `gen_losses` when None
+    (for Vim, `ouro.calib.gen.losses.gen_losses`), or a twin.
     done: mini-batches {b: (images, targets)} already finished (a resumed run); they are not rerun.
     on_batch(b, indices, images, targets) as each mini-batch finishes (on rank 0: it writes).
     dist: under torchrun each rank runs every world_size-th unfinished mini-batch; rank 0 gathers.
@@ -193,6 +197,7 @@ def generate(model: nn.Module, n: int, seed: int = 0, config: GenConfig | None =
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
     _check_model(model, cfg)
+    losses = losses or family_of(model).gen_losses
     from ..device import module_device
 
     mean, std = input_normalization(model, cfg)
@@ -261,7 +266,7 @@ def generate_calibration(model: nn.Module, n: int, seed: int = 0, config: GenCon
 
 def generate_to_folder(model: nn.Module, n: int, out_dir: str | Path, seed: int = 0, config: GenConfig | None = None, *,
                        force: bool = False, progress: bool = True, dist: DistContext = SINGLE,
-                       losses: LossFn = gen_losses) -> tuple[GenResult, int]:
+                       losses: LossFn | None = None) -> tuple[GenResult, int]:
     """Generate into a resumable folder (storage.py): each finished mini-batch is written as it
     comes; rerunning on an interrupted folder of the same run resumes it. Returns the result and
     how many mini-batches were already there."""

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..scan import ScanInputs, selective_scan
+from .keys import state_dict_mismatch
 
 __all__ = [
     "MambaVisionConfig",
@@ -596,21 +597,11 @@ def infer_config(sd: Mapping[str, Tensor], *, num_heads=None, window_size=None, 
 
 
 def _check_shapes(model: MambaVision, sd: Mapping[str, Tensor], source: str) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
+    bad = state_dict_mismatch(model, sd)
+    if bad:
         c = model.cfg
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches, e.g. " + "; ".join(wrong[:4]))
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
         raise _checkpoint_error()(f"{source} does not match MambaVision architecture {c.name} (dim {c.dim}, in_dim {c.in_dim}, "
-                                  f"depths {c.depths}, classes {c.num_classes}): " + " | ".join(parts))
+                                  f"depths {c.depths}, classes {c.num_classes}): " + bad)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], object]:

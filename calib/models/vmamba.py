@@ -71,8 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..families.base import CheckpointError
 from ..scan import ScanInputs, selective_scan
 from .vim import MixerOps
+from .keys import state_dict_mismatch
 
 __all__ = [
     "VMambaConfig",
@@ -223,7 +225,7 @@ def direction_order(direction: str, H: int, W: int) -> Tensor:
     d = DIRECTION_BY_NAME.get(direction)
     if d is None:
         raise ValueError(f"unknown VMamba scan direction {direction!r}; known: {', '.join(DIRECTION_BY_NAME)}")
-    idx = torch.arange(H * W)
+    idx = torch.arange(H * W, device="cpu")  # index metadata
     return idx if d.order == "row" else idx.view(H, W).t().reshape(-1)
 
 
@@ -323,26 +325,26 @@ class SS2D(nn.Module):
 
     def cross_scan_merge(self, u: Tensor) -> Tensor:
         """The four directional scans of u (B, D, H, W) and their merge, returned row-major (B, L, D)."""
-        B, D, H, W = u.shape
-        L = H * W
-        # row: a view when u is channels_last (the conv of a permuted channel-last tensor is); col: one copy
-        layouts = {"row": u.permute(0, 2, 3, 1).reshape(B, L, D), "col": u.permute(0, 3, 2, 1).reshape(B, L, D)}
+        H, W = u.shape[2:]
+        # row: a view when u is channels_last (the conv of a permuted channel-last tensor is); col: one copy.
+        # The batch size is never read from a shape: an ONNX export keeps its batch axis dynamic.
+        layouts = {"row": u.permute(0, 2, 3, 1).flatten(1, 2), "col": u.permute(0, 3, 2, 1).flatten(1, 2)}
         acc: dict[str, Tensor] = {}
         for d in DIRECTIONS:  # k order: row_fwd, col_fwd, then + row_bwd, + col_bwd (the official sums)
             y = self._scan(d, self.ssm_inputs(layouts[d.order], d.k))
             acc[d.order] = y if d.order not in acc else acc[d.order] + y
-        y = acc["row"].view(B, H, W, D) + acc["col"].view(B, W, H, D).transpose(1, 2)  # transposed read, no copy
-        return y.reshape(B, L, D)
+        y = acc["row"].unflatten(1, (H, W)) + acc["col"].unflatten(1, (W, H)).transpose(1, 2)  # transposed read, no copy
+        return y.flatten(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, H, W, C = x.shape
-        xz = _linear(self.ops, "in_proj", self.in_proj, x.reshape(B, H * W, C))
+        H, W = x.shape[1:3]
+        xz = _linear(self.ops, "in_proj", self.in_proj, x.flatten(1, 2))
         xs, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)
         u = F.silu(self.conv2d(xs.unflatten(1, (H, W)).permute(0, 3, 1, 2)))
         y = F.layer_norm(self.cross_scan_merge(u), (self.d_inner,), self.out_norm.weight, self.out_norm.bias, self.out_norm.eps)
         if z is not None:
             y = y * F.silu(z)
-        return _linear(self.ops, "out_proj", self.out_proj, y).reshape(B, H, W, -1)
+        return _linear(self.ops, "out_proj", self.out_proj, y).unflatten(1, (H, W))
 
 
 class Mlp(nn.Module):
@@ -354,9 +356,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, ops: MixerOps) -> Tensor:
-        B, H, W, C = x.shape
-        h = F.gelu(_linear(ops, "fc1", self.fc1, x.reshape(B, H * W, C)))
-        return _linear(ops, "fc2", self.fc2, h).reshape(B, H, W, C)
+        H, W = x.shape[1:3]
+        h = F.gelu(_linear(ops, "fc1", self.fc1, x.flatten(1, 2)))
+        return _linear(ops, "fc2", self.fc2, h).unflatten(1, (H, W))
 
 
 class VSSBlock(nn.Module):
@@ -523,7 +525,7 @@ def build_vmamba(arch: str | VMambaConfig, **overrides) -> VSSM:
 
 
 # ------------------------------------------------------------------------------ state_dict
-class VMambaStateDictError(ValueError):
+class VMambaStateDictError(CheckpointError):
     """A state_dict that is not a (supported) VMamba, or does not match the requested architecture."""
 
 
@@ -659,28 +661,20 @@ def _named(cfg: VMambaConfig) -> VMambaConfig:
 
 
 def _check_keys(model: VSSM, sd: Mapping[str, Tensor], source: str) -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k}: {source} {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches, e.g. " + "; ".join(wrong[:4]))
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:4]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:4]}")
+    bad = state_dict_mismatch(model, sd, label=source)
+    if bad:
         c = model.cfg
         raise VMambaStateDictError(f"{source} does not match VMamba architecture {c.name} (depths {list(c.depths)}, "
                                    f"dims {list(c.dims)}, d_state {c.d_state}, ssm_ratio {c.ssm_ratio:g}, "
-                                   f"forward type {c.forward_type}): " + " | ".join(parts))
+                                   f"forward type {c.forward_type}): " + bad)
 
 
 def load_vmamba_state_dict(sd: Mapping[str, Tensor], arch: str | VMambaConfig | None = None, *,
-                           img_size: int | None = None, source: str = "state_dict") -> VSSM:
-    """Build the VSSM for `sd` (inferred, or `arch`: a VMAMBA_ARCHS name or a config) and load it with
-    strict=True, in eval mode. Any key or shape mismatch is a VMambaStateDictError naming them."""
+                           img_size: int | None = None, source: str = "state_dict",
+                           device: torch.device | str | None = None) -> VSSM:
+    """Build the VSSM for `sd` (inferred, or `arch`: a VMAMBA_ARCHS name or a config) on `device` (default
+    the CPU) and load it with strict=True, in eval mode. Any key or shape mismatch is a
+    VMambaStateDictError (a CheckpointError) naming them."""
     if arch is None:
         try:
             cfg = infer_vmamba_config(sd, img_size=img_size)
@@ -696,6 +690,7 @@ def load_vmamba_state_dict(sd: Mapping[str, Tensor], arch: str | VMambaConfig | 
         cfg = VMambaConfig(**{**cfg.to_dict(), "img_size": img_size})
     with torch.device("meta"):  # check keys and shapes before paying for a real model
         _check_keys(VSSM(cfg), sd, source)
-    model = VSSM(cfg)
+    with torch.device(device or "cpu"):
+        model = VSSM(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()

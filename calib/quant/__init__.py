@@ -20,12 +20,13 @@ from .base import (
     export_mode,
     get_method,
     iter_quant_ops,
+    iter_quant_points,
     iter_quantizers,
     quantize_model,
     register_method,
     set_quant_mode,
 )
-from .calibrate import ForwardLoop, calibrate, capture_block_inputs
+from .calibrate import ForwardLoop, calibrate, capture_block_inputs, capture_unit_inputs
 from .ouromamba import ChannelWeightQuantizer, OutlierActQuantizer
 from .state import QuantStateError, load_quant_state, read_recipe, save_quant_state
 
@@ -45,9 +46,11 @@ __all__ = [
     "Site",
     "calibrate",
     "capture_block_inputs",
+    "capture_unit_inputs",
     "export_mode",
     "get_method",
     "iter_quant_ops",
+    "iter_quant_points",
     "iter_quantizers",
     "load_quant_state",
     "quantize_model",

@@ -4,7 +4,10 @@ Every quantization method (OuroMamba here; PTQ4VM, QMamba, min-max, percentile i
 modules) plugs in through one `MethodSpec` registered with `register_method`. The spec says how
 to build the quantizer of each *site* (a linear input, a linear weight, an SSM operand) and may
 override the quantized linear and the quantized scan (for smoothing, TGQ on h, ...). The model is
-never edited: `QuantizedMixerOps.install(mixer)` plugs the quantizers into `mixer.ops`.
+never edited: the model's family (ouro.calib.families) lists its hook points (the modules holding
+`.ops`, with their linears and scans), and `QuantizedMixerOps.install(point)` plugs one hook
+point's quantizers into its `ops`. Nothing here knows a family: sites, token counts, scan
+directions and their reverse flags all come from the hook points.
 
 Quantizer life cycle (driven by `calibrate`):
     mode FP       -> forward is the identity (the FP reference pass)
@@ -23,7 +26,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -32,7 +35,8 @@ from torch import Tensor, nn
 
 from ouro.recipes import ActFormat, CalibConfig, LossKind, Method, QuantFormats, Recipe, WeightFormat
 
-from ..models.vim import MambaMixer, MixerOps, VisionMamba
+from ..families.base import HookPoint, family_of
+from ..device import module_device
 from ..scan import ScanInputs, selective_scan
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "fp_scan_core",
     "quantize_model",
     "iter_quant_ops",
+    "iter_quant_points",
     "iter_quantizers",
     "set_quant_mode",
     "export_mode",
@@ -151,8 +156,9 @@ class Quantizer(nn.Module):
 
 @dataclass(frozen=True)
 class Site:
-    """Where a quantizer sits. role: "act" (input of linear `name`), "weight" (its weight), "ssm"
-    (scan operand `name` in {delta, B, C, A, D, h}, `direction` fwd|bwd). shape: the tensor's shape
+    """Where a quantizer sits. layer: the hook point's index; role: "act" (input of linear `name`),
+    "weight" (its weight), "ssm" (scan operand `name` in {delta, B, C, A, D, h, u, abar} of scan
+    `direction`, a ScanSite's direction: Vim fwd|bwd, VMamba row_fwd, ...). shape: the tensor's shape
     without the batch dimension ((L, C) for activations, the parameter's shape for weights)."""
 
     layer: int
@@ -181,16 +187,17 @@ SCAN_OPERANDS = {"A": "A", "D": "Dskip", "delta": "delta", "B": "Bm", "C": "Cm",
 (independent of each other; the constants A and D first, as the exported graph lists them)."""
 
 ScanCore = Callable[..., Tensor]
-"""scan_core(direction, inputs, *, abar_quant=None, h_quant=None) -> y: the recurrence itself, after
-the operands are quantized. `fp_scan_core` in PyTorch; an exporter swaps in one that emits a node."""
+"""scan_core(direction, inputs, *, reverse, abar_quant=None, h_quant=None) -> y: the recurrence
+itself, after the operands are quantized (`QuantizedMixerOps.run_scan_core` passes the direction's
+reverse flag). `fp_scan_core` in PyTorch; an exporter swaps in one that emits a node."""
 
 
-def fp_scan_core(direction: str, inputs: ScanInputs, *, abar_quant=None, h_quant=None) -> Tensor:
+def fp_scan_core(direction: str, inputs: ScanInputs, *, reverse: bool, abar_quant=None, h_quant=None) -> Tensor:
     if abar_quant is not None:
         from ..scan import selective_scan_ref
 
-        return selective_scan_ref(*inputs, delta_softplus=True, reverse=direction == "bwd", abar_quant=abar_quant, h_quant=h_quant)
-    return selective_scan(*inputs, delta_softplus=True, reverse=direction == "bwd", h_quant=h_quant)
+        return selective_scan_ref(*inputs, delta_softplus=True, reverse=reverse, abar_quant=abar_quant, h_quant=h_quant)
+    return selective_scan(*inputs, delta_softplus=True, reverse=reverse, h_quant=h_quant)
 
 
 def default_scan(ops: "QuantizedMixerOps", direction: str, inputs: ScanInputs) -> Tensor:
@@ -202,7 +209,7 @@ def default_scan(ops: "QuantizedMixerOps", direction: str, inputs: ScanInputs) -
     for inner in ("h", "abar"):
         if f"{inner}_{direction}" in ops.ssm:
             raise NotImplementedError(f"quantizing {inner} inside the recurrence needs a method-specific scan (MethodSpec.scan)")
-    return ops.scan_core(direction, inputs)
+    return ops.run_scan_core(direction, inputs)
 
 
 @dataclass(frozen=True)
@@ -267,21 +274,27 @@ def mse_loss(fp: Tensor, q: Tensor) -> Tensor:
 LOSSES: dict[LossKind, Callable[[Tensor, Tensor], Tensor]] = {LossKind.COSINE: cosine_loss, LossKind.MSE: mse_loss}
 
 
-# --------------------------------------------------------------------------- per-mixer ops
+# --------------------------------------------------------------------------- per-hook-point ops
 class QuantizedMixerOps(nn.Module):
-    """The quantizers of one mixer, plugged into `mixer.ops` by `install`.
+    """The quantizers of one hook point (a mixer), plugged into its `ops` by `install`.
 
     act[name] / weight[name]: input / weight quantizer of linear `name`;
     ssm[f"{operand}_{direction}"]: scan-operand quantizers (one per direction, not shared).
-    prefix: the mixer's module path (e.g. "layers.3.mixer"), the prefix of its node names in an
-    exported graph. scan_core: the recurrence the method's scan ends in (`fp_scan_core`; an
-    exporter swaps it through `export_mode`)."""
+    layer: the hook point's index; prefix: its module path (e.g. "layers.3.mixer"), the prefix of its
+    node names in an exported graph; key: the prefix of its tensors in a QuantState (e.g. "layers.3").
+    reverse[direction]: the direction's scan runs backwards; delta_of[linear]: the direction whose delta
+    that linear produces (dt_proj); kind[linear]: the linear's kind. scan_core: the recurrence the
+    method's scan ends in (`fp_scan_core`; an exporter swaps it through `export_mode`)."""
 
-    def __init__(self, spec: MethodSpec, layer: int, prefix: str = "") -> None:
+    def __init__(self, spec: MethodSpec, point: HookPoint) -> None:
         super().__init__()
         self.spec = spec
-        self.layer = layer
-        self.prefix = prefix or f"layers.{layer}.mixer"
+        self.layer = point.index
+        self.prefix = point.path
+        self.key = point.key
+        self.reverse = {s.direction: s.reverse for s in point.scans}
+        self.delta_of = {s.name: s.delta_for for s in point.linears if s.delta_for is not None}
+        self.kind = {s.name: s.kind for s in point.linears}
         self.act = nn.ModuleDict()
         self.weight = nn.ModuleDict()
         self.ssm = nn.ModuleDict()
@@ -289,40 +302,38 @@ class QuantizedMixerOps(nn.Module):
         self.exporting = False
 
     @classmethod
-    def build(cls, mixer: MambaMixer, recipe: Recipe, layer: int, spec: MethodSpec | None = None,
-              prefix: str = "") -> "QuantizedMixerOps":
+    def build(cls, point: HookPoint, recipe: Recipe, spec: MethodSpec | None = None) -> "QuantizedMixerOps":
+        """The quantizers of every site of `point` the recipe quantizes: a linear when its name or kind
+        is in `recipe.linear_layers` (and not excluded), each scan operand of `recipe.ssm_operands` per
+        scan direction, shaped by the point's token counts and sizes."""
         spec = spec or get_method(recipe.method)
-        ops = cls(spec, layer, prefix)
-        cfg = mixer.cfg
-        L = cfg.seq_len
-        for name in recipe.linear_layers:
-            if not recipe.quantizes_linear(name):
+        ops = cls(spec, point)
+        for site in point.linears:
+            if not recipe.quantizes_linear(site.name, site.kind):
                 continue
-            mod = getattr(mixer, name)
-            qa = spec.make_act(Site(layer, "act", name, (L, mod.in_features)), recipe)
-            qw = spec.make_weight(Site(layer, "weight", name, tuple(mod.weight.shape)), recipe)
+            mod = site.module
+            qa = spec.make_act(Site(point.index, "act", site.name, (site.seq_len, mod.in_features)), recipe)
+            qw = spec.make_weight(Site(point.index, "weight", site.name, tuple(mod.weight.shape)), recipe)
             if qa is not None:
-                qa.node_name = f"{ops.prefix}.{name}"
-                ops.act[name] = qa
+                qa.node_name = f"{ops.prefix}.{site.name}"
+                ops.act[site.name] = qa
             if qw is not None:
-                qw.node_name = f"{ops.prefix}.{name}"
-                ops.weight[name] = qw
-        shapes = {
-            "delta": (L, cfg.d_inner), "B": (L, cfg.d_state), "C": (L, cfg.d_state),
-            "A": (cfg.d_inner, cfg.d_state), "D": (cfg.d_inner,), "h": (L, cfg.d_inner, cfg.d_state),
-            "u": (L, cfg.d_inner), "abar": (L, cfg.d_inner, cfg.d_state),
-        }
+                qw.node_name = f"{ops.prefix}.{site.name}"
+                ops.weight[site.name] = qw
         for op in recipe.ssm_operands:
-            for direction in ("fwd", "bwd"):
-                q = spec.make_ssm(Site(layer, "ssm", op, shapes[op], direction), recipe)
+            for sc in point.scans:
+                L, D, N = sc.seq_len, sc.d_inner, sc.d_state
+                shape = {"delta": (L, D), "B": (L, N), "C": (L, N), "A": (D, N), "D": (D,), "h": (L, D, N), "u": (L, D),
+                         "abar": (L, D, N)}[op]
+                q = spec.make_ssm(Site(point.index, "ssm", op, shape, sc.direction), recipe)
                 if q is not None:
-                    q.node_name = f"{ops.prefix}.scan_{direction}.{op}"
-                    ops.ssm[f"{op}_{direction}"] = q
+                    q.node_name = f"{ops.prefix}.scan_{sc.direction}.{op}"
+                    ops.ssm[f"{op}_{sc.direction}"] = q
         return ops
 
-    def install(self, mixer: MambaMixer) -> None:
-        mixer.add_module("quant", self)
-        mixer.ops = MixerOps(linear=self.linear, scan=self.scan)
+    def install(self, point: HookPoint) -> None:
+        point.module.add_module("quant", self)
+        point.module.ops = replace(point.module.ops, linear=self.linear, scan=self.scan)
 
     def linear(self, name: str, module: nn.Linear, x: Tensor) -> Tensor:
         if self.exporting and self.spec.export_linear is not None:
@@ -331,6 +342,10 @@ class QuantizedMixerOps(nn.Module):
 
     def scan(self, direction: str, inputs: ScanInputs) -> Tensor:
         return self.spec.scan(self, direction, inputs)
+
+    def run_scan_core(self, direction: str, inputs: ScanInputs, **kw) -> Tensor:
+        """The recurrence of `direction` (after its operands are quantized), with its reverse flag."""
+        return self.scan_core(direction, inputs, reverse=self.reverse[direction], **kw)
 
     def quantize_operand(self, q: Quantizer, x: Tensor) -> Tensor:
         """q(x) for a scan operand. In export mode an activation's Q/DQ nodes are emitted in the
@@ -351,12 +366,12 @@ class QuantizedMixerOps(nn.Module):
 class QuantizedModel:
     """A calibrated fake-quant model and what made it.
 
-    module: a quantized copy of the FP model (quantizers installed in every mixer; the FP model is
-    untouched); recipe: the recipe it was calibrated under (`formats` = recipe.formats);
-    calib_losses: the last tuning loss of each block (empty when loaded from a QuantState);
+    module: a quantized copy of the FP model (quantizers installed in every hook point; the FP model
+    is untouched); recipe: the recipe it was calibrated under (`formats` = recipe.formats);
+    calib_losses: the last tuning loss of each calibration unit (empty when loaded from a QuantState);
     method_info: facts the method records (QuantState header, report). Call it like the model."""
 
-    module: VisionMamba
+    module: nn.Module
     recipe: Recipe
     calib_losses: tuple[float, ...] = ()
     method_info: dict = field(default_factory=dict)
@@ -382,25 +397,32 @@ def _module(m) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------ model helpers
-def quantize_model(model: VisionMamba, recipe: Recipe) -> QuantizedModel:
-    """A deep copy of `model` with (uninitialised) quantizers installed in every mixer."""
+def quantize_model(model: nn.Module, recipe: Recipe) -> QuantizedModel:
+    """A deep copy of `model` with (uninitialised) quantizers installed in every hook point."""
     spec = get_method(recipe.method)
     qmodule = copy.deepcopy(model)
     for p in qmodule.parameters():  # only quantizer tensors are learned
         p.requires_grad_(False)
-    paths = {id(m): n for n, m in qmodule.named_modules()}
-    for i, blk in enumerate(qmodule.layers):
-        with torch.device(blk.mixer.in_proj.weight.device):  # quantizers live with their mixer
-            ops = QuantizedMixerOps.build(blk.mixer, recipe, i, spec, prefix=paths[id(blk.mixer)])
-        ops.install(blk.mixer)
+    for point in family_of(qmodule).hook_points(qmodule):
+        with torch.device(module_device(point.module)):  # quantizers live with their mixer (--device)
+            ops = QuantizedMixerOps.build(point, recipe, spec)
+        ops.install(point)
     return QuantizedModel(qmodule, recipe)
 
 
-def iter_quant_ops(qmodel: QuantizedModel | nn.Module) -> Iterator[tuple[int, QuantizedMixerOps]]:
-    for i, blk in enumerate(_module(qmodel).layers):
-        q = getattr(blk.mixer, "quant", None)
+def iter_quant_points(qmodel: QuantizedModel | nn.Module) -> Iterator[tuple[HookPoint, QuantizedMixerOps]]:
+    """(hook point, its quantizers) of every quantized hook point, in forward order."""
+    module = _module(qmodel)
+    for point in family_of(module).hook_points(module):
+        q = getattr(point.module, "quant", None)
         if isinstance(q, QuantizedMixerOps):
-            yield i, q
+            yield point, q
+
+
+def iter_quant_ops(qmodel: QuantizedModel | nn.Module) -> Iterator[tuple[int, QuantizedMixerOps]]:
+    """(hook point index, its quantizers); for Vim the index is the layer."""
+    for point, q in iter_quant_points(qmodel):
+        yield point.index, q
 
 
 def iter_quantizers(module: QuantizedModel | nn.Module) -> Iterator[tuple[str, Quantizer]]:
@@ -418,21 +440,22 @@ def set_quant_mode(module: QuantizedModel | nn.Module, mode: QuantMode | str, *,
 
 
 @contextmanager
-def export_mode(qmodel: QuantizedModel, make_scan_core: Callable[[str], ScanCore]) -> Iterator[QuantizedModel]:
-    """Every quantizer in QuantMode.EXPORT and every mixer's scan ending in `make_scan_core(prefix)`
-    (prefix: the mixer's module path); the previous modes and cores are restored on exit.
+def export_mode(qmodel: QuantizedModel, make_scan_core: Callable[[QuantizedMixerOps], ScanCore]) -> Iterator[QuantizedModel]:
+    """Every quantizer in QuantMode.EXPORT and every hook point's scan ending in `make_scan_core(ops)`
+    (ops.prefix: the point's module path); the previous modes and cores are restored on exit.
 
     Run the model inside (traced by torch.onnx.export, or eagerly: then it computes what the
     exported Q/DQ graph computes, the twin of that graph)."""
     ops = [o for _, o in iter_quant_ops(qmodel)]
-    if len(ops) != len(_module(qmodel).layers):
+    module = _module(qmodel)
+    if len(ops) != len(family_of(module).hook_points(module)):
         raise ValueError("this model is not calibrated: some mixers carry no quantizers (use calibrate or load_quant_state)")
     modes = [(q, q.mode) for _, q in iter_quantizers(qmodel)]
     saved = [(o, o.scan_core) for o in ops]
     try:
         set_quant_mode(qmodel, QuantMode.EXPORT)
         for o in ops:
-            o.scan_core, o.exporting = make_scan_core(o.prefix), True
+            o.scan_core, o.exporting = make_scan_core(o), True
         yield qmodel
     finally:
         for q, m in modes:

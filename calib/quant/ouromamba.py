@@ -34,6 +34,9 @@ Decisions (each is what the kernels must implement too):
   SelectiveScan plugin contract takes Delta with the bias included.
 * Outlier detection "static" (fixed offline list) and "none" exist for the seed Table 5 ablation
   (`tools/ablate_outliers.py`) only; the exporters refuse them.
+* VMamba (the paper quantizes it without naming its extra layers): conv2d, the out norm and every
+  LayerNorm stay FP, fc1 / fc2 are quantized like the mixer linears, each scan direction has its own
+  S_I(t) / theta tables in its own token order, the same for every method (ouro.calib.baselines).
 """
 from __future__ import annotations
 
@@ -354,10 +357,12 @@ def make_ssm(site: Site, recipe: Recipe) -> Quantizer | None:
 
 
 def linear(ops: QuantizedMixerOps, name: str, module: nn.Linear, x: Tensor) -> Tensor:
-    """Default quantized linear, except dt_proj(_b) when its Delta quantizer is `applied_in_linear`:
-    then Delta is quantized on dt_proj's output before the bias, and the bias is added in FP."""
-    if name.startswith("dt_proj"):
-        key = "delta_fwd" if name == "dt_proj" else "delta_bwd"
+    """Default quantized linear, except a dt_proj (the linear producing a direction's Delta,
+    `ops.delta_of`) when that Delta quantizer is `applied_in_linear`: then Delta is quantized on
+    dt_proj's output before the bias, and the bias is added in FP."""
+    direction = ops.delta_of.get(name)
+    if direction is not None:
+        key = f"delta_{direction}"
         q = ops.ssm[key] if key in ops.ssm else None
         if q is not None and q.applied_in_linear:
             xq = ops.act[name](x) if name in ops.act else x

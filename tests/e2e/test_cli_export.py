@@ -191,3 +191,31 @@ def test_polygraphy_run_extension(files, capsys, tmp_path):
     r = subprocess.run([exe, "run", str(out), "--ouro-onnxrt"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "PASSED" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------ VMamba (issue 14)
+def test_vmamba_checkpoint_fp_check_and_arch_errors(capsys, tmp_path):
+    """An official-format VMamba file goes through the same CLI: FP ONNX + --check; another family's or
+    a wrong --arch, and an unknown --demo, are one-line errors."""
+    from ouro.calib.models.vmamba import VSSM, VMambaConfig
+
+    cfg = VMambaConfig(depths=(1, 1), dims=(32, 64), img_size=16, num_classes=5, name="e2e-vmamba")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "vmamba.pth"
+    torch.save({"model": VSSM(cfg).state_dict()}, ckpt)
+    rc, stdout, err = _run([ckpt, "-o", tmp_path / "v.onnx", "--check"], capsys)
+    assert rc == 0, err
+    assert "Polygraphy PASSED" in stdout
+    for arch in ("vmamba_tiny", "vim_tiny"):
+        rc, _, err = _run([ckpt, "--arch", arch, "-o", tmp_path / "never.onnx"], capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "does not match" in err, err
+    rc, _, err = _run(["--demo", "nope", "-o", tmp_path / "never.onnx"], capsys)
+    assert rc == 2 and "--demo nope" in err and "vmamba" in err
+
+
+@pytest.mark.slow
+def test_vmamba_demo_w4a4_plugin_check(capsys, tmp_path):
+    """Issue 14's acceptance: the plugin graph of the VMamba demo passes --check."""
+    rc, stdout, err = _run(["--demo", "vmamba", "--w4a4", "-o", tmp_path / "vmamba_demo.onnx", "--check"], capsys)
+    assert rc == 0, err
+    assert "vmamba_demo.onnx (plugin): Polygraphy PASSED" in stdout  # the path is printed in full

@@ -23,6 +23,11 @@ VIM_KN = (  # (K, N) of the Vim linear layers
     (768, 3072),  # Vim-B in_proj
     (1536, 768),  # Vim-B out_proj
 )
+VIM_X_PROJ_KN = (  # x_proj: d_inner -> dt_rank + 2 d_state (narrow N)
+    (384, 44),  # Vim-T
+    (768, 56),  # Vim-S
+    (1536, 80),  # Vim-B
+)
 
 
 @dataclass
@@ -40,29 +45,32 @@ class LinearCase:
     policy: ThresholdPolicy = ThresholdPolicy.DYNAMIC
     k_sigma: float = 3.0
     theta: Tensor | None = None
+    std_correction: int = 0  # passed explicitly to both the kernels and the reference
 
     def to(self, device) -> "LinearCase":
         f = lambda t: None if t is None else t.to(device)  # noqa: E731
         return LinearCase(f(self.x), f(self.w_codes), f(self.w), self.w_bits, f(self.w_scale), f(self.bias),
                           f(self.scale), self.act_bits, self.bits_outlier, self.n_refresh, self.policy, self.k_sigma,
-                          f(self.theta))
+                          f(self.theta), self.std_correction)
 
     def act(self):
         from ouro.exporter.cuda_kernels import ActQuant
 
         return ActQuant(self.act_bits, self.bits_outlier, self.n_refresh, self.scale, self.policy, self.k_sigma,
-                        self.theta)
+                        self.theta, std_correction=self.std_correction)
 
 
 def make_linear_case(B: int, L: int, K: int, N: int, *, w_bits: int = 4, act_bits: int = 4, bits_outlier: int = 8,
                      n_refresh: int = 10, outlier_frac: float = 0.02, seed: int = 0, dtype=torch.float16,
-                     bias: bool = True, scale_mult: float = 1.0) -> LinearCase:
+                     bias: bool = True, scale_mult: float = 1.0, std_correction: int = 0,
+                     k_sigma: float = 3.0) -> LinearCase:
     """Activations with a clear margin around every outlier threshold, so that the kernels' fp32/fp64
     reductions of mean/std (which may differ from torch's by a few ulp) cannot flip a decision:
 
     * inliers are uniform in [-1, 1]; a fraction `outlier_frac` of the channels are spike channels;
     * spike channel c spikes (|x| uniform in [8, 12], random sign) at the tokens t with
-      t % n_refresh >= offset_c (offset_c random in [0, n_refresh)), so outlier lists grow inside windows;
+      t % n_refresh >= offset_c (offset_c random in [1, n_refresh), [0, 1) for n_refresh = 1), so outlier lists
+      grow inside windows and (n_refresh >= 2) the first token of each window has no outliers;
     * static scale S_I(t) = scale_mult * 3 sigma_t / qmax. For outlier_frac <= 0.02 the threshold
       mu + 3 sigma then lies between 1.3 and 6.5, far from both populations."""
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +78,9 @@ def make_linear_case(B: int, L: int, K: int, N: int, *, w_bits: int = 4, act_bit
     n_out = round(outlier_frac * K)
     if n_out:
         ch = torch.randperm(K, generator=g)[:n_out]
-        offset = torch.randint(0, n_refresh, (n_out,), generator=g)
+        # offsets >= 1 (for n_refresh >= 2): the first token of every window has no spike, so every case has rows
+        # without outliers (the rows the tests compare bit for bit whatever the outlier arithmetic)
+        offset = torch.randint(1 if n_refresh > 1 else 0, n_refresh, (n_out,), generator=g)
         active = (torch.arange(L).reshape(L, 1) % n_refresh) >= offset.reshape(1, n_out)  # (L, n_out)
         mag = (torch.rand(B, L, n_out, generator=g) * 4 + 8) * torch.where(torch.rand(B, L, n_out, generator=g) < 0.5, -1.0, 1.0)
         x[..., ch] = torch.where(active.unsqueeze(0), mag, x[..., ch])
@@ -82,7 +92,8 @@ def make_linear_case(B: int, L: int, K: int, N: int, *, w_bits: int = 4, act_bit
     w = pack_int4(w_codes) if w_bits == 4 else w_codes
     w_scale = torch.rand(N, generator=g) * 0.01 + 1e-3
     b = torch.randn(N, generator=g) * 0.1 if bias else None
-    return LinearCase(x, w_codes, w, w_bits, w_scale, b, scale, act_bits, bits_outlier, n_refresh)
+    return LinearCase(x, w_codes, w, w_bits, w_scale, b, scale, act_bits, bits_outlier, n_refresh,
+                      k_sigma=k_sigma, std_correction=std_correction)
 
 
 @dataclass
@@ -99,7 +110,7 @@ class LinearRef:
 def linear_ref(c: LinearCase) -> LinearRef:
     """outlier_linear_ref, on c's device (float64 matmuls instead of the int64 einsum)."""
     r = outlier_quant_ref(c.x, c.scale, c.act_bits, c.bits_outlier, c.n_refresh, c.policy, k_sigma=c.k_sigma,
-                          theta=c.theta)
+                          theta=c.theta, std_correction=c.std_correction)
     B, L, K = c.x.shape
     w64 = c.w_codes.double()
     acc_in = torch.matmul(r.inlier_codes.double(), w64.T).round().to(torch.int64)

@@ -1,11 +1,12 @@
-"""ouroOutlierFakeQuant vs outlier_fake_quant (bit-exact) and ouroSelectiveScan vs selective_scan_ref."""
+"""ouroOutlierFakeQuant vs outlier_fake_quant (bit-exact) and ouroSelectiveScan vs selective_scan_ref (both
+std corrections, B and C with real outliers, fp16 and fp32 I/O)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from kernel_cases import L_VIM, make_linear_case
 
-from ouro.calib.quantizers import DELTA_K_SIGMA, outlier_fake_quant
+from ouro.calib.quantizers import DELTA_K_SIGMA, outlier_fake_quant, outlier_quant_ref
 from ouro.calib.scan import TemporalGroupQuant, selective_scan_ref
 from ouro.exporter import cuda_kernels as ck
 
@@ -19,10 +20,10 @@ SCAN_HQ_MISMATCH_FRAC = 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("C, bits_outlier", [(384, 8), (768, 16), (16, 8)])
-def test_fake_quant_bit_exact(dtype, C, bits_outlier):
-    c = make_linear_case(4, L_VIM, C, 8, bits_outlier=bits_outlier, dtype=dtype, seed=C).to("cuda")
-    ref = outlier_fake_quant(c.x, c.scale, c.act_bits, bits_outlier, c.n_refresh)
+@pytest.mark.parametrize("C, bits_outlier, corr", [(384, 8, 0), (768, 16, 1), (16, 8, 1)])
+def test_fake_quant_bit_exact(dtype, C, bits_outlier, corr):
+    c = make_linear_case(4, L_VIM, C, 8, bits_outlier=bits_outlier, dtype=dtype, seed=C, std_correction=corr).to("cuda")
+    ref = outlier_fake_quant(c.x, c.scale, c.act_bits, bits_outlier, c.n_refresh, std_correction=corr)
     got = ck.outlier_fake_quant(c.x, c.act())
     assert got.dtype == dtype
     assert torch.equal(got, ref.to(dtype))
@@ -60,23 +61,31 @@ def test_scan_without_skip_gate_softplus_small_state():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_scan_with_quantized_operands(reverse):
+@pytest.mark.parametrize("corr", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scan_with_quantized_operands(reverse, corr, dtype):
+    """Delta, B and C fake-quantized inside the scan from the one-pass statistics; B and C (d_state wide) have real
+    outliers (two spike channels of 16)."""
     B, L, D, S = 2, L_VIM, 384, 16
-    u, _, A, _, _, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S)
+    u, _, A, _, _, Dskip, z = _scan_inputs(B=B, L=L, D=D, S=S, dtype=dtype)
     # operands with a clear margin around the outlier thresholds (see make_linear_case)
-    delta = (make_linear_case(B, L, D, 1, seed=1, dtype=torch.float32).x * 0.5).cuda()
-    Bm = make_linear_case(B, L, S, 1, seed=2, outlier_frac=0.0, dtype=torch.float32).x.cuda()
-    Cm = make_linear_case(B, L, S, 1, seed=3, outlier_frac=0.0, dtype=torch.float32).x.cuda()
+    delta = (make_linear_case(B, L, D, 1, seed=1, dtype=torch.float32).x * 0.5).to(dtype).cuda()
+    Bm = make_linear_case(B, L, S, 1, seed=2, outlier_frac=0.13, dtype=dtype).x.cuda()
+    Cm = make_linear_case(B, L, S, 1, seed=3, outlier_frac=0.13, dtype=dtype).x.cuda()
 
     def q(x, k):
         s = (3.0 * x.float().std(dim=(0, 2)) / 7).contiguous()
-        return ck.ActQuant(4, 8, 10, s, k_sigma=k)
+        return ck.ActQuant(4, 8, 10, s, k_sigma=k, std_correction=corr)
 
     dq, bq, cq = q(delta, DELTA_K_SIGMA), q(Bm, 3.0), q(Cm, 3.0)
-    fq = lambda x, a: outlier_fake_quant(x, a.scale, a.bits, a.bits_outlier, a.n_refresh, k_sigma=a.k_sigma)  # noqa
+    fq = lambda x, a: outlier_fake_quant(x, a.scale, a.bits, a.bits_outlier, a.n_refresh, k_sigma=a.k_sigma,  # noqa
+                                         std_correction=corr)
+    for x, a in ((Bm, bq), (Cm, cq)):
+        assert outlier_quant_ref(x, a.scale, 4, 8, 10, k_sigma=a.k_sigma, std_correction=corr).outlier_mask.any()
     ref = selective_scan_ref(u, fq(delta, dq), A, fq(Bm, bq), fq(Cm, cq), Dskip, z, reverse=reverse)
     got = ck.selective_scan(u, delta, A, Bm, Cm, Dskip, z, reverse=reverse, delta_q=dq, b_q=bq, c_q=cq)
-    torch.testing.assert_close(got, ref, rtol=SCAN_FP32_RTOL, atol=SCAN_FP32_RTOL * float(ref.abs().max()))
+    rtol = SCAN_FP32_RTOL if dtype == torch.float32 else SCAN_FP16_RTOL
+    torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
 
 
 def test_scan_with_tgq_h_quant():

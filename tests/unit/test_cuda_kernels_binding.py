@@ -113,7 +113,7 @@ FAKE = 0x10000  # 16-byte aligned fake device address, never dereferenced by val
 
 def _linear_params(lib, **over):
     M, L, K, N = 394, 197, 384, 768
-    act = ck._ActQuantC(4, 8, 10, 0, 3.0, FAKE, None)
+    act = ck._ActQuantC(bits=4, bits_outlier=8, n_refresh=10, policy=0, k_sigma=3.0, scale=FAKE)
     ws = lib.ouroOutlierLinearWorkspaceSize(M, L, K, N, 8, 4, 8, 10, 32)
     p = ck._LinearParamsC(M=M, L=L, K=K, N=N, x=FAKE, x_is_fp32=0, w=FAKE, w_bits=8, w_scale=FAKE, bias=None,
                           act=act, max_outliers=32, y=FAKE, workspace=FAKE, workspace_size=ws)
@@ -166,6 +166,7 @@ def test_workspace_size_grows_with_problem(native_lib):
         ({"act_bits": 9}, ck.Status.INVALID_ARGUMENT),
         ({"act_bits_outlier": 12}, ck.Status.INVALID_ARGUMENT),
         ({"act_policy": 1}, ck.Status.INVALID_ARGUMENT),  # calibrated without theta
+        ({"act_std_correction": 2}, ck.Status.INVALID_ARGUMENT),
         ({"M": 300}, ck.Status.INVALID_ARGUMENT),  # M not a multiple of L
         ({"max_outliers": 385}, ck.Status.INVALID_ARGUMENT),  # more than K
         ({"x": FAKE + 2}, ck.Status.MISALIGNED),
@@ -199,7 +200,7 @@ def test_scan_validation_codes(native_lib):
     p.u = FAKE + 2
     assert lib.ouroSelectiveScan(ctypes.byref(p), None) == ck.Status.MISALIGNED
     p.u = FAKE
-    p.delta_q = ck._ActQuantC(4, 8, 10, 0, 4.0, FAKE, None)  # quantized Delta needs the workspace
+    p.delta_q = ck._ActQuantC(bits=4, bits_outlier=8, n_refresh=10, policy=0, k_sigma=4.0, scale=FAKE)  # needs the workspace
     assert lib.ouroSelectiveScan(ctypes.byref(p), None) == ck.Status.WORKSPACE
     p.delta_q = ck._NO_QUANT
     p.h_bits, p.h_group = 8, 0
@@ -209,7 +210,7 @@ def test_scan_validation_codes(native_lib):
 @pytest.mark.native
 def test_fake_quant_validation_codes(native_lib):
     lib = native_lib
-    q = ck._ActQuantC(4, 8, 10, 0, 3.0, FAKE, None)
+    q = ck._ActQuantC(bits=4, bits_outlier=8, n_refresh=10, policy=0, k_sigma=3.0, scale=FAKE)
     assert lib.ouroOutlierFakeQuant(FAKE, FAKE, 0, 2, 197, 20000, ctypes.byref(q), None) == ck.Status.UNSUPPORTED_SHAPE
     assert lib.ouroOutlierFakeQuant(FAKE + 1, FAKE, 0, 2, 197, 384, ctypes.byref(q), None) == ck.Status.MISALIGNED
     q.n_refresh = 0
@@ -223,3 +224,10 @@ def test_path_and_epilogue_arguments():
         ck._enum_arg(ck.Epilogue, "fast", "epilogue")
     with pytest.raises(ValueError, match="unknown path 9"):
         ck._enum_arg(ck.GemmPath, 9, "path")
+
+
+def test_std_correction_is_validated():
+    with pytest.raises(ValueError, match="std_correction"):
+        ck.ActQuant(bits=4, bits_outlier=8, n_refresh=10, scale=torch.ones(3), std_correction=2)
+    c = ck.ActQuant(bits=4, bits_outlier=8, n_refresh=10, scale=torch.ones(3), std_correction=1)
+    assert c.std_correction == 1

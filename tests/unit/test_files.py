@@ -1,6 +1,7 @@
 """The one atomic writer (ouro.calib.files) and the one native-library finder (ouro.exporter.native)."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -75,3 +76,45 @@ def test_find_library_order(name, tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="unknown native library"):
         native.find_library("libfoo")
     assert os.environ.get(lib.env) == str(tmp_path / "nope.so")  # monkeypatch restores it afterwards
+
+
+def test_atomic_write_no_clobber_without_hard_links(tmp_path, monkeypatch):
+    """force=False on a file system without hard links: the name is reserved by an exclusive create."""
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "link", no_link)
+    target = tmp_path / "m.onnx"
+    atomic_write(target, b"first", force=False)
+    assert target.read_bytes() == b"first"
+    with pytest.raises(OutputError, match="already exists"):
+        atomic_write(target, b"second", force=False)
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_output_plan_checks_everything_together(tmp_path):
+    from ouro.calib.files import WritePlan
+
+    ok = WritePlan(force=False)
+    ok.add("-o", tmp_path / "m.onnx")
+    ok.add("--report", tmp_path / "r.json", siblings=(tmp_path / "r.sqnr.png",))
+    ok.add("--save-calib", None)  # not asked for
+    assert ok.check().paths == (tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "r.sqnr.png")
+    same = WritePlan()
+    same.add("-o", tmp_path / "x.safetensors")
+    same.add("--save-calib", tmp_path / "sub" / ".." / "x.safetensors")
+    with pytest.raises(OutputError, match="-o and --save-calib would both write"):
+        same.check()
+    (tmp_path / "r.sqnr.png").write_text("old")
+    with pytest.raises(OutputError, match=r"r.sqnr.png already exists"):
+        ok.check()
+    ok.force = True
+    ok.check()
+    long = WritePlan(force=True)
+    long.add("-o", tmp_path / ("y" * 300 + ".onnx"))
+    with pytest.raises(OutputError, match="too long"):
+        long.check()
+    missing = WritePlan()
+    missing.add("--report", tmp_path / "nope" / "r.json")
+    with pytest.raises(OutputError, match="does not exist"):
+        missing.check()

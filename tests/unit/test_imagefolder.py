@@ -31,14 +31,16 @@ def test_eval_transform_shape_and_normalisation():
     assert eval_transform(Image.new("L", (10, 50)), 32).shape == (3, 32, 32)  # grey, tall, small
 
 
-def test_corrupt_files_skipped_with_count(tmp_path):
+def test_corrupt_files_skipped_with_count(tmp_path, caplog):
     for i in range(3):
         _img(tmp_path / f"ok{i}.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.warns(UserWarning, match="skipped 2 file"):
+    with caplog.at_level("WARNING", logger="ouro"):
         x, y = load_image_folder(tmp_path, img_size=16)
     assert x.shape == (3, 3, 16, 16) and y is None
+    [rec] = [r for r in caplog.records if r.name.startswith("ouro.")]
+    assert "skipped 2 file(s): 2 not readable images" in rec.getMessage() and "\n" not in rec.getMessage()
 
 
 def test_class_subfolders_give_labels_and_n_is_seeded(tmp_path):

@@ -31,7 +31,7 @@ def test_import_root_and_console_script():
     import ouro.recipes  # noqa: F401
 
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert cfg["project"]["scripts"]["ouro-export"] == "ouro.exporter.cli:main"
-    from ouro.exporter.cli import main
+    assert cfg["project"]["scripts"]["ouro-export"] == "ouro.exporter.cli:console_main"
+    from ouro.exporter.cli import console_main, main
 
-    assert callable(main)
+    assert callable(main) and callable(console_main)

@@ -42,17 +42,19 @@ set(OURO_KERNEL_SOURCES
   ${_ouro_src}/common/outlier_fake_quant.cu
   ${_ouro_src}/outlier_linear/outlier_linear.cu
   ${_ouro_src}/outlier_linear/gemm_s8_sm80.cu
-  ${_ouro_src}/outlier_linear/gemm_s8_dequant_sm80.cu
   ${_ouro_src}/outlier_linear/gemm_simt.cu
+  ${_ouro_src}/outlier_linear/fused_prep.cu
+  ${_ouro_src}/outlier_linear/fused_gemm_s8w8.cu
+  ${_ouro_src}/outlier_linear/fused_gemm_s8w4.cu
   ${_ouro_src}/selective_scan/selective_scan.cu
 )
 
-# The native INT4 tensor-core GEMM is only dispatched on sm_80/sm_86: compile it for those
-# architectures only (in its own object library); elsewhere a stub reports "not compiled".
+# The native INT4 tensor-core GEMMs are only dispatched on sm_80/86/87/89 (Hopper has no int4 MMA): compile
+# them for those architectures only (in their own object library); elsewhere a stub reports "not compiled".
 set(_ouro_s4_archs "")
 foreach(_a ${CMAKE_CUDA_ARCHITECTURES})
   string(REGEX MATCH "^[0-9]+" _num "${_a}")
-  if(_num STREQUAL "80" OR _num STREQUAL "86")
+  if(_num STREQUAL "80" OR _num STREQUAL "86" OR _num STREQUAL "87" OR _num STREQUAL "89")
     list(APPEND _ouro_s4_archs ${_a})
   endif()
 endforeach()
@@ -72,7 +74,7 @@ find_package(CUDAToolkit REQUIRED)
 
 # Every source is compiled once (object libraries), then archived and linked twice.
 add_library(ouro_kernels_s4 OBJECT ${_ouro_src}/outlier_linear/gemm_s4_sm80.cu
-  ${_ouro_src}/outlier_linear/gemm_s4_dequant_sm80.cu)
+  ${_ouro_src}/outlier_linear/fused_gemm_s4.cu)
 _ouro_kernel_flags(ouro_kernels_s4)
 if(_ouro_s4_archs)
   set_target_properties(ouro_kernels_s4 PROPERTIES CUDA_ARCHITECTURES "${_ouro_s4_archs}")

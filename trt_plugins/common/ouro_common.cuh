@@ -10,6 +10,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <mutex>
+#include <vector>
+
 namespace ouro
 {
 
@@ -24,12 +27,12 @@ inline bool is_aligned(const void* p, size_t a)
     return (reinterpret_cast<uintptr_t>(p) % a) == 0;
 }
 
-inline size_t align_up(size_t x, size_t a = kWsAlign)
+__host__ __device__ inline size_t align_up(size_t x, size_t a = kWsAlign)
 {
     return (x + a - 1) / a * a;
 }
 
-inline int ceil_div(int a, int b)
+__host__ __device__ inline int ceil_div(int a, int b)
 {
     return (a + b - 1) / b;
 }
@@ -46,6 +49,55 @@ inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
     kernel<<<grid, block, smem, stream>>>(args...);
 }
 #endif
+
+// Status of the launch just made: cudaPeekAtLastError right after the launch (it does not clear the error, so
+// an error of some other library's launch is neither swallowed nor reset here).
+inline ouroStatus_t launch_status()
+{
+    return cudaPeekAtLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
+}
+
+// Record of the dynamic shared memory granted to each (kernel, device) (host side, thread-safe).
+inline bool smem_grant(const void* fn, int dev, size_t smem, bool record)
+{
+    struct Grant
+    {
+        const void* fn;
+        int dev;
+        size_t bytes;
+    };
+    static std::mutex mu;
+    static std::vector<Grant> grants;
+    std::lock_guard<std::mutex> lock(mu);
+    for (Grant& g : grants)
+        if (g.fn == fn && g.dev == dev)
+        {
+            if (record && smem > g.bytes)
+                g.bytes = smem;
+            return g.bytes >= smem;
+        }
+    if (record)
+        grants.push_back(Grant{fn, dev, smem});
+    return record;
+}
+
+// Opts a kernel in to `smem` bytes of dynamic shared memory (needed above 48 KB), once per kernel and device: later
+// launches (e.g. inside a CUDA graph capture) make no attribute call. False if the device refuses.
+template <typename Kernel>
+inline bool allow_dynamic_smem(Kernel kernel, size_t smem)
+{
+    if (smem <= 48 * 1024)
+        return true;
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess)
+        return false;
+    const void* key = reinterpret_cast<const void*>(kernel);
+    if (smem_grant(key, dev, smem, false))
+        return true;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+        return false;
+    return smem_grant(key, dev, smem, true);
+}
 
 // Bump allocator over a caller-provided workspace (sizes rounded to 256 B).
 struct WsCarver
@@ -77,13 +129,6 @@ __device__ __forceinline__ void store_f(void* p, int is_fp32, size_t i, float v)
         static_cast<float*>(p)[i] = v;
     else
         static_cast<__half*>(p)[i] = __float2half_rn(v);
-}
-
-// Inlier dequantization: float(acc) * (s_row * s_col) + bias, two roundings per product as in the
-// reference (`outlier_linear_ref`). Shared by the combine kernel's inlier term and the fused CUTLASS epilogue.
-__device__ __forceinline__ float dequant_inlier(float acc, float s_row, float s_col, float bias)
-{
-    return __fadd_rn(__fmul_rn(acc, __fmul_rn(s_row, s_col)), bias);
 }
 
 // clamp(round_half_even(x / s), -q, q) with IEEE division.
@@ -130,6 +175,41 @@ __device__ T block_reduce(T v, T* red, Op op, T identity)
     for (int i = 0; i < nw; ++i)
         r = op(r, red[i]);
     return r;
+}
+
+// 16 bytes moved by one vector load/store (LDG.128 / STS.128 on the GPU).
+struct alignas(16) Vec16
+{
+    uint32_t w[4];
+};
+
+// Block-wide exclusive prefix sum of one int per thread (every thread must call it; blockDim.x a multiple of
+// 32, at most 1024). Returns this thread's prefix; *total receives the sum. `red` holds 33 ints.
+__device__ inline int block_exclusive_scan(int v, int* red, int* total)
+{
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nw = blockDim.x >> 5;
+    int incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1)
+    {
+        const int n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o)
+            incl += n;
+    }
+    __syncthreads(); // `red` may still be read by a previous call
+    if (lane == 31)
+        red[warp] = incl;
+    __syncthreads();
+    int before = 0, all = 0;
+    for (int w = 0; w < nw; ++w)
+    {
+        before += w < warp ? red[w] : 0;
+        all += red[w];
+    }
+    *total = all;
+    return before + incl - v;
 }
 
 // ---------------------------------------------------------------------------------------------

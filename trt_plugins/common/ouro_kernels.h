@@ -31,8 +31,9 @@ typedef enum
     OURO_ERR_UNSUPPORTED_SHAPE = 3, // e.g. K not a multiple of the required granularity
     OURO_ERR_OUTLIER_CAPACITY = 4,  // more outlier channels in a window than max_outliers
     OURO_ERR_WORKSPACE = 5,         // workspace smaller than ouro*WorkspaceSize()
-    OURO_ERR_CUDA = 6,              // a CUDA launch/runtime error (see cudaGetLastError)
-    OURO_ERR_UNSUPPORTED_ARCH = 7
+    OURO_ERR_CUDA = 6,              // a CUDA launch/runtime error (read with cudaPeekAtLastError after launches)
+    OURO_ERR_UNSUPPORTED_ARCH = 7,
+    OURO_ERR_NOT_IMPLEMENTED = 8    // (v1.3) a requested path that this library does not implement
 } ouroStatus_t;
 
 typedef enum
@@ -44,9 +45,11 @@ typedef enum
 typedef enum
 {
     OURO_PATH_NONE = 0,
-    OURO_PATH_SM80_S4_TENSORCORE = 1, // native INT4 MMA (sm_80 / sm_86)
-    OURO_PATH_S8_TENSORCORE = 2,      // 4-bit values held in int8, INT8 MMA (sm_89 / sm_90, and all INT8)
-    OURO_PATH_SIMT_FALLBACK = 3       // plain CUDA cores (any arch; used for tiny or odd shapes)
+    OURO_PATH_SM80_S4_TENSORCORE = 1, // native INT4 MMA (sm_80 / sm_86 / sm_89)
+    OURO_PATH_S8_TENSORCORE = 2,      // INT8 MMA (sm_90 with 4-bit weights unpacked in registers, and all INT8)
+    OURO_PATH_SIMT_FALLBACK = 3,      // plain CUDA cores (any arch; used for tiny or odd shapes)
+    OURO_PATH_SM90_WGMMA = 4          // (v1.3) reserved: Hopper wgmma; NOT implemented, requests return
+                                      // OURO_ERR_NOT_IMPLEMENTED (sm_90 runs OURO_PATH_S8_TENSORCORE, mma.sync)
 } ouroGemmPath_t;
 
 // Static + dynamic activation quantizer of one operand (OuroMamba Algorithm 2).
@@ -57,6 +60,9 @@ typedef struct
     int n_refresh;            // outlier-list refresh window, >= 1
     int policy;               // ouroThresholdPolicy_t
     float k_sigma;            // dynamic policy: threshold = mean + k_sigma * std
+    int std_correction;       // (v1.3) std over the C channels divides by max(C - std_correction, 1): 0 or 1
+                              // (1 = Bessel, like torch.std). Occupies what was padding: layout and size unchanged,
+                              // and zero-initialised callers get 0, the behaviour before v1.3.
     const float* scale;       // [L] static inlier scale S_I(t), > 0  (device)
     const float* theta;       // [L] calibrated thresholds (device), only for OURO_POLICY_CALIBRATED
 } ouroActQuant_t;
@@ -166,15 +172,10 @@ OURO_API ouroStatus_t ouroOutlierLinearProfiledWithPath(const ouroOutlierLinearP
 // ---------------------------------------------------------------------------------------------
 // Additions (v1.2, additive): the fused epilogue
 // ---------------------------------------------------------------------------------------------
-// OURO_EPILOGUE_FUSED: the inlier dequantization acc * S_I(t) * s_w[n] (+ bias) runs in the CUTLASS GEMM's
-// epilogue (an epilogue visitor tree), which writes fp16 y directly; the outlier GEMM then adds
-// float(acc_out) * S_O[m] * s_w[n] to y in the same kernel, only for windows that have outliers. No int32
-// M x N buffer goes through memory. y differs from the reference by the extra fp16 rounding of the inlier
-// term (within the fp16 tolerance of the tests); the integer codes and accumulators are unchanged.
-// Needs a tensor-core path, fp16 x and y, N % 8 == 0, 16-byte aligned w_scale and bias.
-// OURO_EPILOGUE_SEPARATE: the five-kernel pipeline whose y equals the reference's fp32 expression
-// rounded once; the only epilogue that can write the debug accumulators.
-// OURO_EPILOGUE_AUTO (what ouroOutlierLinear uses): fused when possible and no debug accumulator is requested.
+// OURO_EPILOGUE_FUSED: the outlier term and the dequantization inside one tensor-core GEMM that writes y once
+// (the design changed in v1.3; see the v1.3 section below). OURO_EPILOGUE_SEPARATE: the five-kernel pipeline whose
+// y equals the reference's fp32 expression rounded once. OURO_EPILOGUE_AUTO (what ouroOutlierLinear uses): fused
+// whenever the shape allows. Since v1.3 both epilogues write the debug outputs and run fp16 and fp32 x.
 typedef enum
 {
     OURO_EPILOGUE_AUTO = 0,
@@ -182,10 +183,10 @@ typedef enum
     OURO_EPILOGUE_SEPARATE = 2
 } ouroEpilogue_t;
 
-// The general entry point: forced path and epilogue (AUTO for either = automatic), the path and epilogue
-// that ran (outputs may be NULL), and per-step timings when step_ms (float[5]) is non-NULL, in which case
-// the call synchronises and returns OURO_ERR_OUTLIER_CAPACITY itself. Forcing FUSED where it cannot run
-// returns OURO_ERR_UNSUPPORTED_SHAPE (or OURO_ERR_INVALID_ARGUMENT with debug accumulators requested).
+// Forced path and epilogue (AUTO for either = automatic), the path and epilogue that ran (outputs may be NULL),
+// and per-step timings when step_ms (float[5]) is non-NULL, in which case the call synchronises and returns
+// OURO_ERR_OUTLIER_CAPACITY itself. Forcing FUSED where it cannot run returns OURO_ERR_UNSUPPORTED_SHAPE.
+// ouroOutlierLinearRun (v1.3) is the general entry point (adds tactics and the overflow report).
 OURO_API ouroStatus_t ouroOutlierLinearEx(const ouroOutlierLinearParams_t* p, ouroGemmPath_t requested_path,
                                           ouroEpilogue_t requested_epilogue, cudaStream_t stream,
                                           ouroGemmPath_t* path_out, ouroEpilogue_t* epilogue_out, float* step_ms);
@@ -194,8 +195,106 @@ OURO_API ouroStatus_t ouroOutlierLinearEx(const ouroOutlierLinearParams_t* p, ou
 OURO_API const char* ouroGemmPathString(ouroGemmPath_t p);
 
 // sizeof of the ABI structs as compiled into the library, for binding self-checks:
-// 0 ouroActQuant_t, 1 ouroOutlierLinearParams_t, 2 ouroSelectiveScanParams_t (0 for other values).
+// 0 ouroActQuant_t, 1 ouroOutlierLinearParams_t, 2 ouroSelectiveScanParams_t, (v1.3) 3 ouroOutlierLinearConfig_t,
+// 4 ouroOutlierLinearChoice_t, 5 ouroKernelCost_t, 6 ouroOutlierStats_t (0 for other values).
 OURO_API size_t ouroAbiStructSize(int which);
+
+// ---------------------------------------------------------------------------------------------
+// Additions (v1.3, additive): the fused outlier GEMM, tactics, capacity reporting, launch plans
+// ---------------------------------------------------------------------------------------------
+// OURO_EPILOGUE_FUSED now means: one activation-prep kernel per (image, window) reads x once and writes the
+// inlier codes and the compacted outliers; ONE tensor-core GEMM kernel then runs the inlier GEMM, gathers the
+// union of its M-tile's outlier channels (the matching W rows captured from the GEMM's own shared-memory
+// stream, K-major), runs them as an extra K-slab into a second accumulator, and writes y once:
+//   y = float(acc_in) * (S_I(t) * s_w[n]) + float(acc_out) * (S_O[m] * s_w[n]) (+ bias[n])
+// with the reference's roundings, so y is the reference's y for integer outliers (bit for bit after the
+// final rounding to y's dtype), for fp16 and fp32 x. fp16 outliers (bits_outlier 16) run on fp16 tensor
+// cores with fp32 accumulation: y within a named tolerance. The debug accumulators and codes are written
+// from the same kernels. Needs a tensor-core path and K % 16 == 0 (8-bit weights) or K % 32 == 0 (4-bit);
+// any N. OURO_EPILOGUE_SEPARATE stays the five-kernel exact variant. AUTO picks FUSED whenever possible.
+
+// Tactics = tile shapes (BM x BN) of the fused GEMM; 0 = automatic (fewest waves on the device, then the
+// largest tile). Valid ids are 1..ouroOutlierLinearNumTactics().
+OURO_API int ouroOutlierLinearNumTactics(void);
+OURO_API const char* ouroOutlierLinearTacticName(int tactic); // "128x128", ...; NULL for an invalid id
+
+typedef struct
+{
+    ouroGemmPath_t path;       // OURO_PATH_NONE = automatic
+    ouroEpilogue_t epilogue;   // OURO_EPILOGUE_AUTO = automatic
+    int tactic;                // 0 = automatic
+    int32_t* overflow_report;  // optional, device-writable (e.g. ouroHostFlagAlloc): set to 1 by the kernels
+                               // when a window exceeds max_outliers; never cleared by the library
+} ouroOutlierLinearConfig_t;
+
+typedef struct
+{
+    ouroGemmPath_t path;
+    ouroEpilogue_t epilogue;
+    int tactic;                // tile of the fused kernel, 0 for the separate epilogue
+} ouroOutlierLinearChoice_t;
+
+// The general entry point (v1.3). cfg may be NULL (all automatic). ran (may be NULL) receives what ran.
+// step_ms (float[5] or NULL): as ouroOutlierLinearEx; with the fused epilogue step 0 is the activation prep
+// and step 2 the fused GEMM, the others are 0.
+OURO_API ouroStatus_t ouroOutlierLinearRun(const ouroOutlierLinearParams_t* p, const ouroOutlierLinearConfig_t* cfg,
+                                           cudaStream_t stream, ouroOutlierLinearChoice_t* ran, float* step_ms);
+
+// Workspace of one epilogue (AUTO: the one AUTO runs for this shape, which does not depend on the GPU).
+// The fused epilogue needs no M x N buffer. ouroOutlierLinearWorkspaceSize returns the SEPARATE size, which
+// is enough for every epilogue.
+OURO_API size_t ouroOutlierLinearWorkspaceSizeFor(int M, int L, int K, int N, int w_bits, int act_bits,
+                                                  int bits_outlier, int n_refresh, int max_outliers,
+                                                  ouroEpilogue_t epilogue);
+
+// Pinned host memory mapped into the device address space (one zeroed int32), for overflow_report: the
+// kernels write it, the host reads and clears it with plain (volatile) accesses, no CUDA call, no sync.
+OURO_API ouroStatus_t ouroHostFlagAlloc(int32_t** flag);
+OURO_API void ouroHostFlagFree(int32_t* flag);
+
+// ---- launch plans, for traffic models (tools/perf_model.py); pure host code, no GPU needed.
+typedef enum
+{
+    OURO_MMA_NONE = 0,
+    OURO_MMA_S8 = 1,  // int8 x int8 -> int32 tensor cores
+    OURO_MMA_S4 = 2,  // int4 x int4 -> int32
+    OURO_MMA_F16 = 3  // fp16 x fp16 -> fp32
+} ouroMmaKind_t;
+
+typedef struct
+{
+    char name[48];
+    unsigned grid[3];
+    unsigned block[3];
+    unsigned smem_bytes;
+    int mma_kind;            // ouroMmaKind_t of mma_ops
+    int mma_kind_outlier;    // ouroMmaKind_t of mma_ops_outlier
+    double dram_read_bytes;  // each global tensor counted once per kernel (re-reads assumed to hit L2)
+    double dram_write_bytes;
+    double l2_read_bytes;    // bytes the SMs load, counting every CTA's re-reads of shared operands
+    double mma_ops;          // 2 x multiply-adds issued on tensor cores (tile padding included), inlier GEMM
+    double mma_ops_outlier;  // 2 x multiply-adds of the outlier term (union slabs, padding included)
+    double simt_ops;         // other arithmetic, per element of work (for reporting only)
+} ouroKernelCost_t;
+
+typedef struct
+{
+    double window_channels;  // average number of channels in one window's outlier list
+    double hot_channels;     // distinct channels that are ever outliers (windows draw from these); 0 = K
+} ouroOutlierStats_t;
+
+// Fills out[0 .. n-1] with the kernels ouroOutlierLinearRun would launch for this problem on a GPU with
+// compute capability cc and num_sms SMs (same code as the launch: path, epilogue, tile, grid, shared memory),
+// each with its modelled traffic and MMA work; returns n (>= 0), or -(ouroStatus_t) on an invalid request.
+OURO_API int ouroOutlierLinearPlan(int M, int L, int K, int N, int w_bits, int act_bits, int bits_outlier,
+                                   int n_refresh, int max_outliers, int x_is_fp32, int cc, int num_sms,
+                                   const ouroOutlierLinearConfig_t* cfg, const ouroOutlierStats_t* stats,
+                                   ouroOutlierLinearChoice_t* choice, ouroKernelCost_t* out, int max_out);
+
+// Same for the selective scan (io_is_fp32, quantized operands as in ouroSelectiveScanParams_t).
+OURO_API int ouroSelectiveScanPlan(int B, int L, int D, int S, int io_is_fp32, int delta_bits, int b_bits,
+                                   int c_bits, int h_bits, int has_z, int cc, int num_sms, ouroKernelCost_t* out,
+                                   int max_out);
 
 #ifdef __cplusplus
 }

@@ -14,7 +14,7 @@ ouroStatus_t validate_act_quant(const ouroActQuant_t& q, bool required)
         return OURO_ERR_INVALID_ARGUMENT;
     if (!((q.bits_outlier >= 2 && q.bits_outlier <= 8) || q.bits_outlier == 16))
         return OURO_ERR_INVALID_ARGUMENT;
-    if (q.n_refresh < 1 || q.scale == nullptr)
+    if (q.n_refresh < 1 || q.scale == nullptr || (q.std_correction != 0 && q.std_correction != 1))
         return OURO_ERR_INVALID_ARGUMENT;
     if (q.policy == OURO_POLICY_DYNAMIC)
         return isfinite(q.k_sigma) ? OURO_OK : OURO_ERR_INVALID_ARGUMENT;
@@ -51,6 +51,9 @@ extern "C" OURO_API const char* ouroStatusString(ouroStatus_t s)
     case OURO_ERR_WORKSPACE: return "workspace too small";
     case OURO_ERR_CUDA: return "CUDA runtime or launch error";
     case OURO_ERR_UNSUPPORTED_ARCH: return "unsupported GPU architecture for this path";
+    case OURO_ERR_NOT_IMPLEMENTED:
+        return "not implemented in this library (the sm_90 wgmma path does not exist; sm_90 runs the "
+               "s8_tensorcore mma.sync kernels)";
     }
     return "unknown ouro status code";
 }
@@ -63,6 +66,7 @@ extern "C" OURO_API const char* ouroGemmPathString(ouroGemmPath_t p)
     case OURO_PATH_SM80_S4_TENSORCORE: return "sm80_s4_tensorcore";
     case OURO_PATH_S8_TENSORCORE: return "s8_tensorcore";
     case OURO_PATH_SIMT_FALLBACK: return "simt_fallback";
+    case OURO_PATH_SM90_WGMMA: return "sm90_wgmma";
     }
     return "unknown";
 }
@@ -74,6 +78,10 @@ extern "C" OURO_API size_t ouroAbiStructSize(int which)
     case 0: return sizeof(ouroActQuant_t);
     case 1: return sizeof(ouroOutlierLinearParams_t);
     case 2: return sizeof(ouroSelectiveScanParams_t);
+    case 3: return sizeof(ouroOutlierLinearConfig_t);
+    case 4: return sizeof(ouroOutlierLinearChoice_t);
+    case 5: return sizeof(ouroKernelCost_t);
+    case 6: return sizeof(ouroOutlierStats_t);
     }
     return 0;
 }

@@ -52,7 +52,7 @@ ouroStatus_t launch_outlier_fake_quant(const void* x, int x_is_fp32, void* y, in
     const int threads = C <= 64 ? 32 : (C <= 1024 ? 128 : 256);
     launch_kernel(outlier_fake_quant_kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), C * sizeof(uint16_t), stream,
                   x, x_is_fp32, y, y_is_fp32, L, C, q);
-    return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
+    return launch_status();
 }
 
 } // namespace ouro

@@ -11,6 +11,12 @@
 namespace ouro
 {
 
+// Divisor of the std over C channels: max(C - correction, 1) (correction 0 or 1; 1 = Bessel, like torch.std).
+__host__ __device__ __forceinline__ double std_divisor(int C, int correction)
+{
+    return static_cast<double>(C - correction > 1 ? C - correction : 1);
+}
+
 struct WindowPos
 {
     int b, w, t0, nt;
@@ -38,7 +44,7 @@ struct DetectScratch
 
 // Sequential mask evolution of one window (reference loop "for i in range(n)"):
 //   a = |x| with the current outliers zeroed; trig = max(a)/qmax_I > S_I(t);
-//   theta = mean(a) + k*std(a) (correction 0, over all C channels) or theta(t);
+//   theta = mean(a) + k*std(a) (over all C channels, std divided by max(C - q.std_correction, 1)) or theta(t);
 //   channels with trig && a > theta join the list at position i.
 // mean/std are accumulated in double and rounded once to fp32 (the reference's fp32 reductions
 // agree to a few ulp; a tie within that distance of theta is the only possible mismatch).
@@ -79,7 +85,7 @@ __device__ inline void detect_window(const void* x, int x_is_fp32, const WindowP
                 }
                 ss = block_reduce(ss, sc.redd, SumOp(), 0.0);
                 const float meanf = static_cast<float>(mean);
-                const float stdf = static_cast<float>(sqrt(ss / static_cast<double>(C)));
+                const float stdf = static_cast<float>(sqrt(ss / std_divisor(C, q.std_correction)));
                 th = __fadd_rn(meanf, __fmul_rn(q.k_sigma, stdf));
             }
             else

@@ -53,7 +53,7 @@ public:
     {
         try
         {
-            return new Derived(mCfg);
+            return self().makeClone();
         }
         catch (std::exception const& e)
         {
@@ -191,6 +191,12 @@ public:
             logError(std::string(Derived::kName) + ": getFieldsToSerialize failed: " + e.what());
         }
         return nullptr;
+    }
+
+    //! A new plugin with this one's configuration; a plugin with runtime state (e.g. a tactic) hides this.
+    Derived* makeClone() const
+    {
+        return new Derived(mCfg);
     }
 
 protected:

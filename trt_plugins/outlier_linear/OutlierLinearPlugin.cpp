@@ -34,6 +34,7 @@ FieldTable<C> const& OutlierLinearPlugin::table()
             S::intField("threshold_policy", &C::threshold_policy, IntRule::oneOf({0, 1})),
             S::floatField("k_sigma", &C::k_sigma, 0.F, kMaxKSigma),
             S::intField("max_outliers", &C::max_outliers, IntRule::range(0)),
+            S::intField("std_correction", &C::std_correction, IntRule::oneOf({0, 1}), false),
         });
     return t;
 }
@@ -137,8 +138,94 @@ size_t OutlierLinearPlugin::workspaceFor(int64_t batch) const
     {
         throw PluginError(std::string(kPlugin) + ": B*L = " + std::to_string(M) + " rows exceeds the int32 limit");
     }
-    return ouroOutlierLinearWorkspaceSize(static_cast<int>(M), c.seq_len, c.in_features, c.out_features, c.w_bits,
-        c.a_bits, c.o_bits, c.n_refresh, capacity());
+    return ouroOutlierLinearWorkspaceSizeFor(static_cast<int>(M), c.seq_len, c.in_features, c.out_features, c.w_bits,
+        c.a_bits, c.o_bits, c.n_refresh, capacity(), OURO_EPILOGUE_AUTO);
+}
+
+bool OutlierLinearPlugin::runsFused() const
+{
+    C const& c = mCfg;
+    // A launch plan is pure host code: any compute capability with tensor cores answers the shape question.
+    ouroOutlierLinearChoice_t choice{};
+    int const n = ouroOutlierLinearPlan(c.seq_len, c.seq_len, c.in_features, c.out_features, c.w_bits, c.a_bits,
+        c.o_bits, c.n_refresh, capacity(), 0, 80, 1, nullptr, nullptr, &choice, nullptr, 0);
+    return n >= 0 && choice.epilogue == OURO_EPILOGUE_FUSED;
+}
+
+OutlierLinearPlugin::~OutlierLinearPlugin()
+{
+    reportOverflow();
+    ouroHostFlagFree(mOverflow);
+}
+
+OutlierLinearPlugin* OutlierLinearPlugin::makeClone() const
+{
+    auto* p = new OutlierLinearPlugin(mCfg);
+    p->mTactic = mTactic;
+    return p;
+}
+
+int32_t OutlierLinearPlugin::getNbTactics() noexcept
+{
+    try
+    {
+        return runsFused() ? ouroOutlierLinearNumTactics() : 0;
+    }
+    catch (std::exception const& e)
+    {
+        logError(e.what());
+    }
+    return 0;
+}
+
+int32_t OutlierLinearPlugin::getValidTactics(int32_t* tactics, int32_t nbTactics) noexcept
+{
+    if (tactics == nullptr || nbTactics != getNbTactics())
+    {
+        logError(std::string(kPlugin) + ": getValidTactics called for " + std::to_string(nbTactics) + " tactics, "
+            + "getNbTactics() = " + std::to_string(getNbTactics()));
+        return -1;
+    }
+    for (int32_t i = 0; i < nbTactics; ++i)
+    {
+        tactics[i] = i + 1; // tile ids 1..n; 0 stays TensorRT's default = automatic
+    }
+    return 0;
+}
+
+int32_t OutlierLinearPlugin::setTactic(int32_t tactic) noexcept
+{
+    if (tactic < 0 || tactic > ouroOutlierLinearNumTactics())
+    {
+        logError(std::string(kPlugin) + ": tactic " + std::to_string(tactic) + " is not a tile id (0.."
+            + std::to_string(ouroOutlierLinearNumTactics()) + ")");
+        return -1;
+    }
+    mTactic = tactic;
+    return 0;
+}
+
+int32_t OutlierLinearPlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (mOverflow == nullptr && !mOverflowUnavailable && ouroHostFlagAlloc(&mOverflow) != OURO_OK)
+    {
+        mOverflowUnavailable = true; // e.g. no GPU (CPU unit tests); enqueue says so if it ever runs
+    }
+    return PluginBase::onShapeChange(in, nbInputs, out, nbOutputs);
+}
+
+bool OutlierLinearPlugin::reportOverflow() noexcept
+{
+    if (mOverflow == nullptr || *reinterpret_cast<int32_t volatile*>(mOverflow) == 0)
+    {
+        return false;
+    }
+    *reinterpret_cast<int32_t volatile*>(mOverflow) = 0;
+    logError(std::string(kPlugin) + ": an earlier enqueue had a window with more than max_outliers = "
+        + std::to_string(capacity()) + " outlier channels (in_features " + std::to_string(mCfg.in_features)
+        + "); the rows of that window were written as NaN. Raise the attribute max_outliers (0 = no limit).");
+    return true;
 }
 
 size_t OutlierLinearPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -168,6 +255,17 @@ int32_t OutlierLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
             throw PluginError(std::string(kPlugin) + ": enqueue with x of rank " + std::to_string(xd.nbDims)
                 + ", expected (B, " + std::to_string(c.seq_len) + ", " + std::to_string(c.in_features) + ")");
         }
+        if (reportOverflow())
+        {
+            return -1;
+        }
+        if (mOverflow == nullptr && !mOverflowUnavailable && ouroHostFlagAlloc(&mOverflow) != OURO_OK)
+        {
+            mOverflowUnavailable = true;
+            logMessage(ILogger::Severity::kWARNING,
+                std::string(kPlugin) + ": could not allocate the overflow flag; an overflow of max_outliers = "
+                    + std::to_string(capacity()) + " will give NaN rows without an error status");
+        }
         int64_t const batch = xd.d[0];
         ouroOutlierLinearParams_t p{};
         p.M = static_cast<int>(batch * c.seq_len);
@@ -185,17 +283,24 @@ int32_t OutlierLinearPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         p.act.n_refresh = c.n_refresh;
         p.act.policy = c.threshold_policy;
         p.act.k_sigma = c.k_sigma;
+        p.act.std_correction = c.std_correction;
         p.act.scale = static_cast<float const*>(inputs[kInlierScale]);
         p.act.theta = c.threshold_policy == OURO_POLICY_CALIBRATED ? static_cast<float const*>(inputs[kTheta]) : nullptr;
         p.max_outliers = capacity();
         p.y = outputs[0];
         p.workspace = workspace;
         p.workspace_size = workspaceFor(batch);
-        ouroStatus_t const st = ouroOutlierLinear(&p, stream, nullptr);
+        ouroOutlierLinearConfig_t cfg{};
+        cfg.path = OURO_PATH_NONE;
+        cfg.epilogue = OURO_EPILOGUE_AUTO;
+        cfg.tactic = mTactic;
+        cfg.overflow_report = mOverflow;
+        ouroStatus_t const st = ouroOutlierLinearRun(&p, &cfg, stream, nullptr, nullptr);
         if (st != OURO_OK)
         {
-            throw PluginError(std::string(kPlugin) + ": ouroOutlierLinear failed (" + ouroStatusString(st) + ") for M="
-                + std::to_string(p.M) + " K=" + std::to_string(p.K) + " N=" + std::to_string(p.N));
+            throw PluginError(std::string(kPlugin) + ": ouroOutlierLinearRun failed (" + ouroStatusString(st)
+                + ") for M=" + std::to_string(p.M) + " K=" + std::to_string(p.K) + " N=" + std::to_string(p.N)
+                + " tactic=" + std::to_string(mTactic));
         }
         return 0;
     }

@@ -22,6 +22,7 @@ struct OutlierLinearConfig
     int32_t threshold_policy{0}; // 0 dynamic, 1 calibrated (ouroThresholdPolicy_t)
     float k_sigma{0.F};        // dynamic policy: threshold = mean + k_sigma * std
     int32_t max_outliers{0};   // outlier channel capacity per (image, window), 1..K; 0 = K (no limit)
+    int32_t std_correction{0}; // dynamic threshold std divides by max(K - std_correction, 1): 0 or 1
 };
 
 class OutlierLinearPlugin : public PluginBase<OutlierLinearPlugin, OutlierLinearConfig>
@@ -43,6 +44,9 @@ public:
         : PluginBase(cfg)
     {
     }
+    ~OutlierLinearPlugin() override;
+    OutlierLinearPlugin(OutlierLinearPlugin const&) = delete;
+    OutlierLinearPlugin& operator=(OutlierLinearPlugin const&) = delete;
 
     static FieldTable<OutlierLinearConfig> const& table();
     //! Parses and validates the attributes; throws PluginError naming the field.
@@ -60,10 +64,36 @@ public:
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
 
+    //! Tactics = tile shapes of the kernels' fused GEMM (ouroOutlierLinearNumTactics); none when the shape runs
+    //! the separate (SIMT) epilogue. 0 (TensorRT's default) = the kernels' automatic choice.
+    int32_t getNbTactics() noexcept override;
+    int32_t getValidTactics(int32_t* tactics, int32_t nbTactics) noexcept override;
+    int32_t setTactic(int32_t tactic) noexcept override;
+    int32_t tactic() const noexcept
+    {
+        return mTactic;
+    }
+    //! Clones keep the tactic (not the overflow flag: each instance owns its own).
+    OutlierLinearPlugin* makeClone() const;
+    //! Allocates the overflow flag (runtime, before the first enqueue: outside any CUDA graph capture).
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+
     //! The kernel's max_outliers: the attribute, or K when it is 0.
     int32_t capacity() const noexcept;
-    //! Workspace for M = B*L rows (what ouroOutlierLinearWorkspaceSize returns for these attributes).
+    //! Workspace for M = B*L rows: ouroOutlierLinearWorkspaceSizeFor(..., AUTO), the epilogue the kernels run.
     size_t workspaceFor(int64_t batch) const;
+    //! True when this shape runs the fused epilogue (the kernels' own decision, asked through a launch plan).
+    bool runsFused() const;
+
+private:
+    //! Reports (logs, returns non-zero) an outlier-capacity overflow of an earlier enqueue: the kernels set the
+    //! mapped host flag asynchronously, so an overflow is seen by the next enqueue (or the destructor).
+    bool reportOverflow() noexcept;
+
+    int32_t mTactic{0};
+    int32_t* mOverflow{nullptr}; // ouroHostFlagAlloc: written by the kernels, read and cleared here
+    bool mOverflowUnavailable{false};
 };
 
 using OutlierLinearPluginCreator = PluginCreator<OutlierLinearPlugin>;

@@ -1,4 +1,4 @@
-// Native INT4 tensor-core GEMM (sm_80 / sm_86). Compiled only for those architectures (see
+// Native INT4 tensor-core GEMM (sm_80 / 86 / 89). Compiled only for those architectures (see
 // cmake/OuroKernels.cmake); elsewhere OURO_WITH_S4=0 and the dispatcher never selects it.
 #include "gemm.cuh"
 

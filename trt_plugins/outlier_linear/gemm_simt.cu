@@ -38,7 +38,7 @@ ouroStatus_t gemm_simt(int M, int N, int K, const int8_t* A, const int8_t* w, in
     if (grid.y > 65535u)
         return OURO_ERR_UNSUPPORTED_SHAPE;
     launch_kernel(gemm_simt_kernel, grid, block, 0, s, A, w, w_bits, D, M, N, K);
-    return cudaGetLastError() == cudaSuccess ? OURO_OK : OURO_ERR_CUDA;
+    return launch_status();
 }
 
 } // namespace ouro

@@ -1,4 +1,5 @@
-// Outlier-split linear, device kernels of the five pipeline steps (host side: outlier_linear.cu).
+// Outlier-split linear, device kernels of the five-kernel SEPARATE epilogue, the exact checkable variant (host
+// side: outlier_linear.cu; the fused variant: fused_gemm.cuh).
 //
 //   Y[M, N] = X[M, K] W[N, K]^T,  row m = token t = m % L of image b = m / L,
 //   windows of n_refresh tokens per image, BW = B * ceil(L / n_refresh) windows in all.
@@ -9,7 +10,8 @@
 //   acc_in      int32 [M, N] inlier accumulators (GEMM output)
 //   acc_out     int32 [M, N] outlier accumulators (fp32 for fp16 outliers); rows of windows without
 //               outliers are not written (the combine step uses 0 there)
-//   a_out       outlier codes, compacted along K: int8 [M, max_outliers] (fp16 for bits_outlier 16)
+//   a_out       outlier codes, compacted along K: int8 [M, max_outliers] (fp16 for bits_outlier 16); only
+//               the window's count slots of a row are written (the outlier GEMM reads no more)
 //   s_out       fp32 [M] dynamic outlier scale S_O per token
 //   row_s_in    fp32 [M] static inlier scale S_I(t) of each row (the fused epilogue's row vector)
 //   slot_chan   int32 [BW, max_outliers]: channel k of each compacted slot (ascending k)
@@ -29,7 +31,7 @@ namespace ouro
 struct LinearDev
 {
     // problem
-    int M, L, K, N, W, n_refresh, max_outliers, w_bits, x_is_fp32, bits_in, bits_out, policy;
+    int M, L, K, N, W, n_refresh, max_outliers, w_bits, x_is_fp32, bits_in, bits_out, policy, std_correction;
     float k_sigma;
     const void* x;
     const int8_t* w;
@@ -51,6 +53,7 @@ struct LinearDev
     int32_t* slot_first;
     int32_t* count;
     int32_t* flag;
+    int32_t* report; // optional caller flag set on overflow (ouroOutlierLinearConfig_t::overflow_report)
     // debug outputs (may be null)
     int32_t* dbg_acc_in;
     int32_t* dbg_acc_out;
@@ -65,6 +68,7 @@ struct LinearDev
         q.n_refresh = n_refresh;
         q.policy = policy;
         q.k_sigma = k_sigma;
+        q.std_correction = std_correction;
         q.scale = s_in;
         q.theta = theta;
         return q;
@@ -126,7 +130,11 @@ __global__ void __launch_bounds__(kExtractThreads) outlier_extract_kernel(Linear
     {
         d.count[bw] = total;
         if (total > maxO)
+        {
             atomicOr(d.flag, 1);
+            if (d.report)
+                *reinterpret_cast<volatile int32_t*>(d.report) = 1;
+        }
     }
 
     // Extraction: per token, dynamic scale over the active outliers, codes into the compacted buffer.
@@ -159,14 +167,6 @@ __global__ void __launch_bounds__(kExtractThreads) outlier_extract_kernel(Linear
                     static_cast<int8_t*>(d.a_out)[o] = static_cast<int8_t>(quant_code(v, s_o, qo));
             }
             ++slot;
-        }
-        for (int j = total + threadIdx.x; j < maxO; j += blockDim.x)
-        {
-            const size_t o = m * maxO + j;
-            if (fp16_out)
-                static_cast<__half*>(d.a_out)[o] = __float2half_rn(0.f);
-            else
-                static_cast<int8_t*>(d.a_out)[o] = 0;
         }
     }
 }
@@ -245,10 +245,7 @@ constexpr int kOutGemmThreads = 128;
 // Step 4: outlier GEMM on the compacted outliers. grid = (BW, ceil(N / 128)), block = 128.
 // acc_out[m, n] = sum_j a_out[m, j] * w[n, slot_chan[j]]: int32 for integer outliers (exact); for fp16
 // outliers accumulated in float64 and rounded once to fp32, like the reference's float64 einsum.
-// kFused (fused epilogue): instead of storing acc_out, steps 4 and 5 are one kernel that adds the outlier
-// term to the y the fused GEMM epilogue already wrote, y[m, n] += float(acc_out) * (S_O[m] * s_w[n]), and
-// writes NaN into the rows of windows that overflowed max_outliers. Windows without outliers are untouched.
-template <bool kFp16Outliers, bool kFused>
+template <bool kFp16Outliers>
 __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev d)
 {
     using AccT = typename std::conditional<kFp16Outliers, double, int>::type;
@@ -259,13 +256,6 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
     const int n = blockIdx.y * kOutGemmThreads + threadIdx.x;
     const int maxO = d.max_outliers;
     const int cnt = min(d.count[bw], maxO);
-    if (kFused && d.count[bw] > maxO)
-    {
-        if (n < d.N)
-            for (int i = 0; i < wp.nt; ++i)
-                store_f(d.y, d.x_is_fp32, (wp.row0 + i) * static_cast<size_t>(d.N) + n, __int_as_float(0x7fc00000));
-        return; // the whole block leaves together (the condition is uniform over the block)
-    }
     if (cnt == 0)
         return; // the combine step reads no accumulator for windows without outliers
     for (int i = 0; i < wp.nt; ++i)
@@ -293,13 +283,7 @@ __global__ void __launch_bounds__(kOutGemmThreads) outlier_gemm_kernel(LinearDev
         if (n < d.N)
         {
             const size_t o = m * static_cast<size_t>(d.N) + n;
-            if (kFused)
-            {
-                const float ao = kFp16Outliers ? static_cast<float>(acc) : __int2float_rn(static_cast<int>(acc));
-                const float y = __fadd_rn(load_f(d.y, d.x_is_fp32, o), __fmul_rn(ao, __fmul_rn(d.s_out[m], d.w_scale[n])));
-                store_f(d.y, d.x_is_fp32, o, y);
-            }
-            else if (kFp16Outliers)
+            if (kFp16Outliers)
                 static_cast<float*>(d.acc_out)[o] = static_cast<float>(acc);
             else
                 static_cast<int32_t*>(d.acc_out)[o] = static_cast<int32_t>(acc);

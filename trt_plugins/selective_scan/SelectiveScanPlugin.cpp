@@ -42,6 +42,18 @@ void require(std::vector<std::string> const& present, char const* name, std::str
     }
 }
 
+char const* const kTableNames[] = {"delta_scale", "delta_theta", "b_scale", "b_theta", "c_scale", "c_theta"};
+
+std::string tableName(int32_t i)
+{
+    return kTableNames[i - SelectiveScanPlugin::kDeltaScale];
+}
+
+std::string operandBitsName(int32_t i)
+{
+    return i <= SelectiveScanPlugin::kDeltaTheta ? "delta_bits" : (i <= SelectiveScanPlugin::kBTheta ? "b_bits" : "c_bits");
+}
+
 //! Both expressions constant and different -> error naming the two inputs.
 void expectSame(IDimensionExpr const* a, IDimensionExpr const* b, int32_t ia, int32_t da, int32_t ib, int32_t db,
     char const* what)
@@ -67,6 +79,7 @@ ouroActQuant_t actQuant(int32_t bits, int32_t bitsOutlier, C const& c, float kSi
     q.n_refresh = c.n_refresh;
     q.policy = c.threshold_policy;
     q.k_sigma = kSigma;
+    q.std_correction = c.std_correction;
     q.scale = static_cast<float const*>(scale);
     q.theta = c.threshold_policy == OURO_POLICY_CALIBRATED ? static_cast<float const*>(theta) : nullptr;
     return q;
@@ -91,6 +104,7 @@ FieldTable<C> const& SelectiveScanPlugin::table()
             S::floatField("bc_k_sigma", &C::bc_k_sigma, 0.F, kMaxKSigma, false),
             S::intField("h_bits", &C::h_bits, bitsRule(), false),
             S::intField("h_group", &C::h_group, IntRule::range(1), false),
+            S::intField("std_correction", &C::std_correction, IntRule::oneOf({0, 1}), false),
         });
     return t;
 }
@@ -181,7 +195,20 @@ void SelectiveScanPlugin::inferShapes(
         for (int32_t i = kDeltaScale; i <= kCTheta; ++i)
         {
             expectRank(in[i], 1, kPlugin, i, "per-token table [L]");
-            expectSame(in[kU].d[1], in[i].d[0], kU, 1, i, 0, "sequence length");
+            // An empty table means "this operand is not quantized" (the exporter writes [0] tables for them):
+            // allowed exactly when the operand's bits are 0; a quantized operand needs [L] tables.
+            IDimensionExpr const* len = in[i].d[0];
+            bool const empty = len && len->isConstant() && len->getConstantValue() == 0;
+            if (empty && mCfg.bitsOfTable(i) > 0)
+            {
+                throw PluginError(std::string(kPlugin) + ": input " + std::to_string(i) + " (" + tableName(i)
+                    + ") is empty but " + operandBitsName(i) + " = " + std::to_string(mCfg.bitsOfTable(i))
+                    + ": a quantized operand needs a table of L entries (an empty table means 'not quantized')");
+            }
+            if (!empty)
+            {
+                expectSame(in[kU].d[1], len, kU, 1, i, 0, "sequence length");
+            }
         }
         expectRank(in[kHScale], 1, kPlugin, kHScale, "h_scale [G]");
         expectRank(in[kHZero], 1, kPlugin, kHZero, "h_zero [G]");
@@ -271,6 +298,19 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
         p.out = outputs[0];
         if (c.quantized()) // checkCounts guarantees 15 inputs for quantized nodes
         {
+            for (int32_t i = kDeltaScale; i <= kCTheta; ++i)
+            {
+                Dims const& t = inputDesc[i].dims;
+                bool const needed = c.bitsOfTable(i) > 0
+                    && (i % 2 == 1 || c.threshold_policy == OURO_POLICY_CALIBRATED); // scales; thetas if calibrated
+                if (needed && (t.nbDims != 1 || t.d[0] != p.L))
+                {
+                    throw PluginError(std::string(kPlugin) + ": enqueue with input " + std::to_string(i) + " ("
+                        + tableName(i) + ") of " + std::to_string(t.nbDims == 1 ? t.d[0] : -1)
+                        + " entries, expected L = " + std::to_string(p.L) + " because " + operandBitsName(i)
+                        + " = " + std::to_string(c.bitsOfTable(i)));
+                }
+            }
             p.delta_q = actQuant(c.delta_bits, c.delta_bits_outlier, c, c.delta_k_sigma, inputs[kDeltaScale],
                 inputs[kDeltaTheta]);
             p.b_q = actQuant(c.b_bits, c.b_bits_outlier, c, c.bc_k_sigma, inputs[kBScale], inputs[kBTheta]);

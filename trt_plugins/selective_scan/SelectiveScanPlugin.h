@@ -26,6 +26,7 @@ struct SelectiveScanConfig
     float bc_k_sigma{0.F};
     int32_t h_bits{0};             // 0 = hidden state not quantized
     int32_t h_group{1};
+    int32_t std_correction{0};     // dynamic threshold std divides by max(C - std_correction, 1): 0 or 1
 
     bool operandsQuantized() const noexcept
     {
@@ -34,6 +35,11 @@ struct SelectiveScanConfig
     bool quantized() const noexcept
     {
         return operandsQuantized() || h_bits > 0;
+    }
+    //! Bits of the operand whose scale table is input i (kDeltaScale .. kCTheta).
+    int32_t bitsOfTable(int32_t i) const noexcept
+    {
+        return i <= 8 ? delta_bits : (i <= 10 ? b_bits : c_bits);
     }
 };
 

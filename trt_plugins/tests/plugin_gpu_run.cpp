@@ -6,6 +6,8 @@
 //   plugin <OutlierLinear|SelectiveScan>
 //   field <name> <i|f> <value>                  (a plugin attribute, INT32 or FLOAT32)
 //   input <f32|f16|i8|u8> <d0> [<d1> ...]       (input k is read from <dir>/in<k>.bin, raw little-endian)
+//   tactic <n>                                  (optional: setTactic(n) before enqueue)
+//   enqueues <n>                                (optional: enqueue n times; exit 1 if any enqueue failed)
 // Writes output 0 to <dir>/out0.bin (dtype of input 0) and prints the workspace size and status.
 // The plugin is created through getCreators() from the fields; its output shape comes from
 // getOutputShapes() (through a constant-folding IExprBuilder), its workspace from
@@ -179,6 +181,8 @@ int main(int argc, char** argv)
         return 2;
     }
     std::string pluginName;
+    int32_t tactic = 0;  // setTactic before enqueue (0: TensorRT's default)
+    int enqueues = 1;    // enqueue this many times (an overflow is reported by the enqueue after it)
     std::vector<std::string> fieldNames;
     std::vector<std::vector<uint8_t>> fieldData;
     std::vector<PluginFieldType> fieldTypes;
@@ -217,6 +221,14 @@ int main(int argc, char** argv)
             }
             fieldNames.push_back(name);
             fieldData.push_back(bytes);
+        }
+        else if (kind == "tactic")
+        {
+            is >> tactic;
+        }
+        else if (kind == "enqueues")
+        {
+            is >> enqueues;
         }
         else if (kind == "input")
         {
@@ -343,13 +355,23 @@ int main(int argc, char** argv)
     CUDA_OK(cudaStreamCreate(&stream));
     PluginTensorDesc outDesc = descOf(out);
     void* outPtrs[1] = {out.dev};
+    if (tactic != 0 && runtime->setTactic(tactic) != 0)
+    {
+        return 2;
+    }
     if (runtime->onShapeChange(descs.data(), nbIn, &outDesc, 1) != 0)
     {
         return 2;
     }
-    int32_t const rc = runtime->enqueue(descs.data(), &outDesc, inPtrs.data(), outPtrs, ws, stream);
-    CUDA_OK(cudaStreamSynchronize(stream));
-    std::printf("plugin %s: workspace %zu bytes, enqueue status %d\n", pluginName.c_str(), wsBytes, rc);
+    int32_t rc = 0;
+    for (int k = 0; k < enqueues; ++k)
+    {
+        int32_t const r = runtime->enqueue(descs.data(), &outDesc, inPtrs.data(), outPtrs, ws, stream);
+        CUDA_OK(cudaStreamSynchronize(stream));
+        std::printf("plugin %s: workspace %zu bytes, tactic %d, enqueue %d status %d\n", pluginName.c_str(), wsBytes,
+            tactic, k, r);
+        rc = rc != 0 ? rc : r;
+    }
     if (rc != 0)
     {
         return 1;

@@ -70,7 +70,7 @@ std::vector<void const*> fakeInputs(int n)
 }
 
 // ---------------------------------------------------------------------------------------------
-void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t maxOutliers = 32)
+void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t maxOutliers = 32, int32_t stdCorrection = 0)
 {
     int32_t const capacity = maxOutliers > 0 ? maxOutliers : kK; // 0 = no limit -> K
     OutlierLinearConfig c;
@@ -84,6 +84,7 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t ma
     c.threshold_policy = policy;
     c.k_sigma = 2.5F;
     c.max_outliers = maxOutliers;
+    c.std_correction = stdCorrection;
     OutlierLinearPlugin p(c);
 
     std::vector<PluginTensorDesc> in = {td(xType, {kBatch, kL, kK}),
@@ -109,11 +110,17 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t ma
     CHECK(r.bias == fakeIn(5));
     CHECK(r.act.bits == 4 && r.act.bits_outlier == 16 && r.act.n_refresh == 10);
     CHECK(r.act.policy == policy && r.act.k_sigma == 2.5F);
+    CHECK(r.act.std_correction == stdCorrection);
     CHECK(r.max_outliers == capacity);
     CHECK(r.y == kOut);
     CHECK(r.workspace == kWorkspace);
-    CHECK(r.workspace_size == ouro_test::fakeOutlierLinearWorkspace(kBatch * kL, kL, kK, kN, wBits, 4, 16, 10, capacity));
+    // The workspace of the epilogue the kernels run (AUTO), not the separate epilogue's M x N buffers.
+    CHECK(r.workspace_size
+        == ouro_test::fakeOutlierLinearWorkspaceFor(kBatch * kL, kL, kK, kN, wBits, 4, 16, 10, capacity, OURO_EPILOGUE_AUTO));
     CHECK(r.acc_inlier == nullptr && r.acc_outlier == nullptr && r.inlier_codes == nullptr && r.outlier_mask == nullptr);
+    ouroOutlierLinearConfig_t const& cfg = recorder().linearConfig;
+    CHECK(cfg.path == OURO_PATH_NONE && cfg.epilogue == OURO_EPILOGUE_AUTO && cfg.tactic == 0);
+    CHECK(cfg.overflow_report != nullptr && recorder().flagAllocs == 1); // allocated once, at the first enqueue
 
     // The workspace TensorRT reserves covers the profile's largest batch.
     std::vector<DynamicPluginTensorDesc> din;
@@ -123,15 +130,44 @@ void outlierLinearCase(int32_t wBits, int32_t policy, DataType xType, int32_t ma
     }
     DynamicPluginTensorDesc dout = dtd(out, 128);
     CHECK(p.getWorkspaceSize(din.data(), 6, &dout, 1)
-        == ouro_test::fakeOutlierLinearWorkspace(128 * kL, kL, kK, kN, wBits, 4, 16, 10, capacity));
+        == ouro_test::fakeOutlierLinearWorkspaceFor(128 * kL, kL, kK, kN, wBits, 4, 16, 10, capacity, OURO_EPILOGUE_AUTO));
+
+    // Tactics: the kernels' tile ids 1..n when the shape runs the fused epilogue; the chosen one reaches the kernel.
+    CHECK(p.getNbTactics() == 7);
+    std::vector<int32_t> tactics(7, -1);
+    CHECK(p.getValidTactics(tactics.data(), 7) == 0);
+    for (int32_t i = 0; i < 7; ++i)
+    {
+        CHECK(tactics[i] == i + 1);
+    }
+    CHECK(p.setTactic(8) != 0);
+    CHECK(p.setTactic(5) == 0);
+    CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) == 0);
+    CHECK(recorder().linearConfig.tactic == 5);
+    std::unique_ptr<IPluginV3> cl(p.clone());
+    CHECK(cl && static_cast<OutlierLinearPlugin*>(cl.get())->tactic() == 5); // clones keep the tactic
+    recorder().planFused = false; // a shape the kernels run on the separate (SIMT) epilogue: no tactics
+    CHECK(p.getNbTactics() == 0);
+    recorder().planFused = true;
+
+    // Capacity overflow: the kernels set the mapped flag asynchronously; the next enqueue reports it (and clears it).
+    int32_t* flag = recorder().linearConfig.overflow_report;
+    int const callsBefore = recorder().linearCalls;
+    *flag = 1;
+    CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
+    CHECK(recorder().linearCalls == callsBefore); // nothing launched after an overflow was seen
+    CHECK(*flag == 0);
+    CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) == 0);
 
     // A kernel error status is returned to TensorRT as a failure.
     recorder().status = OURO_ERR_OUTLIER_CAPACITY;
     CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
+    recorder().status = OURO_OK;
 }
 
 // ---------------------------------------------------------------------------------------------
-void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioType)
+// emptyUnquantized: the tables of operands that are not quantized are [0] (what the exporter writes).
+void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioType, bool emptyUnquantized = false)
 {
     SelectiveScanPlugin p(c);
     std::vector<PluginTensorDesc> in = {td(ioType, {kBatch, kL, kD}), td(ioType, {kBatch, kL, kD}),
@@ -139,7 +175,9 @@ void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioTy
         td(DataType::kFLOAT, {kD}), td(ioType, {kBatch, kL, kD})};
     while (static_cast<int>(in.size()) < nbInputs)
     {
-        in.push_back(td(DataType::kFLOAT, {in.size() < 13 ? kL : 20}));
+        int32_t const i = static_cast<int32_t>(in.size());
+        bool const empty = i < 13 && emptyUnquantized && c.bitsOfTable(i) == 0;
+        in.push_back(td(DataType::kFLOAT, {i < 13 ? (empty ? 0 : kL) : 20}));
     }
     PluginTensorDesc out = td(ioType, {kBatch, kL, kD});
     std::vector<void const*> inputs = fakeInputs(nbInputs);
@@ -176,6 +214,7 @@ void selectiveScanCase(SelectiveScanConfig const& c, int nbInputs, DataType ioTy
         }
         CHECK(op.q.bits == op.bits && op.q.bits_outlier == (op.outlierBits == 0 ? 16 : op.outlierBits));
         CHECK(op.q.n_refresh == c.n_refresh && op.q.policy == c.threshold_policy && op.q.k_sigma == op.kSigma);
+        CHECK(op.q.std_correction == c.std_correction);
         CHECK(op.q.scale == fakeIn(op.scaleIdx));
         CHECK(op.q.theta == (c.threshold_policy == 1 ? fakeIn(op.scaleIdx + 1) : nullptr));
     }
@@ -235,6 +274,7 @@ int main()
         }
     }
     outlierLinearCase(4, 0, DataType::kHALF, 0);
+    outlierLinearCase(8, 0, DataType::kHALF, 16, 1); // std_correction reaches the kernel
     SelectiveScanConfig fp;
     fp.reverse = 1;
     fp.delta_softplus = 1;
@@ -253,6 +293,27 @@ int main()
     bOnly.n_refresh = 5;
     bOnly.bc_k_sigma = 1.5F;
     selectiveScanCase(bOnly, 15, DataType::kHALF);
+    selectiveScanCase(bOnly, 15, DataType::kHALF, true); // partly quantized, [0] tables for delta and C
+    SelectiveScanConfig corr = quantScan(0);
+    corr.std_correction = 1;
+    selectiveScanCase(corr, 15, DataType::kFLOAT);
+    {
+        // A quantized operand whose table has the wrong length at enqueue is an error, not a wrong result.
+        SelectiveScanPlugin p(bOnly);
+        std::vector<PluginTensorDesc> in = {td(DataType::kHALF, {kBatch, kL, kD}), td(DataType::kHALF, {kBatch, kL, kD}),
+            td(DataType::kFLOAT, {kD, kS}), td(DataType::kHALF, {kBatch, kL, kS}), td(DataType::kHALF, {kBatch, kL, kS}),
+            td(DataType::kFLOAT, {kD}), td(DataType::kHALF, {kBatch, kL, kD})};
+        for (int i = 7; i < 15; ++i)
+        {
+            in.push_back(td(DataType::kFLOAT, {i == 9 ? 0 : kL})); // b_scale empty although b_bits = 4
+        }
+        PluginTensorDesc out = td(DataType::kHALF, {kBatch, kL, kD});
+        std::vector<void const*> inputs = fakeInputs(15);
+        void* outputs[1] = {kOut};
+        recorder() = ouro_test::Recorder{};
+        CHECK(p.enqueue(in.data(), &out, inputs.data(), outputs, kWorkspace, kStream) != 0);
+        CHECK(recorder().scanCalls == 0);
+    }
 
     std::printf("plugin -> kernel mapping: %d checks, %d failures\n", gChecks, gFailures);
     return gFailures == 0 ? 0 : 1;

@@ -439,7 +439,7 @@ TEST(outlier_linear_field_names)
 {
     PluginFieldCollection const* fc = creator("OutlierLinear")->getFieldNames();
     std::vector<std::string> const expected = {"in_features", "out_features", "seq_len", "w_bits", "a_bits", "o_bits",
-        "n_refresh", "threshold_policy", "k_sigma", "max_outliers"};
+        "n_refresh", "threshold_policy", "k_sigma", "max_outliers", "std_correction"};
     CHECK_EQ(fc->nbFields, static_cast<int32_t>(expected.size()));
     for (int32_t k = 0; k < fc->nbFields && k < static_cast<int32_t>(expected.size()); ++k)
     {
@@ -469,6 +469,7 @@ TEST(outlier_linear_parses_attributes)
     CHECK_EQ(c.threshold_policy, 0);
     CHECK_EQ(c.k_sigma, 3.0F);
     CHECK_EQ(c.max_outliers, 64);
+    CHECK_EQ(c.std_correction, 0); // absent: 0, the behaviour of graphs written before the attribute existed
     CHECK_EQ(std::string(p->getPluginName()), std::string("OutlierLinear"));
     CHECK_EQ(std::string(p->getPluginVersion()), std::string("1"));
     CHECK_EQ(std::string(p->getPluginNamespace()), std::string("ouro"));
@@ -505,6 +506,10 @@ TEST(outlier_linear_parses_attributes)
         CHECK_EQ(u->config().max_outliers, 0);
         CHECK_EQ(u->capacity(), kK);
     }
+    Fields bessel = outlierLinearFields();
+    bessel.i("std_correction", 1);
+    auto sb = create<OutlierLinearPlugin>(bessel);
+    CHECK(sb && sb->config().std_correction == 1);
     // plugin_version / plugin_namespace (ONNX node bookkeeping) are tolerated.
     Fields h = outlierLinearFields();
     char const ver[] = "1";
@@ -528,6 +533,9 @@ TEST(outlier_linear_rejects_bad_attributes)
         f.set(c.field, c.value);
         expectRejected<OutlierLinearPlugin>(f, c.field);
     }
+    Fields corr = outlierLinearFields();
+    corr.i("std_correction", 2);
+    expectRejected<OutlierLinearPlugin>(corr, "std_correction");
     {
         Fields f = outlierLinearFields();
         f.setf("k_sigma", std::nanf(""));
@@ -714,7 +722,7 @@ TEST(outlier_linear_serialize_round_trip)
             return;
         }
         PluginFieldCollection const* fc = p->getFieldsToSerialize();
-        CHECK_EQ(fc->nbFields, 10); // every attribute is serialised
+        CHECK_EQ(fc->nbFields, 11); // every attribute is serialised (std_correction's default included)
         std::vector<uint8_t> bytes;
         auto q = roundTrip(*p, &bytes);
         CHECK(q != nullptr);
@@ -763,7 +771,7 @@ TEST(outlier_linear_clone_and_attach)
     p.reset(); // the clone must not depend on the original
     if (cp)
     {
-        CHECK_EQ(cp->getFieldsToSerialize()->nbFields, 10);
+        CHECK_EQ(cp->getFieldsToSerialize()->nbFields, 11);
         std::unique_ptr<IPluginV3> a(cp->attachToContext(nullptr));
         auto* ap = dynamic_cast<OutlierLinearPlugin*>(a.get());
         CHECK(ap != nullptr && ap != cp);
@@ -791,8 +799,11 @@ TEST(outlier_linear_workspace_uses_max_profile)
     in[0].max.d[0] = 128;
     DynamicPluginTensorDesc out = desc(DataType::kHALF, {-1, kL, kN});
     size_t const ws = p->getWorkspaceSize(in.data(), 6, &out, 1);
-    CHECK_EQ(ws, ouroOutlierLinearWorkspaceSize(128 * kL, kL, kK, kN, 4, 4, 8, 10, 64));
-    CHECK(ws >= ouroOutlierLinearWorkspaceSize(32 * kL, kL, kK, kN, 4, 4, 8, 10, 64));
+    // The layout of the epilogue the kernels run (fused here: no M x N int32 buffers), for the largest batch.
+    CHECK_EQ(ws, ouroOutlierLinearWorkspaceSizeFor(128 * kL, kL, kK, kN, 4, 4, 8, 10, 64, OURO_EPILOGUE_AUTO));
+    CHECK_EQ(ws, ouroOutlierLinearWorkspaceSizeFor(128 * kL, kL, kK, kN, 4, 4, 8, 10, 64, OURO_EPILOGUE_FUSED));
+    CHECK(ws >= ouroOutlierLinearWorkspaceSizeFor(32 * kL, kL, kK, kN, 4, 4, 8, 10, 64, OURO_EPILOGUE_AUTO));
+    CHECK(ws + 2 * size_t{128} * kL * kN * 4 <= ouroOutlierLinearWorkspaceSize(128 * kL, kL, kK, kN, 4, 4, 8, 10, 64));
     CHECK_EQ(p->configurePlugin(in.data(), 6, &out, 1), 0);
     CHECK(p->configurePlugin(in.data(), 4, &out, 1) != 0);
 }
@@ -833,7 +844,7 @@ TEST(selective_scan_field_names)
     PluginFieldCollection const* fc = creator("SelectiveScan")->getFieldNames();
     std::vector<std::string> const expected = {"reverse", "delta_softplus", "delta_bits", "delta_bits_outlier",
         "b_bits", "b_bits_outlier", "c_bits", "c_bits_outlier", "n_refresh", "threshold_policy", "delta_k_sigma",
-        "bc_k_sigma", "h_bits", "h_group"};
+        "bc_k_sigma", "h_bits", "h_group", "std_correction"};
     CHECK_EQ(fc->nbFields, static_cast<int32_t>(expected.size()));
     for (int32_t k = 0; k < fc->nbFields && k < static_cast<int32_t>(expected.size()); ++k)
     {
@@ -1002,6 +1013,36 @@ TEST(selective_scan_shape_inference)
         }
         CHECK(p->getOutputShapes(in.data(), 6, nullptr, 0, &out, 1, eb) != 0);
     }
+    // A partly quantized scan (what the exporter writes): the tables of an operand that is not quantized are
+    // empty [0]; shape inference accepts them, and rejects an empty table of a quantized operand, naming it.
+    {
+        Fields part = scanFieldsFloat();
+        part.i("delta_bits", 8).i("delta_bits_outlier", 8).i("n_refresh", 10).i("threshold_policy", 0)
+            .f("delta_k_sigma", 4.0F).f("bc_k_sigma", 3.0F).i("h_bits", 0).i("h_group", 1).i("b_bits", 0)
+            .i("b_bits_outlier", 0).i("c_bits", 0).i("c_bits_outlier", 0);
+        auto pp = create<SelectiveScanPlugin>(part);
+        CHECK(pp != nullptr);
+        TestExprBuilder eb;
+        std::vector<DimsExprs> in = scanInputs(eb, true);
+        for (int32_t i : {9, 10, 11, 12, 13, 14})
+        {
+            in[i] = eb.dims({"0"}); // b/c scale+theta and h_scale/h_zero empty
+        }
+        DimsExprs out{};
+        finder().logger.messages.clear();
+        CHECK(pp && pp->getOutputShapes(in.data(), 15, nullptr, 0, &out, 1, eb) == 0);
+        CHECK_EQ(out.nbDims, 3);
+        std::vector<DimsExprs> bad = in;
+        bad[7] = eb.dims({"0"}); // delta_scale empty although delta_bits = 8
+        finder().logger.messages.clear();
+        CHECK(pp && pp->getOutputShapes(bad.data(), 15, nullptr, 0, &out, 1, eb) != 0);
+        CHECK(contains(lastLog(), "input 7 (delta_scale) is empty but delta_bits = 8"));
+        std::vector<DimsExprs> wrong = in;
+        wrong[11] = eb.dims({"5"}); // a non-empty table must still have L entries
+        finder().logger.messages.clear();
+        CHECK(pp && pp->getOutputShapes(wrong.data(), 15, nullptr, 0, &out, 1, eb) != 0);
+        CHECK(contains(lastLog(), "sequence length"));
+    }
     // A quantized node must have the 15 inputs.
     Fields q = scanFieldsQuant();
     auto pq = create<SelectiveScanPlugin>(q);
@@ -1073,7 +1114,7 @@ TEST(selective_scan_serialize_round_trip_and_clone)
         {
             return;
         }
-        CHECK_EQ(p->getFieldsToSerialize()->nbFields, 14); // every attribute, defaults included
+        CHECK_EQ(p->getFieldsToSerialize()->nbFields, 15); // every attribute, defaults included
         auto q = roundTrip(*p);
         CHECK(q != nullptr);
         if (q)
@@ -1145,7 +1186,7 @@ TEST(outlier_linear_enqueue_reports_errors)
     void* outputs[1] = {};
     finder().logger.messages.clear();
     CHECK(p->enqueue(in.data(), &out, inputs, outputs, nullptr, nullptr) != 0);
-    CHECK(contains(lastLog(), "ouroOutlierLinear failed"));
+    CHECK(contains(lastLog(), "ouroOutlierLinearRun failed"));
     CHECK(contains(lastLog(), "M=" + std::to_string(2 * kL)));
     in[0] = plainDesc(DataType::kHALF, {2, kL, kK - 2});
     finder().logger.messages.clear();

@@ -16,9 +16,15 @@ typedef enum
 } cudaError_t;
 enum cudaDeviceAttr
 {
+    cudaDevAttrMultiProcessorCount = 16,
     cudaDevAttrComputeCapabilityMajor = 75,
     cudaDevAttrComputeCapabilityMinor = 76
 };
+enum cudaFuncAttribute
+{
+    cudaFuncAttributeMaxDynamicSharedMemorySize = 8
+};
+#define cudaHostAllocMapped 0x02
 enum cudaMemcpyKind
 {
     cudaMemcpyDeviceToHost = 2
@@ -31,10 +37,21 @@ struct dim3
 };
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { *p = calloc(1, n); return *p ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-// Compute capability from env OURO_EMU_CC (e.g. "80", "90"), default 90.
+// Compute capability from env OURO_EMU_CC (e.g. "80", "90"), default 90; SM count from OURO_EMU_SMS, default 132.
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int)
 {
+    if (a == cudaDevAttrMultiProcessorCount)
+    {
+        const char* s = getenv("OURO_EMU_SMS");
+        *v = s ? atoi(s) : 132;
+        return cudaSuccess;
+    }
     const char* e = getenv("OURO_EMU_CC");
     const int cc = e ? atoi(e) : 90;
     *v = a == cudaDevAttrComputeCapabilityMajor ? cc / 10 : cc % 10;

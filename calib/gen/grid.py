@@ -1,0 +1,144 @@
+"""OuroMamba-Gen's contrastive term for any model family: per scan direction, on the 2-D patch grid.
+
+A family says where each scan's tokens sit on the patch grid (`ModelFamily.gen_layout`: the grid
+(H, W) and, per position j of the scan's token layout, the row-major grid index pi(j) = h*W + w of
+the token there, -1 for a token that is not a patch). With that, for one hook point (a block) and
+each of its scan directions d (layout pi_d, reverse flag r_d):
+
+  implicit attention   alpha_d[t, s] (attention.py), t and s positions of d's layout, s at or before t
+                       in d's scan order (s <= t; s >= t when r_d), computed from d's own dt, A, B, C.
+  neighbourhood        N(g) = the patches of the p x p window centred on grid patch g (cut by the grid
+                       borders); it is a 2-D neighbourhood, the same for every direction.
+  Delta weights        w_d(k) = mean over channels of d's dt at the position where patch k sits in d's
+                       layout (each direction weighs the neighbours by its own Delta).
+  enhanced row         alpha_p,d[g, s] = sum_{k in N(g)} w_d(k) alpha^h_d[pi_d^-1(k), s]
+                       (the attention of h_p(g) = sum_k w_d(k) h_d(k), read out with C at patch g).
+  common axes          rows are grid patches g in grid order; columns are mapped from d's layout to
+                       the layout of the point's first scan (`ScanSite` order), so that column i means
+                       the same token for every direction. Non-patch tokens (Vim's CLS) must sit at
+                       the same layout positions in every direction.
+  L^C of the point     InfoNCE (`contrastive_loss`) on feats[g, :] = mean_d alpha_p,d[g, :].
+
+Vim (one layout, CLS in the middle, directions fwd / bwd-reversed) is exactly the original definition
+(`generate.layer_contrastive_loss`); VMamba's four cross-scan directions (row-major and column-major,
+each forward and reversed) share each stage's grid, and the column-major ones are re-indexed to row-major.
+L^C of the model = mean over hook points; L^O = cross-entropy of the logits against the targets.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..families.base import GenLayout, HookPoint, ScanSite, family_of, override_ops
+from ..scan import ScanInputs, selective_scan_chunked
+from .attention import contrastive_loss, effective_topk, implicit_attention
+from .config import GenConfig
+from .instrument import ScanRecord
+
+__all__ = ["grid_neighbourhood_mask", "layout_neighbourhood_weights", "point_contrastive_loss", "family_gen_losses",
+           "min_patches"]
+
+
+def grid_neighbourhood_mask(grid: tuple[int, int], p: int) -> Tensor:
+    """(P, P) bool on an H x W grid (row-major): patch k lies in the p x p window centred on patch g."""
+    if p < 1 or p % 2 == 0:
+        raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
+    H, W = grid
+    idx = torch.arange(H * W, device="cpu")
+    r, c = torch.div(idx, W, rounding_mode="floor"), idx % W
+    rad = p // 2
+    return ((r[:, None] - r[None, :]).abs() <= rad) & ((c[:, None] - c[None, :]).abs() <= rad)
+
+
+def layout_neighbourhood_weights(dt: Tensor, layout: GenLayout, p: int) -> Tensor:
+    """W (B, P, L): W[b, g, j] = mean_d dt[b, j, d] when position j of the layout holds a patch of the
+    window of grid patch g, else 0. Rows in grid order, columns in the layout's order."""
+    Bsz, L, _ = dt.shape
+    if layout.positions.numel() != L:
+        raise ValueError(f"layout has {layout.positions.numel()} positions, the scan {L} tokens")
+    tok = layout.patch_positions.to(dt.device)
+    P = tok.numel()
+    if P != layout.grid[0] * layout.grid[1]:
+        raise ValueError(f"layout holds {P} patches, its grid {layout.grid} has {layout.grid[0] * layout.grid[1]}")
+    w = dt.float().mean(-1)[:, tok]  # (B, P), grid order
+    m = grid_neighbourhood_mask(layout.grid, p).to(dt.device, torch.float32)
+    W = dt.new_zeros(Bsz, P, L, dtype=torch.float32)
+    return W.index_copy(2, tok, m.unsqueeze(0) * w.unsqueeze(1))
+
+
+def _column_map(ref: GenLayout, lay: GenLayout) -> Tensor:
+    """colmap (L,): position in `lay` of the token at each position of `ref` (patches by grid index;
+    non-patch tokens must be at the same positions in both)."""
+    rp, lp = ref.positions, lay.positions
+    if not torch.equal(rp < 0, lp < 0):
+        raise ValueError("non-patch tokens sit at different layout positions in two scan directions")
+    inv = torch.empty_like(lp)
+    patch = lp >= 0
+    inv[lp[patch]] = torch.nonzero(patch).flatten()
+    out = torch.arange(rp.numel(), device=rp.device)
+    out[rp >= 0] = inv[rp[rp >= 0]]
+    return out
+
+
+def point_contrastive_loss(records: list[ScanRecord], scans: list[ScanSite], layouts: list[GenLayout], cfg: GenConfig) -> Tensor:
+    """L^C (B,) of one hook point from its scans' records (module docstring)."""
+    feats = None
+    ref = layouts[0]
+    for r, sc, lay in zip(records, scans, layouts):
+        W = layout_neighbourhood_weights(r.dt, lay, cfg.neighbourhood)
+        a = implicit_attention(r.dt, r.A, r.Bm, r.Cm, reverse=sc.reverse, mix=W, rows=lay.patch_positions.to(r.dt.device),
+                               chunk_elems=cfg.attn_chunk_elems, use_checkpoint=bool(cfg.checkpoint))
+        a = a[..., _column_map(ref, lay).to(a.device)]
+        feats = a if feats is None else feats + a
+    P = feats.shape[1]
+    return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)
+
+
+class _Recorder:
+    """A hook point's scan, run as the chunked scan with the site's reverse flag, recording its inputs."""
+
+    def __init__(self, point: HookPoint, sink: list[ScanRecord]) -> None:
+        self.point, self.sink = point, sink
+        self.reverse = {s.direction: s.reverse for s in point.scans}
+
+    def __call__(self, direction: str, inputs: ScanInputs) -> Tensor:
+        y = selective_scan_chunked(*inputs, delta_softplus=True, reverse=self.reverse[direction])
+        self.sink.append(ScanRecord(self.point.index, direction, inputs.u, F.softplus(inputs.delta.float()), inputs.A,
+                                    inputs.Bm, inputs.Cm, None))
+        return y
+
+
+def min_patches(model: nn.Module) -> int:
+    """The fewest patches any scan of the model sees (L^C needs at least 4)."""
+    fam = family_of(model)
+    return min(int(fam.gen_layout(model, p, s).patch_positions.numel()) for p in fam.hook_points(model) for s in p.scans)
+
+
+def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image (L^C, L^O) (each (B,)) and the logits, for a model of any family (module docstring).
+    The model's forward is the family's `gen_forward`; L^C of each hook point is computed right after
+    that point has run, from what its scans recorded."""
+    fam = family_of(model)
+    want_c = cfg.w_contrastive > 0
+    points = fam.hook_points(model)
+    layouts = {p.index: [fam.gen_layout(model, p, s) for s in p.scans] for p in points}
+    sinks: dict[int, list[ScanRecord]] = {p.index: [] for p in points}
+    lcs: list[Tensor] = []
+
+    def after(point: HookPoint) -> None:
+        recs = sinks[point.index]
+        by_dir = {r.direction: r for r in recs}
+        ordered = [by_dir[s.direction] for s in point.scans]
+        lcs.append(point_contrastive_loss(ordered, list(point.scans), layouts[point.index], cfg))
+        recs.clear()
+
+    if want_c:
+        with override_ops(model, lambda p: {"scan": _Recorder(p, sinks[p.index])}):
+            logits = fam.gen_forward(model, x, after)
+        lc = torch.stack(lcs).mean(0)
+    else:
+        logits = model(x)
+        lc = logits.new_zeros(x.shape[0])
+    lo = F.cross_entropy(logits, targets, reduction="none")
+    return lc, lo, logits
