@@ -148,6 +148,7 @@ def run_gen(source: ModelSource, device: str, req: GenRequest, *, dry_run: bool 
     from ouro.calib.gen.cli import gen_main
     from ouro.calib.plan import Estimate, RunPlan, estimate_gen
 
+    req.check_output()  # before any work
     ctx = RunContext.start(device)
     model = load_model(source, ctx)
     procs = ctx.dist.world_size

@@ -14,6 +14,7 @@ from torch import nn
 from ..distributed import SINGLE, DistContext
 from .config import GenConfig
 from .generate import generate_to_folder
+from .storage import check_output_folder
 
 __all__ = ["GenUsageError", "GenRequest", "gen_config", "gen_main"]
 
@@ -47,6 +48,12 @@ class GenRequest:
         if self.num_images < 1:
             raise GenUsageError(f"-n/--num-images must be >= 1, got {self.num_images}")
         object.__setattr__(self, "output", Path(self.output))
+
+    def check_output(self) -> GenRequest:
+        """The output folder can be written (ouro.calib.gen.storage.check_output_folder), before any work;
+        returns self."""
+        check_output_folder(self.output, force=self.force)
+        return self
 
 
 def gen_main(model: nn.Module, req: GenRequest, *, dist: DistContext = SINGLE) -> int:

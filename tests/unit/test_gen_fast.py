@@ -32,7 +32,7 @@ from ouro.calib.gen import (
 )
 from ouro.calib.gen import features as fe
 from ouro.calib.gen.attention import patch_token_index
-from ouro.calib.gen.storage import atomic_save
+from ouro.calib.files import atomic_write
 from ouro.calib.models.vim import VimConfig, VisionMamba
 from tools.vim_checkpoints import TINY, write_checkpoint
 
@@ -196,13 +196,14 @@ def test_resume_gives_the_uninterrupted_images(tmp_path):
     assert gen_mod is not None
 
 
-def test_atomic_save_leaves_nothing_on_interrupt(tmp_path):
+def test_gen_files_writer_leaves_nothing_on_interrupt(tmp_path):
+    """Gen's folder is written through the one atomic writer (ouro.calib.files.atomic_write)."""
     def writer(tmp):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_save(tmp_path / "x.npz", writer)
+        atomic_write(tmp_path / "x.npz", writer)
     assert list(tmp_path.iterdir()) == []
 
 
