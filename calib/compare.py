@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import OutputError, WritePlan, atomic_write
+from .files import OutputError, WritePlan, atomic_write, check_creatable_folder, check_path_length
 from .metrics import logits, sqnr_db, top1
 
 __all__ = [
@@ -234,12 +234,19 @@ def output_files(prefix: str | Path) -> tuple[Path, ...]:
 
 def output_plan(prefix: str | Path, *, force: bool = False) -> WritePlan:
     """The checked ouro.calib.files.WritePlan of an output prefix (existing files without force, a folder
-    that does not exist or is not writable, names too long: one-line OutputError, before any work)."""
+    that is not writable, names too long: one-line OutputError, before any work). A missing folder of the
+    prefix is created when the files are written, so it only has to be creatable."""
     plan = WritePlan(force=force)
     for f in output_files(prefix):
         plan.add("-o", f)
     try:
-        return plan.check()
+        folder = Path(prefix).parent
+        if folder.is_dir():
+            return plan.check()
+        check_creatable_folder(folder, "-o folder")
+        for f in plan.paths:
+            check_path_length(f, "-o")
+        return plan
     except OSError as e:  # a path the OS refuses to even look at
         raise OutputError(f"cannot use output path {str(e.filename)[:60]}...: {e.strerror}") from None
 

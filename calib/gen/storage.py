@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..files import OutputError, atomic_write, check_path_length
+from ..files import OutputError, atomic_write, check_creatable_folder
 
 __all__ = ["NPZ_NAME", "MANIFEST", "GenFolderError", "GenFolder", "check_output_folder", "model_fingerprint", "write_pngs",
            "load_synthetic_dir"]
@@ -49,24 +49,11 @@ def check_output_folder(path: str | os.PathLike, *, force: bool = False) -> Path
     it is an `ouro-export gen` run's (resumed, or another run refused once the model is known) or
     with --force. A one-line GenFolderError otherwise."""
     try:
-        out = check_path_length(path, "gen output folder")
+        out = check_creatable_folder(path, "gen output folder")
     except OutputError as e:
         raise GenFolderError(str(e)) from None
-    if out.exists() and not out.is_dir():
-        raise GenFolderError(f"output {out} exists and is not a folder")
-    if out.is_dir():
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise GenFolderError(f"output folder {out} is not writable")
-        if not force and any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise GenFolderError(_NOT_A_RUN.format(out=out))
-        return out
-    above = out.absolute().parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise GenFolderError(f"cannot create output folder {out}: {above} is not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise GenFolderError(f"cannot create output folder {out}: folder {above} is not writable")
+    if out.is_dir() and not force and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise GenFolderError(_NOT_A_RUN.format(out=out))
     return out
 
 

@@ -312,13 +312,14 @@ def test_08_compare_output_is_checked_before_work_and_never_clobbered(capsys, tm
     rc, _, err = _run(["compare", "--demo", "--methods", "minmax", "--presets", "w8a8", "-o", tmp_path / "cmp"], capsys)
     _refused(rc, err, existing, "already exists", "--force")
     assert _listing(tmp_path) == {existing: b"mine"}
-    rc, _, err = _run(["compare", "--demo", "-o", tmp_path / "missing" / "cmp"], capsys)
-    _refused(rc, err, "does not exist")
+    rc, _, err = _run(["compare", "--demo", "-o", tmp_path / existing / "cmp"], capsys)  # a missing folder is made; not under a file
+    _refused(rc, err, existing, "is not a folder")
+    assert _listing(tmp_path) == {existing: b"mine"}
 
 
 def test_08_compare_outputs_are_written_no_clobber(tmp_path):
     """The files themselves are written atomically and no-clobber (a concurrent writer loses cleanly)."""
-    from ouro.calib.compare import CompareResult, CompareRow, write_outputs
+    from ouro.calib.compare import CompareResult, CompareRow, output_plan, write_outputs
 
     res = CompareResult(model="m", data="real", calib_images=1, eval_images=1, fp_top1=50.0, seed=0,
                         rows=[CompareRow("minmax", "w8a8", "real", 1, 8, 8, 50.0, 0.0, calib_seconds=0.1)])
@@ -332,6 +333,8 @@ def test_08_compare_outputs_are_written_no_clobber(tmp_path):
     os.umask(umask)
     assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o666 & ~umask}
     assert not list(tmp_path.glob(".*.tmp"))
+    output_plan(tmp_path / "new" / "cmp")  # a missing folder only has to be creatable; writing makes it
+    assert [p.name for p in write_outputs(res, tmp_path / "new" / "cmp", force=False)] == ["cmp.json", "cmp.md", "cmp.png"]
 
 
 @pytest.mark.parametrize("case", ["file", "foreign", "long"])
