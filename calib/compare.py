@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .files import OutputError, WritePlan, atomic_write, check_creatable_folder, check_path_length
 from .metrics import logits, sqnr_db, top1
 
 __all__ = [
@@ -36,7 +37,11 @@ __all__ = [
     "method_presets",
     "run_comparison",
     "format_table",
+    "output_files",
+    "output_plan",
     "write_outputs",
+    "CompareConfig",
+    "check_selection",
     "compare_main",
 ]
 
@@ -214,38 +219,100 @@ def _plot(res: CompareResult, path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
-def write_outputs(res: CompareResult, prefix: str | Path) -> list[Path]:
-    """<prefix>.json, <prefix>.md, <prefix>.png; returns the paths written."""
+OUTPUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_files(prefix: str | Path) -> tuple[Path, ...]:
+    """The files of an output prefix: <prefix>.json, <prefix>.md, <prefix>.png."""
     prefix = Path(prefix)
-    if prefix.parent and not prefix.parent.exists():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-    pj, pm, pp = (prefix.with_name(prefix.name + ext) for ext in (".json", ".md", ".png"))
-    pj.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-    pm.write_text(format_table(res) + "\n")
-    _plot(res, pp)
+    return tuple(prefix.with_name(prefix.name + ext) for ext in OUTPUT_SUFFIXES)
+
+
+def output_plan(prefix: str | Path, *, force: bool = False) -> WritePlan:
+    """The checked ouro.calib.files.WritePlan of an output prefix (existing files without force, a folder
+    that is not writable, names too long: one-line OutputError, before any work). A missing folder of the
+    prefix is created when the files are written, so it only has to be creatable."""
+    plan = WritePlan(force=force)
+    for f in output_files(prefix):
+        plan.add("-o", f)
+    try:
+        folder = Path(prefix).parent
+        if folder.is_dir():
+            return plan.check()
+        check_creatable_folder(folder, "-o folder")
+        for f in plan.paths:
+            check_path_length(f, "-o")
+        return plan
+    except OSError as e:  # a path the OS refuses to even look at
+        raise OutputError(f"cannot use output path {str(e.filename)[:60]}...: {e.strerror}") from None
+
+
+def write_outputs(res: CompareResult, prefix: str | Path, *, force: bool = True) -> list[Path]:
+    """<prefix>.json, <prefix>.md, <prefix>.png, each written atomically (no-clobber unless `force`);
+    returns the paths written."""
+    pj, pm, pp = output_files(prefix)
+    pj.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(pj, (json.dumps(res.to_dict(), indent=2) + "\n").encode(), force=force)
+    atomic_write(pm, (format_table(res) + "\n").encode(), force=force)
+    atomic_write(pp, lambda tmp: _plot(res, tmp), force=force)
     return [pj, pm, pp]
 
 
-def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
-    """(calibration images, evaluation images, labels, data label) for the CLI arguments."""
+@dataclass(frozen=True)
+class CompareConfig:
+    """One `compare` run. demo: the embedded demo model's data (calibration and test splits);
+    otherwise calib_dir and eval_dir (ImageNet-style class folders) are required. calib: the
+    --calib spec text (None: see ouro.calib.imagefolder.parse_calib_spec). output: prefix of the
+    .json/.md/.png files (checked by `check_outputs` before any work, written no-clobber unless force).
+    model_name: the name in the table."""
+
+    demo: bool = False
+    calib: str | None = None
+    calib_dir: Path | None = None
+    eval_dir: Path | None = None
+    seed: int = 0
+    methods: tuple[str, ...] = METHOD_ORDER
+    presets: tuple[str, ...] = COMPARE_PRESETS
+    output: Path = Path("compare")
+    model_name: str = "model"
+    force: bool = False  # replace existing output files
+
+    def __post_init__(self) -> None:
+        from ouro.calib.imagefolder import ImageFolderError, parse_calib_spec
+
+        check_selection(self.methods, self.presets)
+        if not self.demo and not (self.calib_dir and self.eval_dir):
+            raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
+                                   "(ImageNet-style class folders); or use --demo")
+        parse_calib_spec(self.calib, None if self.calib_dir is None else str(self.calib_dir))  # a bad spec fails here
+
+    def check_outputs(self) -> CompareConfig:
+        """The output files can be written (ouro.calib.files.WritePlan), before any work; returns self."""
+        output_plan(self.output, force=self.force)
+        return self
+
+    @staticmethod
+    def names(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+        """`a, B,c` -> ("a", "b", "c"); empty or None -> default."""
+        items = tuple(s.strip().lower() for s in (text or "").split(",") if s.strip())
+        return items or default
+
+
+def _data(model, cfg: CompareConfig, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
+    """(calibration images, evaluation images, labels, data label) of a CompareConfig."""
     from ouro.calib.imagefolder import ImageFolderError, calibration_images, load_image_folder, parse_calib_spec
 
-    demo = bool(getattr(args, "demo", False))
-    calib_dir, eval_dir = getattr(args, "calib_dir", None), getattr(args, "eval_dir", None)
-    seed = int(getattr(args, "seed", 0))
-    if not demo and not (calib_dir and eval_dir):
-        raise ImageFolderError("compare on a checkpoint needs --calib-dir DIR (calibration images) and --eval-dir DIR "
-                               "(ImageNet-style class folders); or use --demo")
-    spec = parse_calib_spec(getattr(args, "calib", None), calib_dir)
-    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=demo, seed=seed, dist=dist)
-    if eval_dir:
-        x, y = load_image_folder(eval_dir, img_size=model.cfg.img_size, seed=seed)
+    calib_dir = None if cfg.calib_dir is None else str(cfg.calib_dir)
+    spec = parse_calib_spec(cfg.calib, calib_dir)
+    calib = calibration_images(model, spec, calib_dir=calib_dir, demo=cfg.demo, seed=cfg.seed, dist=dist)
+    if cfg.eval_dir:
+        x, y = load_image_folder(str(cfg.eval_dir), img_size=model.cfg.img_size, seed=cfg.seed)
         if y is None:
-            raise ImageFolderError(f"--eval-dir {eval_dir!r} has no class subfolders, so there are no labels to score top-1")
+            raise ImageFolderError(f"--eval-dir {str(cfg.eval_dir)!r} has no class subfolders, so there are no labels to score top-1")
     else:
         from ouro.calib.data import load_digits_split
 
@@ -257,46 +324,33 @@ def _data(model, args, dist=None) -> tuple[Tensor, Tensor, Tensor, str]:
     return calib, x, y, label
 
 
-def _tuple(v, default: tuple[str, ...]) -> tuple[str, ...]:
-    if not v:
-        return default
-    items = v.split(",") if isinstance(v, str) else list(v)
-    return tuple(s.strip().lower() for s in items if s.strip())
-
-
-def check_selection(methods_arg: str | None, presets_arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """--methods / --presets of `compare`, checked before any work: (methods, presets). Unknown
-    names, or a selection in which no method ships any preset, are a one-line RecipeError."""
+def check_selection(methods: tuple[str, ...], presets: tuple[str, ...]) -> None:
+    """The methods x presets of a compare run, checked before any work: unknown names, or a selection
+    in which no method ships any preset, are a one-line RecipeError."""
     from ouro.recipes import Method, RecipeError, list_presets
 
-    methods = _tuple(methods_arg, METHOD_ORDER)
     unknown = [m for m in methods if m not in {x.value for x in Method}]
     if unknown:
         raise RecipeError(f"unknown method(s) {unknown}; known: {', '.join(x.value for x in Method)}")
-    presets = _tuple(presets_arg, COMPARE_PRESETS)
     known = sorted({p for m in Method for p in list_presets(m)})
     unknown = [p for p in presets if p not in known]
     if unknown:
         raise RecipeError(f"unknown preset(s) {unknown} for --presets; known: {', '.join(known)}")
     if not any(method_presets(m, presets) for m in methods):
         raise RecipeError(f"no method of {list(methods)} ships any preset of {list(presets)}: nothing to compare")
-    return methods, presets
 
 
-def compare_main(model, args, *, dist=None) -> int:
+def compare_main(model, cfg: CompareConfig, *, dist=None) -> int:
     """`ouro-export compare`: run, print the table, write <output>.json/.md/.png (rank 0 under
     torchrun). Returns the exit code."""
     from ouro.calib.distributed import SINGLE
 
     dist = dist or SINGLE
-    methods, presets = check_selection(getattr(args, "methods", None), getattr(args, "presets", None))
-    calib, x, y, label = _data(model, args, dist)
-    demo = getattr(args, "demo", None)
-    name = f"{demo} demo" if isinstance(demo, str) else "demo" if demo else Path(getattr(args, "checkpoint", "") or "model").stem
-    res = run_comparison(model, calib, x, y, data=label, methods=methods, presets=presets,
-                         seed=int(getattr(args, "seed", 0)), model_name=name, dist=dist)
+    calib, x, y, label = _data(model, cfg, dist)
+    res = run_comparison(model, calib, x, y, data=label, methods=cfg.methods, presets=cfg.presets,
+                         seed=cfg.seed, model_name=cfg.model_name, dist=dist)
     if dist.is_main:
         print(format_table(res))
-        paths = write_outputs(res, getattr(args, "output", None) or "compare")
+        paths = write_outputs(res, cfg.output, force=cfg.force)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(r.error is None for r in res.rows) else 1

@@ -24,6 +24,7 @@ from .models.vim import VimConfig
 
 __all__ = [
     "DEMO_CONFIG",
+    "split_indices",
     "DIGITS_IMG_SIZE",
     "SPLIT_SIZES",
     "SPLIT_SEED",
@@ -45,6 +46,11 @@ DEMO_CONFIG = VimConfig(embed_dim=96, depth=6, img_size=DIGITS_IMG_SIZE, patch_s
 
 
 @lru_cache(maxsize=2)
+def split_indices() -> dict[str, Tensor]:
+    """Positions in scikit-learn's digits of each demo split ("train", "test", "calib"); fixed by SPLIT_SEED."""
+    return _digits()[2]
+
+
 def _digits(img_size: int = DIGITS_IMG_SIZE) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     from sklearn.datasets import load_digits
 

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["OutputError", "WritePlan", "atomic_write", "check_path_length", "check_writable_parent", "check_new_file"]
+__all__ = ["OutputError", "WritePlan", "atomic_write", "check_path_length", "check_writable_parent", "check_creatable_folder",
+           "check_new_file"]
 
 _TMP_PREFIX, _TMP_SUFFIX = ".ouro-", ".tmp"  # short, so a temporary name fits wherever the final name fits
 
@@ -80,6 +81,24 @@ def check_writable_parent(path: str | os.PathLike, what: str = "output") -> Path
         raise OutputError(f"cannot write {what} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {what} {path}: folder {parent} is not writable")
+    return path
+
+
+def check_creatable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """A folder that exists and is writable, or that can be created: its nearest existing ancestor is
+    a writable folder; a name and path the file system holds. Else an OutputError naming it."""
+    path = check_path_length(path, what)
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"{what} {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputError(f"{what} {path} is not writable")
+        return path
+    above = _existing_ancestor(path / "x")
+    if not above.is_dir():
+        raise OutputError(f"cannot create {what} {path}: {above} is not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {what} {path}: folder {above} is not writable")
     return path
 
 

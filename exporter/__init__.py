@@ -8,6 +8,6 @@ __all__ = ["onnxruntime_session"]
 def onnxruntime_session(path, providers=None, ops=None):
     """An onnxruntime.InferenceSession for `path` with ouro's custom ops registered: the native library
     libouro_ort_ops.so when built, else the Python reference ops (`ops`: auto | native | python)."""
-    from .ort_ops import onnxruntime_session as _session
+    from . import ort_ops
 
-    return _session(path, providers=providers, ops=ops)
+    return ort_ops.onnxruntime_session(path, providers=providers, ops=ops)

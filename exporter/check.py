@@ -12,23 +12,31 @@ and prints Polygraphy's pass/fail; then the ONNX outputs are scored against the 
     qdq     the model in export mode: every quantizer's       tolerance PLUGIN_TOL
             static Q/DQ numerics (no outliers), i.e. what the QDQ graph computes
 
-Results go to ctx.report["check"][path]. A failed comparison raises CheckFailed (exit code 2)
-after the report is written.
+Results go to ctx.report["check"][path]. A failed comparison raises CheckFailed (exit code 2); the
+run (ouro.exporter.run) writes the report first.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from ouro.calib.metrics import logits, logits_vs_fp
 
-from .outputs import Stage
+from .context import RunContext
+from .outputs import Output, Stage
+
+if TYPE_CHECKING:
+    from ouro.calib.evaluation import EvalData
+    from ouro.calib.quant import QuantizedModel
 
 __all__ = ["FP_TOL", "FP16_TOL", "PLUGIN_TOL", "CHECK_IMAGES", "CheckFailed", "compare_graph", "fp16_io_nodes",
-           "run_check"]
+           "check_images", "run_check"]
 
 FP_TOL = (1e-4, 1e-4)
 """(rtol, atol) of an FP32 graph vs the PyTorch model (issue 3: logits within 1e-4)."""
@@ -150,30 +158,31 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
     return CheckResult(passed, tol, float(np.abs(ort_out - twin_out).max()), logits_vs_fp(ort_out, fp_out), error_stat)
 
 
-def _check_images(ctx) -> torch.Tensor:
+def check_images(data: EvalData | None, model: nn.Module, seed: int) -> torch.Tensor:
+    """CHECK_IMAGES inputs for --check: the first evaluation images, else seeded noise of the model's input shape."""
     from .pipeline import evaluation_set
 
-    data = evaluation_set(ctx, CHECK_IMAGES)
-    if data is not None:
-        return data[0][:CHECK_IMAGES].float()
-    cfg = ctx.model.cfg
-    g = torch.Generator(device="cpu").manual_seed(getattr(ctx.args, "seed", 0))
+    first = evaluation_set(data, CHECK_IMAGES)
+    if first is not None:
+        return first[0][:CHECK_IMAGES].float()
+    cfg = model.cfg
+    g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(CHECK_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, device="cpu")
 
 
-def run_check(ctx, outputs) -> dict:
-    """--check: compare every ONNX graph written this run; print and record the results."""
-    images = _check_images(ctx)
-    fp16 = bool(getattr(ctx.args, "fp16", False))
+def run_check(outputs: Sequence[Output], model: nn.Module, qmodel: QuantizedModel | None, images: torch.Tensor, *,
+              fp16: bool, ctx: RunContext) -> dict:
+    """--check: compare every ONNX graph written this run (fp16: the FP graph is float16); print and
+    record the results in ctx.report["check"]. Raises CheckFailed when a comparison fails."""
     report = ctx.report.setdefault("check", {})
     failed = []
     for out in outputs:
-        stage = out.onnx_stage if out.stage is Stage.ENGINE else out.stage
-        if stage is None or stage is Stage.QUANT_STATE:
+        stage = out.graph_stage
+        if stage is None:
             continue
         tol = (FP16_TOL if fp16 else FP_TOL) if stage is Stage.FP else PLUGIN_TOL
         with ctx.stage(f"check_{stage.value}"):
-            res = compare_graph(str(out.onnx_path), stage, ctx.model, ctx.qmodel, images, tol=tol, fp16=fp16 and stage is Stage.FP)
+            res = compare_graph(str(out.onnx_path), stage, model, qmodel, images, tol=tol, fp16=fp16 and stage is Stage.FP)
         report[str(out.onnx_path)] = {"stage": stage.value, "images": int(len(images)), **res.to_dict()}
         m = res.metrics_vs_fp
         print(f"check {out.onnx_path} ({stage.value}): Polygraphy {'PASSED' if res.passed else 'FAILED'} "
@@ -182,9 +191,5 @@ def run_check(ctx, outputs) -> dict:
         if not res.passed:
             failed.append(str(out.onnx_path))
     if failed:
-        if getattr(ctx.args, "report", None):
-            from .pipeline import write_report
-
-            write_report(ctx, ctx.args.report)
         raise CheckFailed(f"Polygraphy comparison failed for {', '.join(failed)} (see the table above)")
     return report

@@ -1,13 +1,19 @@
-"""`ouro-export`: a thin shell that wires the pipeline stages and writes files.
+"""`ouro-export`: the only module that knows argparse. It parses the command line once into typed
+requests (ouro.exporter.run_config, ouro.calib.gen.cli.GenRequest, ouro.calib.compare.CompareConfig)
+and hands them to the runs of ouro.exporter.run.
 
-    ouro-export CKPT|--demo [FAMILY] [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
+    ouro-export [export] CKPT|--demo [FAMILY] [--w4a4|--w4a8|--w6a6|--w8a8|--recipe R.toml] [--method M]
                 [--calib real:N|synthetic:N] [--calib-dir DIR] [--device D] [--dry-run] -o OUT{.onnx,.qdq.onnx,.safetensors,.plan}
     ouro-export gen CKPT|--demo [FAMILY] -n 128 -o synth/ [--device D]
     ouro-export compare CKPT|--demo [FAMILY] [--calib-dir DIR --eval-dir DIR] [--device D]
 
-Stages live in their owner modules (DESIGN.md §1); this file only parses, orders and reports.
-Under torchrun every process runs the same command: Gen, evaluation and compare are sharded
-(ouro.calib.distributed), and rank 0 alone prints the plan and writes files.
+Subcommands are argparse sub-parsers; `export` is the default, so a command line that does not
+start with a subcommand name is an export (`ouro-export CKPT --w4a4 -o x.onnx`). Defaults of the
+flags are the argparse defaults below or, where a flag is left unset (None), the defaults of the
+typed objects it feeds (BatchProfile, DEFAULT_WORKSPACE_MIB, DEFAULT_PASSES, GenConfig): nowhere else.
+Everything a request can get wrong is checked while it is built, before the model is loaded: flag
+values (in the typed objects' __post_init__), flags the request would ignore (here), and every file
+it will write (the output plan, ouro.exporter.outputs.plan_outputs).
 """
 from __future__ import annotations
 
@@ -16,73 +22,44 @@ import errno
 import logging
 import signal
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
+
+from .context import RunContext, UserError
+
+__all__ = ["PRESET_FLAGS", "SUBCOMMANDS", "DEFAULT_SUBCOMMAND", "UserError", "RunContext", "build_parser",
+           "build_run_config", "build_gen_request", "build_compare_config", "main", "console_main"]
 
 PRESET_FLAGS = ("w4a4", "w4a8", "w6a6", "w8a8", "w6a4")
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
-
-
-@dataclass
-class RunContext:
-    """What the stages of one invocation share."""
-
-    args: argparse.Namespace
-    timings: dict[str, float] = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    model: object = None  # FP model (torch)
-    qmodel: object = None  # calibrated fake-quant model
-    recipe: object = None
-    device: object = None  # torch.device of the PyTorch stages (--device)
-    dist: object = None  # ouro.calib.distributed.DistContext (torchrun)
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist is None or self.dist.is_main
-
-    def stage(self, name: str):
-        return _Timer(self, name)
-
-
-class _Timer:
-    def __init__(self, ctx: RunContext, name: str) -> None:
-        self.ctx, self.name = ctx, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.timings[self.name] = round(time.perf_counter() - self.t0, 3)
-        return False
+SUBCOMMANDS = ("export", "gen", "compare")
+DEFAULT_SUBCOMMAND = "export"
+DEFAULT_SEED = 0
+DEFAULT_DEVICE = "auto"
+DEFAULT_DEMO = "vim"  # --demo without a family
 
 
 # ------------------------------------------------------------------------------------ parsers
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _model_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("checkpoint", nargs="?", help="model checkpoint (.pth) of a known family (Vim, VMamba): the official "
                    "files ({'model': sd}, training dicts), {'state_dict': sd} or a bare state_dict")
-    p.add_argument("--demo", nargs="?", const="vim", default=None, metavar="FAMILY",
+    p.add_argument("--demo", nargs="?", const=DEFAULT_DEMO, default=None, metavar="FAMILY",
                    help="use an embedded demo model trained on scikit-learn digits: the Vim demo, or --demo vmamba")
     p.add_argument("--arch", help="override the architecture inferred from the checkpoint (e.g. vim_small, vmamba_tiny; "
                    "an unknown name lists every known one)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration, generation and sampling (default 0)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for calibration, generation and sampling (default {DEFAULT_SEED})")
     p.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint even if some weights are NaN or Inf "
                    "(refused by default, naming the first bad tensor)")
-    p.add_argument("--device", default="auto", help="where the PyTorch stages run: auto (a CUDA GPU when torch sees one, "
-                   "else the CPU), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help="where the PyTorch stages run: auto (a CUDA GPU when torch sees one, "
+                   f"else the CPU), cpu, cuda, cuda:N (default {DEFAULT_DEVICE})")
+    return p
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ouro-export",
-        description="Vision Mamba (Vim, VMamba) checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
-        epilog="Subcommands: `ouro-export gen ...` (synthetic calibration images), `ouro-export compare ...` (methods x bits table).",
-    )
-    _add_model_args(p)
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    from .engine_config import DEFAULT_WORKSPACE_MIB, BatchProfile
+    from .onnx_export import FP_OPSET
+    from .quantized import QDQ_OPSET
+
     p.add_argument("-o", "--output", help="output file; the format follows the extension: .onnx, .qdq.onnx, .safetensors (QuantState), .plan")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--eval", action="store_true", help="print FP (and quantized) top-1 on the demo test split or --eval-dir")
@@ -105,241 +82,200 @@ def build_export_parser() -> argparse.ArgumentParser:
     q.add_argument("--report", help="write a JSON report (accuracy, SQNR per block, outlier rates, compression, timings)")
     e = p.add_argument_group("export")
     e.add_argument("--stage", choices=["fp", "qdq", "plugin", "engine"], help="force the output stage instead of inferring it from -o")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17 for FP, 21 for quantized)")
+    e.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {FP_OPSET} for FP, {QDQ_OPSET} for quantized)")
     e.add_argument("--passes", help="comma-separated graph passes to apply, in order (default: the passes --print-passes lists "
                         "as default; add fp16_linear_io before cleanup for fp16 plugin activations)")
     e.add_argument("--print-passes", action="store_true", help="list the registered graph passes and exit")
     e.add_argument("--check", action="store_true", help="Polygraphy comparison of the exported graph vs PyTorch (and vs FP)")
     t = p.add_argument_group("TensorRT engine")
-    t.add_argument("--batch", default="1,32,128", help="optimisation profile min,opt,max batch (default 1,32,128)")
-    t.add_argument("--workspace", type=int, default=4096, help="builder workspace in MiB (default 4096)")
+    t.add_argument("--batch", default=None, help=f"optimisation profile min,opt,max batch (default {BatchProfile()})")
+    t.add_argument("--workspace", type=int, default=None, help=f"builder workspace in MiB (default {DEFAULT_WORKSPACE_MIB})")
     t.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
     t.add_argument("--plugin-lib", help="path to libouro_trt_plugins.so (default: the in-tree build)")
-    return p
 
 
-# ----------------------------------------------------------------------------------- stages
-def setup(ctx: RunContext) -> None:
-    """Resolve --device and join torchrun's process group (when there is one)."""
-    from ouro.calib.device import resolve_device
-    from ouro.calib.distributed import env_local_rank, init_distributed
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    from ouro.calib.imagefolder import DEFAULT_CALIB_IMAGES
 
-    ctx.device = resolve_device(getattr(ctx.args, "device", "auto"), env_local_rank())
-    ctx.dist = init_distributed(ctx.device)
-
-
-def load_model(ctx: RunContext):
-    a = ctx.args
-    if ctx.device is None:
-        setup(ctx)
-    with ctx.stage("load"):
-        if a.demo:
-            if a.checkpoint:
-                raise UserError("give either a checkpoint or --demo, not both")
-            from ouro.calib.data import load_demo_model
-
-            try:
-                ctx.model = load_demo_model(a.demo, device=ctx.device)
-            except ValueError as e:  # an unknown family, or one without a demo
-                raise UserError(f"--demo {a.demo}: {e}") from None
-        elif a.checkpoint:
-            from ouro.calib.checkpoint import load_checkpoint
-
-            ctx.model = load_checkpoint(a.checkpoint, arch=a.arch, device=ctx.device, allow_nonfinite=a.allow_nonfinite)
-        else:
-            raise UserError("no model: give a checkpoint path, or --demo for the embedded demo model")
-        ctx.model.eval()
-    return ctx.model
-
-
-def _model_label(ctx: RunContext) -> str:
-    a, cfg = ctx.args, ctx.model.cfg
-    n = sum(p.numel() for p in ctx.model.parameters())
-    src = "embedded demo" if a.demo else str(a.checkpoint)
-    return f"{cfg.name} ({n / 1e6:.3g}M params, {src})"
-
-
-def run_plan(ctx: RunContext, outputs, quantized: bool):
-    """The RunPlan of the main job (ouro.calib.plan), its estimate measured by a short warm-up."""
-    from ouro.calib.device import describe_device
-    from ouro.calib.gen.cli import gen_config
-    from ouro.calib.imagefolder import parse_calib_spec
-    from ouro.calib.plan import Estimate, RunPlan, estimate_calibration, estimate_eval, estimate_gen
-
-    a, procs = ctx.args, ctx.dist.world_size
-    parts, calib, evaluation, warm = [], None, None, []
-    if quantized and a.load_calib:
-        calib = f"QuantState {a.load_calib} (no calibration)"
-    elif quantized:
-        spec = parse_calib_spec(a.calib, a.calib_dir)
-        n = spec.n
-        if spec.kind == "synthetic":
-            calib = f"OuroMamba-Gen, {n} synthetic images, seed {a.seed}"
-            parts.append(estimate_gen(ctx.model, n, gen_config(a.gen_config), procs))
-            warm.append("1 Gen step")
-        elif spec.kind == "real":
-            calib = f"demo calibration split, {n} real images, seed {a.seed}"
-        else:
-            from pathlib import Path
-
-            n = n or _folder_count(a.calib_dir)
-            kind = "synthetic images" if (Path(a.calib_dir) / "images.npz").is_file() else "images"
-            calib = f"folder {a.calib_dir} ({n} {kind})"
-        parts.append(estimate_calibration(ctx.model, ctx.recipe, n or 128))
-        warm.append("1 block of calibration")
-    eval_n = _eval_count(ctx)
-    if eval_n and (a.eval or quantized):
-        evaluation = f"{eval_n} images ({'--eval-dir ' + a.eval_dir if a.eval_dir else 'demo test split'})"
-        parts.append(estimate_eval(ctx.model, eval_n, 1 + 2 * int(quantized), procs))
-        warm.append("1 forward")
-    other = []
-    if quantized and not a.load_calib:
-        if not a.calib_dir:
-            other.append("--calib-dir DIR (real images)")
-        if a.calib is None or not a.calib.startswith("synthetic"):
-            other.append("--calib synthetic:N")
-        if a.demo and (a.calib is None or not a.calib.startswith("real")):
-            other.append("--calib real:N (the demo's split)")
-    if ctx.device.type == "cpu":
-        other.append("--device cuda (a GPU)")
-    return RunPlan(model=_model_label(ctx), recipe=(f"{ctx.recipe.name} ({ctx.recipe.method.value})" if quantized and ctx.recipe else
-                                                     ("from the QuantState" if quantized else None)),
-                   calibration=calib, evaluation=evaluation, device=describe_device(ctx.device), processes=procs,
-                   outputs=tuple(str(o.path) for o in outputs), estimate=Estimate(tuple(parts), " + ".join(warm)),
-                   otherwise=", ".join(other))
-
-
-def _folder_count(d) -> int:
-    from ouro.calib.imagefolder import count_image_files
-
-    try:
-        return count_image_files(d)
-    except ValueError:
-        return 0
-
-
-def _eval_count(ctx: RunContext) -> int:
-    a = ctx.args
-    if a.eval_dir:
-        return _folder_count(a.eval_dir)
-    if a.demo:
-        from ouro.calib.data import SPLIT_SIZES
-
-        return SPLIT_SIZES["test"]
-    return 0
-
-
-def run_export(ctx: RunContext) -> int:
-    """The main job. Each step is owned by a module; see DESIGN.md §1."""
-    a = ctx.args
-    if a.print_passes:
-        from ouro.exporter.passes import describe_passes
-
-        print(describe_passes())
-        return 0
-    quantized = bool(a.preset or a.recipe or a.load_calib)
-    if not a.print_recipe:
-        from ouro.exporter.preflight import preflight
-
-        preflight(a, quantized)  # every output and flag checked before any work (issue 18)
-    from ouro.exporter.outputs import plan_outputs
-
-    outputs = [] if a.print_recipe else plan_outputs(
-        a.output, stage=a.stage, quantized=quantized, force=a.force, passes=a.passes, opset=a.opset)
-    target = outputs[0].target if outputs else None  # known from -o: refuse what it cannot express now
-    if a.preset or a.recipe or a.print_recipe or (quantized and not a.load_calib):
-        from ouro.recipes import resolve_recipe
-
-        ctx.recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method,
-                                    target=None if a.print_recipe else target)
-        if a.print_recipe:
-            print(ctx.recipe.to_toml())
-            return 0
-    if quantized and not a.load_calib:
-        from ouro.calib.imagefolder import parse_calib_spec
-
-        parse_calib_spec(a.calib, a.calib_dir)  # a bad --calib fails before any work
-    if a.load_calib and target is not None:
-        from ouro.calib.quant import read_recipe
-        from ouro.recipes import check_recipe_target
-
-        check_recipe_target(read_recipe(a.load_calib), target)
-    load_model(ctx)
-    plan = run_plan(ctx, outputs, quantized)
-    if ctx.is_main:
-        print(plan.line(), flush=True)
-    if a.dry_run:
-        return 0
-    if a.eval:
-        from ouro.exporter.pipeline import evaluate_fp
-
-        evaluate_fp(ctx)
-    if quantized:
-        from ouro.exporter.pipeline import quantize
-
-        quantize(ctx)
-    if not ctx.is_main:  # rank 0 writes, checks and reports
-        return 0
-    for out in outputs:
-        out.write(ctx)
-    if a.check:
-        from ouro.exporter.check import run_check
-
-        run_check(ctx, outputs)
-    if a.report:
-        from ouro.exporter.pipeline import write_report
-
-        write_report(ctx, a.report)
-    return 0
-
-
-def run_gen(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="ouro-export gen", description="OuroMamba-Gen: synthetic calibration images from noise.")
-    _add_model_args(p)
-    p.add_argument("-n", "--num-images", type=int, default=128)
+    p.add_argument("-n", "--num-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                   help=f"images to generate (default {DEFAULT_CALIB_IMAGES}, the paper's calibration count)")
     p.add_argument("-o", "--output", required=True, help="output folder (PNGs + images.npz)")
     p.add_argument("--force", action="store_true", help="start over in a non-empty output folder")
     p.add_argument("--config", help="generation config (.toml) overriding the defaults")
     p.add_argument("--dry-run", action="store_true", help="print the run plan (with its time estimate) and exit, writing nothing")
-    a = p.parse_args(argv)
-    from ouro.calib.device import describe_device
-    from ouro.calib.gen.cli import gen_config, gen_main
-    from ouro.calib.plan import Estimate, RunPlan, estimate_gen
-
-    cfg = gen_config(a.config)  # a bad config fails before the model is loaded
-    ctx = RunContext(args=a)
-    load_model(ctx)
-    plan = RunPlan(model=_model_label(ctx), device=describe_device(ctx.device), processes=ctx.dist.world_size,
-                   calibration=f"OuroMamba-Gen, {a.num_images} synthetic images, seed {a.seed}, G={cfg.iterations}",
-                   outputs=(f"{a.output}/",), estimate=Estimate((estimate_gen(ctx.model, max(a.num_images, 1), cfg, ctx.dist.world_size),),
-                                                              "1 Gen step"),
-                   otherwise="rerun the same command to resume an interrupted folder; torchrun --nproc-per-node K to share it out")
-    if ctx.is_main:
-        print(plan.line(), flush=True)
-    if a.dry_run:
-        return 0
-    return gen_main(ctx.model, a, dist=ctx.dist)
 
 
-def run_compare(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="ouro-export compare", description="Every method x every preset on one model: top-1 table.")
-    _add_model_args(p)
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, CompareConfig
+
     p.add_argument("--calib-dir")
     p.add_argument("--eval-dir")
     p.add_argument("--calib", default=None)
-    p.add_argument("-o", "--output", default="compare", help="output prefix for .json, .md and .png")
-    p.add_argument("--methods", help="comma-separated subset (default: ouromamba,ptq4vm,qmamba,percentile,minmax)")
-    p.add_argument("--presets", help="comma-separated subset (default: w8a8,w6a6,w4a8,w4a4,w6a4; each method runs those it ships)")
-    a = p.parse_args(argv)
-    from ouro.calib.compare import check_selection, compare_main
-
-    check_selection(a.methods, a.presets)  # before any work
-    ctx = RunContext(args=a)
-    load_model(ctx)
-    return compare_main(ctx.model, a, dist=ctx.dist)
+    p.add_argument("-o", "--output", default=None, help=f"output prefix for .json, .md and .png (default {CompareConfig.output})")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--methods", help=f"comma-separated subset (default: {','.join(METHOD_ORDER)})")
+    p.add_argument("--presets", help=f"comma-separated subset (default: {','.join(COMPARE_PRESETS)}; each method runs those it ships)")
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"gen": run_gen, "compare": run_compare}
+def build_parser() -> argparse.ArgumentParser:
+    """The `ouro-export` parser: one sub-parser per subcommand (export, the default; gen; compare)."""
+    top = argparse.ArgumentParser(
+        prog="ouro-export",
+        description="Vision Mamba (Vim, VMamba) checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
+        epilog="Without a subcommand name, the command line is an export: `ouro-export CKPT --w4a4 -o x.onnx` "
+               "(see `ouro-export export --help`).",
+    )
+    sub = top.add_subparsers(dest="command", metavar="{export,gen,compare}", required=True)
+    model = _model_args()
+    _add_export_args(sub.add_parser(
+        "export", parents=[model], prog="ouro-export", help="calibrate and export (the default subcommand)",
+        description="Vision Mamba (Vim, VMamba) checkpoint -> calibrated low-bit ONNX / TensorRT engine (OuroMamba and baselines).",
+        epilog="Subcommands: `ouro-export gen ...` (synthetic calibration images), `ouro-export compare ...` (methods x bits table)."))
+    _add_gen_args(sub.add_parser("gen", parents=[model], prog="ouro-export gen", help="synthetic calibration images",
+                                 description="OuroMamba-Gen: synthetic calibration images from noise."))
+    _add_compare_args(sub.add_parser("compare", parents=[model], prog="ouro-export compare", help="methods x presets top-1 table",
+                                     description="Every method x every preset on one model: top-1 table."))
+    return top
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; one that does not start with a subcommand name (or -h) is an export."""
+    argv = list(argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = [DEFAULT_SUBCOMMAND, *argv]
+    return build_parser().parse_args(argv)
+
+
+# ------------------------------------------------------------------------ typed requests
+def _path(v: str | None) -> Path | None:
+    return None if v is None else Path(v)
+
+
+def _model_source(a: argparse.Namespace):
+    from .run_config import ModelSource
+
+    return ModelSource(checkpoint=_path(a.checkpoint), demo=a.demo, arch=a.arch, allow_nonfinite=a.allow_nonfinite)
+
+
+_CALIB_FLAGS = (("calib", "--calib"), ("calib_dir", "--calib-dir"), ("gen_config", "--gen-config"))
+_ENGINE_FLAGS = (("batch", "--batch"), ("workspace", "--workspace"), ("timing_cache", "--timing-cache"),
+                 ("plugin_lib", "--plugin-lib"))
+
+
+def _refuse_ignored_flags(a: argparse.Namespace, quantized: bool, builds_engine: bool) -> None:
+    """Flags this request would not use are refused (instead of silently ignored)."""
+    if a.load_calib:
+        given = [f for f, v in (("--" + (a.preset or ""), a.preset), ("--recipe", a.recipe), ("--method", a.method)) if v]
+        if given:
+            raise UserError(f"--load-calib uses the recipe and method saved in the QuantState, so {', '.join(given)} "
+                            "would be ignored; remove them (or calibrate anew without --load-calib)")
+        given = [flag for key, flag in _CALIB_FLAGS if getattr(a, key)]
+        if given:
+            raise UserError(f"--load-calib skips calibration, so {', '.join(given)} would be ignored; remove them")
+    elif not quantized:
+        given = [flag for key, flag in (*_CALIB_FLAGS, ("method", "--method"), ("save_calib", "--save-calib")) if getattr(a, key)]
+        if given:
+            raise UserError(f"{', '.join(given)} apply only when quantizing: add a preset (--w4a4, --w4a8, --w6a6, --w8a8) "
+                            "or --recipe, or remove them")
+    if not builds_engine:
+        given = [flag for key, flag in _ENGINE_FLAGS if getattr(a, key) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} used only when building a TensorRT "
+                            "engine (-o X.plan); remove " + ("it" if len(given) == 1 else "them"))
+
+
+def _check_input_files(a: argparse.Namespace) -> None:
+    """The files the request reads while it is built exist (one line each, before any work)."""
+    for flag, v in (("--load-calib", a.load_calib), ("--recipe", a.recipe), ("--gen-config", a.gen_config)):
+        if v is not None and not Path(v).is_file():
+            raise UserError(f"{flag} {v}: no such file" + (" (it is a folder)" if Path(v).is_dir() else ""))
+
+
+def _builds_engine(a: argparse.Namespace) -> bool:
+    return a.stage == "engine" or (a.stage is None and a.output is not None and str(a.output).lower().endswith(".plan"))
+
+
+def build_run_config(a: argparse.Namespace):
+    """The RunConfig of an export command line, every part validated (in this order: model source,
+    flags the request would ignore, input files, passes, outputs, recipe vs target, calibration
+    source, QuantState vs target, engine options). Returns None after --print-recipe (which prints
+    the recipe)."""
+    from ouro.calib.gen.cli import gen_config
+    from ouro.calib.imagefolder import parse_calib_spec
+
+    from .engine_config import BatchProfile
+    from .outputs import EngineOptions, ExportOptions, OutputPlan, plan_outputs
+    from .passes import parse_pass_names
+    from .run_config import CalibSource, EvalOptions, RunConfig
+
+    quantized = bool(a.preset or a.recipe or a.load_calib)
+    model = None
+    if not a.print_recipe:
+        model = _model_source(a)
+        _refuse_ignored_flags(a, quantized, _builds_engine(a))
+        _check_input_files(a)
+    export = ExportOptions(fp16=a.fp16, opset=a.opset, passes=parse_pass_names(a.passes))
+    outputs = OutputPlan() if a.print_recipe else plan_outputs(
+        a.output, stage=a.stage, quantized=quantized, force=a.force, opset=a.opset, save_calib=a.save_calib, report=a.report)
+    recipe = None
+    if a.preset or a.recipe or a.print_recipe or (quantized and not a.load_calib):
+        from ouro.recipes import resolve_recipe
+
+        recipe = resolve_recipe(preset=a.preset, recipe_file=a.recipe, method=a.method,
+                                target=None if a.print_recipe else outputs.target)
+        if a.print_recipe:
+            print(recipe.to_toml())
+            return None
+    calib = None
+    if quantized and not a.load_calib:
+        calib = CalibSource(parse_calib_spec(a.calib, a.calib_dir), calib_dir=_path(a.calib_dir), demo=a.demo is not None, seed=a.seed,
+                            gen=gen_config(a.gen_config), explicit=a.calib is not None)
+    if a.load_calib and outputs.target is not None:
+        from ouro.calib.quant import read_recipe
+        from ouro.recipes import check_recipe_target
+
+        check_recipe_target(read_recipe(a.load_calib), outputs.target)
+    engine = EngineOptions()
+    if a.batch is not None or a.workspace is not None or a.timing_cache or a.plugin_lib:
+        engine = EngineOptions(batch=BatchProfile.parse(a.batch) if a.batch is not None else engine.batch,
+                               workspace_mib=a.workspace if a.workspace is not None else engine.workspace_mib,
+                               timing_cache=_path(a.timing_cache), plugin_library=_path(a.plugin_lib))
+    return RunConfig(model=model, device=a.device, seed=a.seed, outputs=outputs, recipe=recipe,
+                     load_calib=_path(a.load_calib), calib=calib,
+                     eval=EvalOptions(eval_dir=_path(a.eval_dir), demo=a.demo is not None, print_fp=a.eval),
+                     export=export, engine=engine, check=a.check, dry_run=a.dry_run)
+
+
+def build_gen_request(a: argparse.Namespace):
+    from ouro.calib.gen.cli import GenRequest, gen_config
+
+    return GenRequest(num_images=a.num_images, output=Path(a.output), seed=a.seed, force=a.force, config=gen_config(a.config))
+
+
+def build_compare_config(a: argparse.Namespace, model_name: str):
+    from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, CompareConfig
+
+    return CompareConfig(demo=a.demo is not None, calib=a.calib, calib_dir=_path(a.calib_dir), eval_dir=_path(a.eval_dir), seed=a.seed,
+                         methods=CompareConfig.names(a.methods, METHOD_ORDER), presets=CompareConfig.names(a.presets, COMPARE_PRESETS),
+                         output=Path(a.output) if a.output else CompareConfig.output, model_name=model_name, force=a.force)
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    from . import run
+
+    if a.command == "export":
+        if a.print_passes:
+            from .passes import describe_passes
+
+            print(describe_passes())
+            return 0
+        cfg = build_run_config(a)
+        return 0 if cfg is None else run.run_export(cfg)
+    if a.command == "gen":
+        req = build_gen_request(a)
+        return run.run_gen(_model_source(a), a.device, req, dry_run=a.dry_run)
+    source = _model_source(a)
+    return run.run_compare(source, a.device, build_compare_config(a, source.name))
 
 
 class _StderrHandler(logging.Handler):
@@ -373,10 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         try:
-            if argv and argv[0] in SUBCOMMANDS:
-                rc = SUBCOMMANDS[argv[0]](argv[1:])
-            else:
-                rc = run_export(RunContext(args=build_export_parser().parse_args(argv)))
+            rc = _dispatch(parse_args(argv))
         except BaseException:
             leave_process_group(wait=False)  # no barrier: another rank may be inside a collective
             raise

@@ -23,6 +23,7 @@ __all__ = [
     "PLUGIN_LIBRARY_NAME",
     "PLUGIN_LIBRARY_ENV",
     "DEFAULT_WORKSPACE_MIB",
+    "MAX_WORKSPACE_MIB",
     "BatchProfile",
     "InputSpec",
     "EngineConfig",
@@ -41,6 +42,7 @@ __all__ = [
 PLUGIN_LIBRARY_NAME = LIBRARIES["ouro_trt_plugins"].file
 PLUGIN_LIBRARY_ENV = LIBRARIES["ouro_trt_plugins"].env
 DEFAULT_WORKSPACE_MIB = 4096
+MAX_WORKSPACE_MIB = 1 << 20  # 1 TiB: beyond any GPU's memory
 # TensorRT 10.x needs --stronglyTyped; from 11 on every network is strongly typed and the flag is gone.
 FIRST_ALWAYS_STRONGLY_TYPED_MAJOR = 11
 DEFAULT_TENSORRT_MAJOR = 11
@@ -146,7 +148,7 @@ class EngineConfig:
 
     @classmethod
     def for_plan(cls, plan_path: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None,
-                 batch: str | BatchProfile = "1,32,128", workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+                 batch: str | BatchProfile = BatchProfile(), workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                  timing_cache: str | os.PathLike | None = None,
                  plugin_library: str | os.PathLike | None = None, version_compatible: bool = False) -> EngineConfig:
         """The config of a `-o X.plan` request: ONNX beside the plan (X.onnx) unless given, plugin

@@ -46,6 +46,7 @@ __all__ = [
     "finish_node_names",
     "export_onnx",
     "export_fp",
+    "is_none",
 ]
 
 DOMAIN = "ouro"
@@ -78,7 +79,7 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def symbolic(g, inner, name, direction, reverse, u, delta, A, Bm, Cm, Dskip, z):  # noqa: N803
         attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
-        operands = [u, delta, A, Bm, Cm, Dskip] + ([] if _is_none(z) else [z])
+        operands = [u, delta, A, Bm, Cm, Dskip] + ([] if is_none(z) else [z])
         y = g.op(
             f"{DOMAIN}::{SCAN_OP}", *operands,
             reverse_i=int(reverse), delta_softplus_i=1, **attrs, **{f"{NODE_NAME_ATTR}_s": name},
@@ -97,7 +98,7 @@ def scan_output_type(u):
     return t.with_sizes([None] + list(sizes[1:]))
 
 
-def _is_none(v) -> bool:
+def is_none(v) -> bool:
     """A symbolic argument that stands for a Python None (an absent optional operand)."""
     return v is None or (hasattr(v, "node") and v.node().mustBeNone())
 

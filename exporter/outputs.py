@@ -20,10 +20,25 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ouro.calib.files import OutputError, atomic_write
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ouro.calib.files import OutputError, WritePlan, atomic_write
 from ouro.recipes import Target
 
-__all__ = ["Stage", "OutputError", "Output", "plan_outputs", "atomic_write", "exported_graph"]
+from .engine_config import DEFAULT_WORKSPACE_MIB, MAX_WORKSPACE_MIB, BatchProfile, EngineConfigError
+from .passes import DEFAULT_PASSES, PASSES, PassError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ouro.calib.quant import QuantizedModel
+
+    from .context import RunContext
+
+__all__ = ["Stage", "OutputError", "Output", "OutputPlan", "ExportOptions", "EngineOptions", "ExportedGraphs", "plan_outputs",
+           "atomic_write"]
 
 
 class Stage(str, Enum):
@@ -52,31 +67,42 @@ _SUFFIXES: tuple[tuple[str, Callable[[bool], Stage]], ...] = (
 _NEEDS_QUANT = {Stage.QDQ, Stage.PLUGIN, Stage.QUANT_STATE}
 
 
-def _check_writable(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists; pass --force to overwrite it")
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory; give a file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: folder {parent} is not writable")
+# ------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the ONNX graphs are written: fp16 (FP graph in float16), opset (None: FP_OPSET for the FP
+    graph, QDQ_OPSET for quantized ones), passes (graph passes of quantized graphs, in order)."""
+
+    fp16: bool = False
+    opset: int | None = None
+    passes: tuple[str, ...] = DEFAULT_PASSES
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.passes if n not in PASSES]
+        if unknown or not self.passes:
+            raise PassError(f"unknown graph pass(es) or none: {list(self.passes)}; known: {', '.join(PASSES)}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How a `.plan` is built (ouro.exporter.engine_config.EngineConfig.for_plan): optimisation
+    profile, builder workspace (MiB), timing cache, plugin library (None: the in-tree build)."""
+
+    batch: BatchProfile = BatchProfile()
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB
+    timing_cache: Path | None = None
+    plugin_library: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workspace_mib, bool) or not isinstance(self.workspace_mib, int) \
+                or not 1 <= self.workspace_mib <= MAX_WORKSPACE_MIB:
+            raise EngineConfigError(f"--workspace must be a number of MiB in [1, {MAX_WORKSPACE_MIB}], got {self.workspace_mib}")
+        if self.plugin_library is not None and not Path(self.plugin_library).is_file():
+            raise EngineConfigError(f"--plugin-lib {self.plugin_library}: no such file "
+                                    "(give the path of the built libouro_trt_plugins.so)")
 
 
 # ------------------------------------------------------------------------------------ artifacts
-def _cache(ctx) -> dict:
-    c = getattr(ctx, "_exported", None)
-    if c is None:
-        c = {}
-        ctx._exported = c
-    return c
-
-
-def _opset(ctx, default: int) -> int:
-    return getattr(ctx.args, "opset", None) or default
-
-
 def _on_cpu(model):
     """ONNX tracing runs on the CPU, whatever --device the PyTorch stages use: a model on another
     device is traced from a CPU copy (the graph's initializers are host arrays either way), and the
@@ -92,29 +118,36 @@ def _on_cpu(model):
     return model if module_device(model).type == "cpu" else copy.deepcopy(model).to("cpu")
 
 
-def exported_graph(ctx, stage: Stage):
-    """The ONNX ModelProto of a stage, exported once per run (and timed in ctx.timings)."""
-    import torch
+class ExportedGraphs:
+    """The ONNX ModelProto of each stage of one run, exported once (timed into `ctx`) and reused by
+    every output and by --check."""
 
-    cache = _cache(ctx)
-    if stage in cache:
-        return cache[stage]
-    if stage is Stage.FP:
-        from .onnx_export import FP_OPSET, export_fp
+    def __init__(self, model: nn.Module, qmodel: QuantizedModel | None, options: ExportOptions, ctx: RunContext) -> None:
+        self.model, self.qmodel, self.options, self.ctx = model, qmodel, options, ctx
+        self._graphs: dict[Stage, onnx.ModelProto] = {}
 
-        with ctx.stage("export_fp"), torch.device("cpu"):
-            model = export_fp(_on_cpu(ctx.model), fp16=bool(getattr(ctx.args, "fp16", False)), opset=_opset(ctx, FP_OPSET)).model
-    elif stage.target is not None:
-        from .passes import parse_pass_names
-        from .quantized import QDQ_OPSET, export_quantized
+    def graph(self, stage: Stage) -> onnx.ModelProto:
+        import torch
 
-        with ctx.stage(f"export_{stage.value}"), torch.device("cpu"):
-            model = export_quantized(_on_cpu(ctx.qmodel), stage.target, passes=parse_pass_names(getattr(ctx.args, "passes", None)),
-                                     opset=_opset(ctx, QDQ_OPSET)).model
-    else:
-        raise ValueError(f"stage {stage.value} has no ONNX graph")
-    cache[stage] = model
-    return model
+        if stage in self._graphs:
+            return self._graphs[stage]
+        if stage is Stage.FP:
+            from .onnx_export import FP_OPSET, export_fp
+
+            with self.ctx.stage("export_fp"), torch.device("cpu"):
+                model = export_fp(_on_cpu(self.model), fp16=self.options.fp16, opset=self.options.opset or FP_OPSET).model
+        elif stage.target is not None:
+            from .quantized import QDQ_OPSET, export_quantized
+
+            if self.qmodel is None:
+                raise ValueError(f"a {stage.value} graph needs a quantized model")
+            with self.ctx.stage(f"export_{stage.value}"), torch.device("cpu"):
+                model = export_quantized(_on_cpu(self.qmodel), stage.target, passes=self.options.passes,
+                                         opset=self.options.opset or QDQ_OPSET).model
+        else:
+            raise ValueError(f"stage {stage.value} has no ONNX graph")
+        self._graphs[stage] = model
+        return model
 
 
 def _save_onnx(model) -> Callable[[Path], None]:
@@ -127,9 +160,9 @@ def _save_onnx(model) -> Callable[[Path], None]:
     return write
 
 
-@dataclass
+@dataclass(frozen=True)
 class Output:
-    """One file to write. `write(ctx)` produces it from the run context."""
+    """One file to write. `write(...)` produces it from the run's artifacts."""
 
     path: Path
     stage: Stage
@@ -141,15 +174,20 @@ class Output:
         """The quantized export target (refuse a recipe it cannot express before calibrating)."""
         return self.stage.target
 
-    def write(self, ctx) -> Path:
+    @property
+    def graph_stage(self) -> Stage | None:
+        """The stage of the ONNX graph this output writes (the one beside a .plan); None for a QuantState."""
+        return self.onnx_stage if self.stage is Stage.ENGINE else (None if self.stage is Stage.QUANT_STATE else self.stage)
+
+    def write(self, graphs: ExportedGraphs, engine: EngineOptions, ctx: RunContext) -> Path:
         if self.stage is Stage.QUANT_STATE:
             from ouro.calib.quant import save_quant_state
 
-            atomic_write(self.path, lambda tmp: save_quant_state(ctx.qmodel, tmp), force=self.force)
+            atomic_write(self.path, lambda tmp: save_quant_state(graphs.qmodel, tmp), force=self.force)
         elif self.stage is Stage.ENGINE:
-            self._write_engine(ctx)
+            self._write_engine(graphs, engine, ctx)
         else:
-            atomic_write(self.path, _save_onnx(exported_graph(ctx, self.stage)), force=self.force)
+            atomic_write(self.path, _save_onnx(graphs.graph(self.stage)), force=self.force)
         print(f"wrote {self.path}")
         ctx.report.setdefault("outputs", {})[str(self.path)] = self.stage.value
         return self.path
@@ -163,21 +201,70 @@ class Output:
             return onnx_path_for_plan(self.path)
         return self.path
 
-    def _write_engine(self, ctx) -> None:
+    def _write_engine(self, graphs: ExportedGraphs, engine: EngineOptions, ctx: RunContext) -> None:
         onnx_path = self.onnx_path
-        atomic_write(onnx_path, _save_onnx(exported_graph(ctx, self.onnx_stage)), force=self.force)
+        atomic_write(onnx_path, _save_onnx(graphs.graph(self.onnx_stage)), force=self.force)
         print(f"wrote {onnx_path}")
         from .engine_config import EngineConfig
         from .trt_build import build_engine
 
-        a = ctx.args
-        cfg = EngineConfig.for_plan(
-            self.path, onnx_path=onnx_path, batch=getattr(a, "batch", "1,32,128"),
-            workspace_mib=getattr(a, "workspace", 4096), timing_cache=getattr(a, "timing_cache", None),
-            plugin_library=getattr(a, "plugin_lib", None),
-        )
+        cfg = EngineConfig.for_plan(self.path, onnx_path=onnx_path, batch=engine.batch, workspace_mib=engine.workspace_mib,
+                                    timing_cache=engine.timing_cache, plugin_library=engine.plugin_library)
         with ctx.stage("engine"):
             build_engine(cfg)  # raises TensorRTUnavailableError (install hint + trtexec command) without TensorRT
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Every file a run will write, declared and validated before any work starts.
+
+    outputs     the `-o` request (an Output each; a .plan also declares the ONNX beside it)
+    save_calib  --save-calib: the QuantState written after calibration (None: not written)
+    report      --report: the JSON report (plots beside it)
+
+    Built once by `ouro.exporter.cli` (via `plan_outputs`) from the flags, before the model is
+    loaded; this is the one place where output flags are checked (extension, existing file and
+    --force, writable folder, name length, two outputs on one file, --opset, --stage; OutputPlan.check
+    declares them all in one ouro.calib.files.WritePlan). Checks of further output flags belong in
+    `plan_outputs` / `__post_init__` here, so that a bad request fails before any work."""
+
+    outputs: tuple[Output, ...] = ()
+    save_calib: Path | None = None
+    report: Path | None = None
+    force: bool = False
+
+    @property
+    def target(self) -> Target | None:
+        """The quantized export target that -o asks for (None: none)."""
+        return self.outputs[0].target if self.outputs else None
+
+    @property
+    def builds_engine(self) -> bool:
+        """-o asks for a TensorRT engine (.plan or --stage engine)."""
+        return any(o.stage is Stage.ENGINE for o in self.outputs)
+
+    def write_plan(self) -> WritePlan:
+        """Every file of the plan (-o, the ONNX beside a .plan, --save-calib, --report and its plots) in
+        one ouro.calib.files.WritePlan, unchecked."""
+        from .pipeline import report_files
+
+        plan = WritePlan(force=self.force)
+        for o in self.outputs:
+            plan.add("-o", o.path)
+            if o.stage is Stage.ENGINE:
+                plan.add("-o (the ONNX written beside the .plan)", o.onnx_path)
+        plan.add("--save-calib", self.save_calib)
+        plan.add("--report", self.report, siblings=report_files(self.report) if self.report is not None else ())
+        return plan
+
+    def check(self) -> OutputPlan:
+        """No two outputs on one file, no existing file without --force, writable existing folders, names
+        and paths the file system holds (OutputError, one line); returns self."""
+        try:
+            self.write_plan().check()
+        except OSError as e:  # a path the OS refuses to even look at
+            raise OutputError(f"cannot use output path {str(e.filename)[:60]}...: {e.strerror}") from None
+        return self
 
 
 def _stage_of(path: Path, quantized: bool) -> Stage:
@@ -205,17 +292,16 @@ def _check_opset(opset: int | None, stages: set[Stage]) -> None:
 
 
 def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, quantized: bool = False,
-                 force: bool = False, passes: str | None = None, opset: int | None = None) -> list[Output]:
-    """Validate the `-o` request (and --passes, --opset) before any work starts; returns the outputs
-    to write (possibly none)."""
-    if passes is not None:
-        from .passes import parse_pass_names
-
-        parse_pass_names(passes)
+                 force: bool = False, opset: int | None = None, save_calib: str | os.PathLike | None = None,
+                 report: str | os.PathLike | None = None) -> OutputPlan:
+    """Validate the `-o` request (and --opset), then every file the run will write together (OutputPlan.check),
+    before any work starts; returns the checked plan (possibly with no output)."""
+    extra = {"save_calib": None if save_calib is None else Path(save_calib), "report": None if report is None else Path(report),
+             "force": force}
     if output is None:
         if stage is not None:
             raise OutputError(f"--stage {stage} needs an output file (-o)")
-        return []
+        return OutputPlan(**extra).check()
     path = Path(output)
     st = Stage(stage) if stage else _stage_of(path, quantized)
     if st in _NEEDS_QUANT and not quantized:
@@ -225,10 +311,6 @@ def plan_outputs(output: str | os.PathLike | None, *, stage: str | None = None, 
         )
     if st is Stage.FP and quantized and stage is None:
         st = Stage.PLUGIN
-    _check_writable(path, force)
-    out = Output(path, st, force)
-    if st is Stage.ENGINE:
-        out.onnx_stage = Stage.PLUGIN if quantized else Stage.FP
-        _check_writable(out.onnx_path, force)
+    out = Output(path, st, force, onnx_stage=(Stage.PLUGIN if quantized else Stage.FP) if st is Stage.ENGINE else None)
     _check_opset(opset, {out.onnx_stage or st})
-    return [out]
+    return OutputPlan((out,), **extra).check()

@@ -1,13 +1,18 @@
 """Pipeline stages of the quantized path: FP evaluation, calibration (or QuantState load), report.
 
-    evaluate_fp(ctx)        FP top-1 on the evaluation set (demo test split or --eval-dir)
-    quantize(ctx)           calibrate (or --load-calib), --save-calib, quantized metrics, summary table
-    write_report(ctx, path) JSON report (+ PNG plots beside it when matplotlib is available)
+    data = load_evaluation(source, ctx.dist)          this process's share of the evaluation set (or None)
+    fp_pred = evaluate_fp(model, data, ctx)          FP top-1 on the evaluation set
+    qmodel = quantize(model, recipe=..., calib=..., data=data, fp_pred=fp_pred, ctx=ctx)
+                                                     calibrate (or load a QuantState), save it, quantized metrics, summary
+    write_report(ctx, path)                          JSON report (+ PNG plots beside it when matplotlib is available)
+
+Each stage takes its inputs as arguments and returns its artifact; `ctx` (ouro.exporter.context.RunContext)
+carries only the device, the torchrun processes, the timings and the report.
 
 Report keys: recipe, method, calibration (source, images), fp_top1, quant_top1, top1_delta,
 top1_agreement, sqnr_db (per block), outlier_rate (per quantizer), compression (vs FP16), timings.
 The metrics themselves are ouro.calib.metrics; the numerics live in ouro.calib. Every PyTorch stage
-runs on the model's device (ctx.device); top-1 over the evaluation set is sharded over torchrun
+runs on the model's device; top-1 over the evaluation set is sharded over torchrun
 processes (ctx.dist, ouro.calib.evaluation) and identical to one process's.
 """
 from __future__ import annotations
@@ -16,17 +21,33 @@ import json
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
+from ouro.calib.distributed import SINGLE, DistContext
 from ouro.calib.files import atomic_write
 from ouro.calib.metrics import agreement, block_sqnr, predict, top1
 
+from .context import RunContext
+
+if TYPE_CHECKING:
+    from ouro.calib.evaluation import EvalData
+    from ouro.calib.quant import QuantizedModel
+    from ouro.recipes import Recipe
+
+    from .run_config import CalibSource
+
 __all__ = [
     "SQNR_MAX_IMAGES",
+    "load_evaluation",
     "evaluation_set",
     "outlier_rates",
     "memory_compression",
     "evaluate_fp",
+    "calibrate_model",
+    "load_calibration",
+    "save_calibration",
     "quantize",
     "quantized_metrics",
     "format_table",
@@ -87,32 +108,17 @@ def memory_compression(model: nn.Module, qmodel) -> dict:
 
 
 # --------------------------------------------------------------------------------------- data
-def _eval_source(ctx):
-    from ouro.calib.evaluation import EvalSource
+def load_evaluation(source, dist: DistContext = SINGLE) -> EvalData | None:
+    """This process's share of the evaluation set (ouro.calib.evaluation.EvalData) of an EvalSource;
+    None when there is no evaluation set (source None)."""
+    from ouro.calib.evaluation import EvalData
 
-    a = ctx.args
-    if getattr(a, "eval_dir", None):
-        return EvalSource.folder(a.eval_dir, ctx.model.cfg.img_size)
-    if getattr(a, "demo", False):
-        return EvalSource("demo", img_size=ctx.model.cfg.img_size)
-    return None
+    return None if source is None else EvalData.load(source, dist)
 
 
-def evaluation_data(ctx):
-    """This process's share of the evaluation set (ouro.calib.evaluation.EvalData), or None. Cached on ctx."""
-    if getattr(ctx, "_eval_data", None) is None:
-        from ouro.calib.distributed import SINGLE
-        from ouro.calib.evaluation import EvalData
-
-        src = _eval_source(ctx)
-        ctx._eval_data = None if src is None else EvalData.load(src, getattr(ctx, "dist", None) or SINGLE)
-    return ctx._eval_data
-
-
-def evaluation_set(ctx, n: int | None = None) -> tuple[Tensor, Tensor] | None:
+def evaluation_set(data: EvalData | None, n: int | None = None) -> tuple[Tensor, Tensor] | None:
     """(images, labels) of the first n evaluation images (all when None and not sharded), on the CPU;
-    None when there is no evaluation set (demo test split or --eval-dir)."""
-    data = evaluation_data(ctx)
+    None when there is no evaluation set."""
     if data is None:
         return None
     if len(data.batches) == data.total_batches:  # one process holds the whole set
@@ -123,83 +129,104 @@ def evaluation_set(ctx, n: int | None = None) -> tuple[Tensor, Tensor] | None:
     return data.source.load(list(range(min(n, data.source.size()))))
 
 
-def _predict_all(ctx, model, desc: str) -> tuple[Tensor, Tensor]:
-    from ouro.calib.distributed import SINGLE
+# ------------------------------------------------------------------------------------- stages
+def evaluate_fp(model: nn.Module, data: EvalData | None, ctx: RunContext) -> Tensor | None:
+    """FP top-1 on the evaluation set (report: fp_top1, eval_images); returns the FP predictions
+    (None without an evaluation set)."""
     from ouro.calib.evaluation import predict_all
 
-    return predict_all(model, evaluation_data(ctx), getattr(ctx, "dist", None) or SINGLE, desc=desc)
-
-
-# ------------------------------------------------------------------------------------- stages
-def evaluate_fp(ctx) -> float | None:
-    if evaluation_data(ctx) is None:
+    if data is None:
         print("ouro-export: no evaluation data (use --demo or --eval-dir); skipping FP top-1")
         return None
     with ctx.stage("eval_fp"):
-        ctx._fp_pred, labels = _predict_all(ctx, ctx.model, "evaluate FP")
-        acc = top1(ctx._fp_pred, labels)
+        fp_pred, labels = predict_all(model, data, ctx.dist, desc="evaluate FP")
+        acc = top1(fp_pred, labels)
     ctx.report["fp_top1"] = round(acc, 3)
     ctx.report["eval_images"] = int(labels.shape[0])
-    if getattr(ctx, "is_main", True):
+    if ctx.is_main:
         print(f"FP top-1: {acc:.2f} % on {labels.shape[0]} images")
-    return acc
+    return fp_pred
 
 
-def quantize(ctx) -> nn.Module:
-    """Calibrate (or load the QuantState), optionally save it, then measure and print the summary."""
-    from ouro.calib.imagefolder import calibration_images, make_forward_loop, parse_calib_spec
-    from ouro.calib.quant import calibrate, load_quant_state, save_quant_state
+def calibrate_model(model: nn.Module, recipe: Recipe, source: CalibSource, ctx: RunContext) -> QuantizedModel:
+    """Draw the calibration images of `source` and calibrate `model` with `recipe`."""
+    from ouro.calib.imagefolder import make_forward_loop
+    from ouro.calib.quant import calibrate
 
-    a = ctx.args
-    if a.load_calib:
-        with ctx.stage("load_calib"):
-            ctx.qmodel = load_quant_state(ctx.model, a.load_calib)
-            ctx.recipe = ctx.qmodel.recipe
-        ctx.report["calibration"] = {"quant_state": str(a.load_calib)}
+    with ctx.stage("calib_data"):
+        images = source.images(model, ctx.dist)
+    ctx.report["calibration"] = {"source": source.spec.kind, "images": int(images.shape[0]), "seed": source.seed}
+    with ctx.stage("calibrate"):
+        qmodel = calibrate(model, recipe, make_forward_loop(images), seed=source.seed, progress=ctx.is_main)
+    ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in qmodel.calib_losses]
+    return qmodel
+
+
+def load_calibration(model: nn.Module, path: str | Path, ctx: RunContext) -> QuantizedModel:
+    """The QuantizedModel of a saved QuantState (no data, no calibration)."""
+    from ouro.calib.quant import load_quant_state
+
+    with ctx.stage("load_calib"):
+        qmodel = load_quant_state(model, path)
+    ctx.report["calibration"] = {"quant_state": str(path)}
+    return qmodel
+
+
+def save_calibration(qmodel: QuantizedModel, path: str | Path, ctx: RunContext, *, force: bool = False) -> None:
+    """Write the QuantState (no-clobber unless `force`: the output plan checked the path before the run)."""
+    from ouro.calib.quant import save_quant_state
+
+    with ctx.stage("save_calib"):
+        atomic_write(path, lambda tmp: save_quant_state(qmodel, tmp), force=force)
+
+
+def quantize(model: nn.Module, *, recipe: Recipe | None = None, calib: CalibSource | None = None,
+             load_calib: str | Path | None = None, save_calib: str | Path | None = None, force: bool = False,
+             data: EvalData | None = None, fp_pred: Tensor | None = None, ctx: RunContext) -> QuantizedModel:
+    """Calibrate `model` with `recipe` on `calib` (or load the QuantState `load_calib`), optionally
+    save it, then measure (quantized_metrics) and print the summary."""
+    if load_calib is not None:
+        qmodel = load_calibration(model, load_calib, ctx)
+    elif recipe is not None and calib is not None:
+        qmodel = calibrate_model(model, recipe, calib, ctx)
     else:
-        spec = parse_calib_spec(a.calib, a.calib_dir)
-        with ctx.stage("calib_data"):
-            from ouro.calib.gen.cli import gen_config
-
-            images = calibration_images(ctx.model, spec, calib_dir=a.calib_dir, demo=a.demo, seed=a.seed,
-                                        dist=getattr(ctx, "dist", None), gen=gen_config(getattr(a, "gen_config", None)))
-        ctx.report["calibration"] = {"source": spec.kind, "images": int(images.shape[0]), "seed": a.seed}
-        with ctx.stage("calibrate"):
-            ctx.qmodel = calibrate(ctx.model, ctx.recipe, make_forward_loop(images), seed=a.seed, progress=getattr(ctx, "is_main", True))
-        ctx.report["calibration"]["block_losses"] = [round(v, 6) for v in ctx.qmodel.calib_losses]
-    if a.save_calib:
-        with ctx.stage("save_calib"):
-            atomic_write(a.save_calib, lambda tmp: save_quant_state(ctx.qmodel, tmp), force=bool(getattr(a, "force", False)))
-    ctx.report["recipe"] = ctx.recipe.to_dict()
-    ctx.report["method"] = ctx.recipe.method.value
-    ctx.report["method_info"] = ctx.qmodel.method_info
-    quantized_metrics(ctx)
-    if getattr(ctx, "is_main", True):
+        raise ValueError("quantize needs a recipe and a calibration source, or a QuantState to load")
+    if save_calib is not None:
+        save_calibration(qmodel, save_calib, ctx, force=force)
+    ctx.report["recipe"] = qmodel.recipe.to_dict()
+    ctx.report["method"] = qmodel.recipe.method.value
+    ctx.report["method_info"] = qmodel.method_info
+    quantized_metrics(model, qmodel, data, fp_pred, ctx)
+    if ctx.is_main:
         print(format_table({**ctx.report, "timings": dict(ctx.timings)}))
-    return ctx.qmodel
+    return qmodel
 
 
-def quantized_metrics(ctx) -> None:
-    """Quantized top-1, agreement with FP, per-block SQNR, outlier rates, compression."""
-    ctx.report["compression"] = memory_compression(ctx.model, ctx.qmodel)
-    if evaluation_data(ctx) is None:
+def quantized_metrics(model: nn.Module, qmodel: QuantizedModel, data: EvalData | None, fp_pred: Tensor | None,
+                      ctx: RunContext) -> None:
+    """Quantized top-1, agreement with FP, per-block SQNR, outlier rates, compression (into ctx.report).
+    fp_pred: the FP predictions of evaluate_fp (computed here when None)."""
+    from ouro.calib.evaluation import predict_all
+
+    ctx.report["compression"] = memory_compression(model, qmodel)
+    if data is None:
         return
     with ctx.stage("eval_quant"):
-        qpred, y = _predict_all(ctx, ctx.qmodel, "evaluate quantized")
+        qpred, y = predict_all(qmodel, data, ctx.dist, desc="evaluate quantized")
     ctx.report["quant_top1"] = round(top1(qpred, y), 3)
     ctx.report["eval_images"] = int(y.shape[0])
-    if getattr(ctx, "_fp_pred", None) is None:
+    if fp_pred is None:
         with ctx.stage("eval_fp"):
-            ctx._fp_pred, _ = _predict_all(ctx, ctx.model, "evaluate FP")
-        ctx.report["fp_top1"] = round(top1(ctx._fp_pred, y), 3)
+            fp_pred, _ = predict_all(model, data, ctx.dist, desc="evaluate FP")
+        ctx.report["fp_top1"] = round(top1(fp_pred, y), 3)
     ctx.report["top1_delta"] = round(ctx.report["quant_top1"] - ctx.report["fp_top1"], 3)
-    ctx.report["top1_agreement"] = round(agreement(qpred, ctx._fp_pred), 3)
-    if not getattr(ctx, "is_main", True):  # the per-block metrics are rank 0's (it writes the report)
+    ctx.report["top1_agreement"] = round(agreement(qpred, fp_pred), 3)
+    if not ctx.is_main:  # the per-block metrics are rank 0's (it writes the report)
         return
-    sub = evaluation_set(ctx, SQNR_MAX_IMAGES)[0]
+    sub = evaluation_set(data, SQNR_MAX_IMAGES)[0]
     with ctx.stage("sqnr"):
-        ctx.report["sqnr_db"] = block_sqnr(ctx.model, ctx.qmodel, sub)
-        ctx.report["outlier_rate"] = outlier_rates(ctx.qmodel, sub)
+        ctx.report["sqnr_db"] = block_sqnr(model, qmodel, sub)
+        ctx.report["outlier_rate"] = outlier_rates(qmodel, sub)
 
 
 def format_table(report: dict) -> str:
@@ -253,20 +280,14 @@ def strict_json(obj) -> str:
     return json.dumps(_finite_or_none(obj), indent=2, default=str, allow_nan=False)
 
 
-def write_report(ctx, path: str | Path) -> Path:
+def write_report(ctx: RunContext, path: str | Path, *, force: bool = False) -> Path:
     """Write ctx.report (+ timings) as strict JSON; plots (SQNR per block, outlier rates) beside it.
-    Each file is written atomically; an existing one is replaced only with --force (or when this run
-    already wrote it, e.g. a report written before a failed --check and again at the end)."""
+    Each file is written atomically; an existing one is replaced only with `force` (--force: the
+    output plan checked every one of them before the run)."""
     path = Path(path)
     rep = dict(ctx.report)
     rep["timings"] = dict(ctx.timings)
-    written = getattr(ctx, "_report_written", None)
-    if written is None:
-        written = set()
-        ctx._report_written = written
-    force = bool(getattr(ctx.args, "force", False)) or str(path) in written
     atomic_write(path, strict_json(rep).encode(), force=force)
-    written.add(str(path))
     try:
         _plots(rep, path, force)
     except ImportError:

@@ -45,7 +45,7 @@ from .onnx_export import (
     ExportError,
     ExportResult,
     SelectiveScanFn,
-    _is_none,
+    is_none,
     example_input,
     scan_output_type,
     export_onnx,
@@ -101,7 +101,7 @@ class QuantScanFn(torch.autograd.Function):
     def symbolic(g, inner, name, direction, reverse, u, delta, A, Bm, Cm, Dskip, z, h_scale, h_zero, a_scale, a_zero, a_upper,
                  a_span, spec):  # noqa: N803
         empty = [g.op("Constant", value_t=torch.zeros(0)) for _ in range(6)]
-        if _is_none(z):
+        if is_none(z):
             z = g.op("Constant", value_t=torch.zeros(0))
         attrs = {f"{k}_s": v for k, v in PLUGIN_ATTRS.items()}
         y = g.op(f"{DOMAIN}::{SCAN_OP}", u, delta, A, Bm, Cm, Dskip, z, *empty, h_scale, h_zero, a_scale, a_zero, a_upper, a_span,

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, compare_main
-from ouro.exporter.cli import RunContext, UserError, load_model
+from pathlib import Path
+
+from ouro.calib.compare import COMPARE_PRESETS, METHOD_ORDER, CompareConfig
+from ouro.exporter.context import UserError
+from ouro.exporter.run import run_compare
+from ouro.exporter.run_config import ModelSource
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help=f"comma-separated (default {','.join(METHOD_ORDER)})")
     p.add_argument("--presets", default=",".join(COMPARE_PRESETS), help=f"comma-separated (default {','.join(COMPARE_PRESETS)})")
     p.add_argument("-o", "--output", default="compare", help="output prefix for .json, .md, .png (default ./compare)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is faster on a loaded machine)")
     a = p.parse_args(argv)
     if a.threads:
@@ -38,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(a.threads)
     try:
-        ctx = RunContext(args=a)
-        return compare_main(load_model(ctx), a)
+        source = ModelSource(checkpoint=Path(a.checkpoint) if a.checkpoint else None, demo=a.demo, arch=a.arch)
+        cfg = CompareConfig(demo=a.demo is not None, calib=a.calib, calib_dir=Path(a.calib_dir) if a.calib_dir else None,
+                            eval_dir=Path(a.eval_dir) if a.eval_dir else None, seed=a.seed,
+                            methods=CompareConfig.names(a.methods, METHOD_ORDER), presets=CompareConfig.names(a.presets, COMPARE_PRESETS),
+                            output=Path(a.output), model_name=source.name, force=a.force)
+        return run_compare(source, "auto", cfg)
     except (UserError, ValueError, NotImplementedError) as e:
         print(f"compare_methods: error: {e}", file=sys.stderr)
         return 2

@@ -57,13 +57,13 @@ def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
-def _hints_from_args(args: object) -> tuple[int | None, int | None]:
+def _hints_from_args(train_args: object) -> tuple[int | None, int | None]:
     """(img_size, stride) from an official training args Namespace, when it says."""
-    if args is None:
+    if train_args is None:
         return None, None
-    img = getattr(args, "input_size", None)
+    img = getattr(train_args, "input_size", None)
     stride = None
-    m = _NAME_RE.search(str(getattr(args, "model", "")))
+    m = _NAME_RE.search(str(getattr(train_args, "model", "")))
     if m:
         stride = int(m.group(2) or m.group(1))
         img = img or int(m.group(3))

@@ -32,7 +32,8 @@ from ..imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from .config import GenConfig
 from .grid import min_patches
 from .losses import gen_losses
-from .storage import NPZ_NAME, GenFolder, atomic_save, load_synthetic_dir, model_fingerprint, write_pngs
+from ..files import atomic_write
+from .storage import NPZ_NAME, GenFolder, load_synthetic_dir, model_fingerprint, write_pngs
 
 __all__ = [
     "GenResult",
@@ -305,5 +306,5 @@ def save_synthetic_dir(result: GenResult, out_dir: str | Path, *, force: bool = 
             np.savez(f, images=result.images.detach().float().cpu().numpy(), targets=result.targets.cpu().numpy(),
                      mean=np.array(result.mean, dtype=np.float32), std=np.array(result.std, dtype=np.float32))
 
-    atomic_save(out / NPZ_NAME, write)
+    atomic_write(out / NPZ_NAME, write, force=True)  # the folder was checked empty (or --force) above
     return out

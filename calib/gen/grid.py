@@ -45,7 +45,7 @@ from .config import GenConfig
 from .instrument import ScanRecord
 
 __all__ = ["grid_neighbourhood_mask", "layout_neighbourhood_weights", "point_contrastive_loss", "attention_contrastive_loss",
-           "family_gen_losses", "min_patches"]
+           "family_gen_losses", "min_patches", "column_map"]
 
 
 def grid_neighbourhood_mask(grid: tuple[int, int], p: int) -> Tensor:
@@ -75,7 +75,7 @@ def layout_neighbourhood_weights(dt: Tensor, layout: GenLayout, p: int) -> Tenso
     return W.index_copy(2, tok, m.unsqueeze(0) * w.unsqueeze(1))
 
 
-def _column_map(ref: GenLayout, lay: GenLayout) -> Tensor:
+def column_map(ref: GenLayout, lay: GenLayout) -> Tensor:
     """colmap (L,): position in `lay` of the token at each position of `ref` (patches by grid index;
     non-patch tokens must be at the same positions in both)."""
     rp, lp = ref.positions, lay.positions
@@ -97,7 +97,7 @@ def point_contrastive_loss(records: list[ScanRecord], scans: list[ScanSite], lay
         W = layout_neighbourhood_weights(r.dt, lay, cfg.neighbourhood)
         a = implicit_attention(r.dt, r.A, r.Bm, r.Cm, reverse=sc.reverse, mix=W, rows=lay.patch_positions.to(r.dt.device),
                                chunk_elems=cfg.attn_chunk_elems, use_checkpoint=bool(cfg.checkpoint))
-        a = a[..., _column_map(ref, lay).to(a.device)]
+        a = a[..., column_map(ref, lay).to(a.device)]
         feats = a if feats is None else feats + a
     P = feats.shape[1]
     return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)

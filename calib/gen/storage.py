@@ -1,7 +1,8 @@
 """The output folder of `ouro-export gen`: written as it goes, resumable, never half-written.
 
-Layout of a folder (every file is written to a temporary name beside it and renamed into place, so an
-interrupt leaves either the whole file or none of it):
+Layout of a folder (every file is written through ouro.calib.files.atomic_write, the one atomic
+writer: to a temporary name beside it, then moved into place, so an interrupt leaves either the
+whole file or none of it; gen.json and images.npz no-clobber, so a concurrent run loses cleanly):
 
     gen.json            the run's identity: model fingerprint, n, seed, mini-batch size, GenConfig
     batch_00000.npz     one finished mini-batch: global image indices, images (normalised), targets
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NPZ_NAME", "MANIFEST", "GenFolderError", "GenFolder", "atomic_save", "model_fingerprint", "write_pngs",
+from ..files import OutputError, atomic_write, check_creatable_folder
+
+__all__ = ["NPZ_NAME", "MANIFEST", "GenFolderError", "GenFolder", "check_output_folder", "model_fingerprint", "write_pngs",
            "load_synthetic_dir"]
 
 NPZ_NAME = "images.npz"
@@ -40,23 +42,23 @@ class GenFolderError(ValueError):
     user_facing = True
 
 
-def atomic_save(path: Path, write: Callable[[Path], object]) -> Path:
-    """`write(tmp)` to a temporary file beside `path`, then rename it into place (no partial file on
-    error or Ctrl-C). The calib-side twin of ouro.exporter.outputs.atomic_write (calib may not import
-    exporter)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def check_output_folder(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """The checks of a Gen output folder that need no model, run before any work (GenRequest): a name
+    and path the file system holds, not a file, a folder this run may write (an existing writable
+    folder, or a writable existing folder above it to create it in), and a non-empty folder only if
+    it is an `ouro-export gen` run's (resumed, or another run refused once the model is known) or
+    with --force. A one-line GenFolderError otherwise."""
     try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        out = check_creatable_folder(path, "gen output folder")
+    except OutputError as e:
+        raise GenFolderError(str(e)) from None
+    if out.is_dir() and not force and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise GenFolderError(_NOT_A_RUN.format(out=out))
+    return out
+
+
+_NOT_A_RUN = ("output folder {out} is not empty and holds no " + MANIFEST + " of an `ouro-export gen` run; "
+              "pass --force to overwrite it or choose another -o")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -86,7 +88,8 @@ def write_pngs(folder: Path, indices: list[int], images: Tensor, mean: tuple[flo
     pix = ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, a in zip(indices, pix):
         img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-        atomic_save(folder / f"img_{i:05d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"))
+        # replace: a resumed run rewrites the PNGs of the mini-batch that was cut short
+        atomic_write(folder / f"img_{i:05d}.png", lambda tmp, img=img: img.save(tmp, format="PNG"), force=True)
 
 
 @dataclass
@@ -109,11 +112,11 @@ class GenFolder:
         man = out / MANIFEST
         if force and out.is_dir():
             for f in out.iterdir():
-                if f.is_file() and (f.name == MANIFEST or f.name == NPZ_NAME or f.name.startswith(("batch_", "img_", ".batch_", ".img_"))):
+                if f.is_file() and (f.name == MANIFEST or f.name == NPZ_NAME or f.name.startswith(("batch_", "img_", ".batch_", ".img_"))
+                                  or (f.name.startswith(".ouro-") and f.name.endswith(".tmp"))):
                     f.unlink()
         if out.is_dir() and any(out.iterdir()) and not man.is_file():
-            raise GenFolderError(f"output folder {out} is not empty and holds no {MANIFEST} of an `ouro-export gen` run; "
-                                 "pass --force to overwrite it or choose another -o")
+            raise GenFolderError(_NOT_A_RUN.format(out=out))
         out.mkdir(parents=True, exist_ok=True)
         done: dict[int, tuple[Tensor, Tensor]] = {}
         if man.is_file():
@@ -124,8 +127,12 @@ class GenFolder:
                                      "rerun the same command to resume it, or pass --force to start over")
             done = folder._finished()
         else:
-            atomic_save(man, lambda tmp: tmp.write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                                      "identity": identity}, indent=1)))
+            # no-clobber: of two runs started on one empty folder, the second stops here
+            try:
+                atomic_write(man, json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "identity": identity},
+                                             indent=1).encode(), force=False)
+            except OutputError as e:
+                raise GenFolderError(f"output folder {out}: {e}") from None
         return folder, done
 
     def _finished(self) -> dict[int, tuple[Tensor, Tensor]]:
@@ -146,13 +153,13 @@ class GenFolder:
     def write_batch(self, b: int, indices: list[int], images: Tensor, targets: Tensor) -> None:
         """A finished mini-batch: its PNGs, then batch_<b>.npz (whose presence marks it finished)."""
         write_pngs(self.path, indices, images, self.mean, self.std)
-        atomic_save(self.path / f"batch_{b:05d}.npz", _npz_writer(
+        atomic_write(self.path / f"batch_{b:05d}.npz", force=True, content=_npz_writer(
             indices=np.asarray(indices, dtype=np.int64), images=images.detach().float().cpu().numpy(),
             targets=targets.detach().cpu().numpy()))
 
     def finish(self, images: Tensor, targets: Tensor) -> Path:
         """images.npz with all images; then the per-batch files are removed."""
-        atomic_save(self.path / NPZ_NAME, _npz_writer(
+        atomic_write(self.path / NPZ_NAME, force=False, content=_npz_writer(
             images=images.detach().float().cpu().numpy(), targets=targets.detach().cpu().numpy(),
             mean=np.array(self.mean, dtype=np.float32), std=np.array(self.std, dtype=np.float32)))
         for f in self.path.glob("batch_*.npz"):

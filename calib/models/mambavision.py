@@ -639,13 +639,13 @@ def load_mambavision_state_dict(path: str | Path) -> dict[str, Tensor]:
     return _read_checkpoint(Path(path))[0]
 
 
-def _hints(args: object) -> tuple[int | None, str | None]:
-    """(img_size, model name) from a timm training-args Namespace, when it says."""
-    if not isinstance(args, argparse.Namespace):
+def _hints(train_args: object) -> tuple[int | None, str | None]:
+    """(img_size, model name) from the timm training-args Namespace a checkpoint stores, when it says."""
+    if not isinstance(train_args, argparse.Namespace):
         return None, None
-    size = getattr(args, "input_size", None) or getattr(args, "img_size", None)
+    size = getattr(train_args, "input_size", None) or getattr(train_args, "img_size", None)
     img = size[-1] if isinstance(size, (list, tuple)) and size else size
-    model = getattr(args, "model", None)
+    model = getattr(train_args, "model", None)
     return (int(img) if isinstance(img, int) else None), (model if isinstance(model, str) else None)
 
 

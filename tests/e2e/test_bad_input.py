@@ -281,6 +281,80 @@ def test_07_engine_flags_checked_before_the_onnx_is_written(files, capsys, tmp_p
     assert list(tmp_path.iterdir()) == []  # no stray a.onnx
 
 
+@pytest.mark.parametrize("flags", [["--batch", "2,4,8"], ["--workspace", "64"], ["--timing-cache", "t.cache"],
+                                   ["--plugin-lib", "lib.so"]])
+def test_07_engine_flags_without_a_plan_are_refused(files, capsys, tmp_path, flags):
+    """--batch / --workspace (like --timing-cache / --plugin-lib) would be ignored without a .plan output."""
+    _, ckpt, _, _ = files
+    rc, _, err = _run([ckpt, "-o", tmp_path / "m.onnx", *flags], capsys)
+    _refused(rc, err, flags[0], "only when building a TensorRT engine")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _no_model_load(monkeypatch):
+    """Loading a model fails the test: the refusals below must come before any work."""
+    import ouro.calib.checkpoint
+    import ouro.calib.data
+
+    def loaded(*_a, **_k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(ouro.calib.checkpoint, "load_checkpoint", loaded)
+    monkeypatch.setattr(ouro.calib.data, "load_demo_model", loaded)
+
+
+@pytest.mark.parametrize("existing", ["cmp.json", "cmp.md", "cmp.png"])
+def test_08_compare_output_is_checked_before_work_and_never_clobbered(capsys, tmp_path, monkeypatch, existing):
+    """compare -o PREFIX goes through the output write plan: an existing PREFIX.json/.md/.png without --force
+    is refused before the model is loaded, and left as it was."""
+    _no_model_load(monkeypatch)
+    (tmp_path / existing).write_bytes(b"mine")
+    rc, _, err = _run(["compare", "--demo", "--methods", "minmax", "--presets", "w8a8", "-o", tmp_path / "cmp"], capsys)
+    _refused(rc, err, existing, "already exists", "--force")
+    assert _listing(tmp_path) == {existing: b"mine"}
+    rc, _, err = _run(["compare", "--demo", "-o", tmp_path / existing / "cmp"], capsys)  # a missing folder is made; not under a file
+    _refused(rc, err, existing, "is not a folder")
+    assert _listing(tmp_path) == {existing: b"mine"}
+
+
+def test_08_compare_outputs_are_written_no_clobber(tmp_path):
+    """The files themselves are written atomically and no-clobber (a concurrent writer loses cleanly)."""
+    from ouro.calib.compare import CompareResult, CompareRow, output_plan, write_outputs
+
+    res = CompareResult(model="m", data="real", calib_images=1, eval_images=1, fp_top1=50.0, seed=0,
+                        rows=[CompareRow("minmax", "w8a8", "real", 1, 8, 8, 50.0, 0.0, calib_seconds=0.1)])
+    (tmp_path / "cmp.md").write_bytes(b"mine")
+    with pytest.raises(OutputError, match="already exists"):
+        write_outputs(res, tmp_path / "cmp", force=False)
+    assert (tmp_path / "cmp.md").read_bytes() == b"mine"
+    written = write_outputs(res, tmp_path / "cmp", force=True)
+    assert [p.name for p in written] == ["cmp.json", "cmp.md", "cmp.png"] and (tmp_path / "cmp.md").read_bytes() != b"mine"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o666 & ~umask}
+    assert not list(tmp_path.glob(".*.tmp"))
+    output_plan(tmp_path / "new" / "cmp")  # a missing folder only has to be creatable; writing makes it
+    assert [p.name for p in write_outputs(res, tmp_path / "new" / "cmp", force=False)] == ["cmp.json", "cmp.md", "cmp.png"]
+
+
+@pytest.mark.parametrize("case", ["file", "foreign", "long"])
+def test_gen_output_folder_is_checked_before_work(files, capsys, tmp_path, monkeypatch, case):
+    """gen -o DIR: a file, a non-empty folder of no gen run (without --force), a name too long: one line,
+    before the model is loaded, nothing changed."""
+    _, ckpt, _, _ = files
+    _no_model_load(monkeypatch)
+    out = tmp_path / ("x" * 300 if case == "long" else "synth")
+    if case == "file":
+        out.write_bytes(b"mine")
+    elif case == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_bytes(b"mine")
+    before = {p.relative_to(tmp_path): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    rc, _, err = _run(["gen", ckpt, "-n", "2", "-o", out], capsys)
+    _refused(rc, err, {"file": "is not a folder", "foreign": "--force", "long": "too long"}[case])
+    assert {p.relative_to(tmp_path): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
 def test_08_compare_with_unknown_preset_fails_before_work(capsys, tmp_path):
     rc, _, err = _run(["compare", "--demo", "--presets", "w5a5", "-o", tmp_path / "cmp"], capsys)
     _refused(rc, err, "w5a5", "known:")

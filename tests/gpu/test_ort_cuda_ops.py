@@ -20,13 +20,13 @@ from test_ort_native import (  # noqa: E402  (shared graph builders and cases of
     LINEAR_CASES,
     NO_GATE_SCAN_CASES,
     SCAN_CASES,
-    _no_gate_case,
-    _activations,
-    _calibrated,
-    _inlier_scale,
-    _linear_case,
-    _linear_model,
-    _scan_model,
+    no_gate_case,
+    activations,
+    calibrated,
+    inlier_scale,
+    linear_case,
+    linear_model,
+    scan_model,
 )
 
 from ouro.exporter import ort_native  # noqa: E402
@@ -83,10 +83,10 @@ def _session(model, providers, profile=False):
 def test_outlier_linear_cuda_ep_matches_cpu(case):
     B, L, K, N, w_bits, a_bits, o_bits, policy, nr, fp16 = case
     rng = np.random.default_rng(K * N + B)
-    x, tables, attrs = _linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, nr)
+    x, tables, attrs = linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, nr)
     if fp16:
         x = x.astype(np.float16)
-    model = _linear_model(K, N, L, w_bits, attrs, *tables, fp16=fp16)
+    model = linear_model(K, N, L, w_bits, attrs, *tables, fp16=fp16)
     gpu = _session(model, CUDA, profile=True)
     assert _providers_of(gpu, {"x": x})["OutlierLinear"] == {"CUDAExecutionProvider"}
     y = gpu.run(None, {"x": x})[0]
@@ -99,8 +99,8 @@ def test_outlier_linear_cuda_ep_matches_cpu(case):
 def test_outlier_linear_cuda_ep_batch_changes():
     """Workspace from the EP allocator is sized per call: batch 1, 4, 1 in one session."""
     rng = np.random.default_rng(9)
-    x, tables, attrs = _linear_case(rng, 4, 13, 64, 32, 4, 4, 8, 0, 5)
-    model = _linear_model(64, 32, 13, 4, attrs, *tables)
+    x, tables, attrs = linear_case(rng, 4, 13, 64, 32, 4, 4, 8, 0, 5)
+    model = linear_model(64, 32, 13, 4, attrs, *tables)
     gpu, cpu = _session(model, CUDA), _session(model, ["CPUExecutionProvider"])
     for b in (1, 4, 1):
         y, ref = gpu.run(None, {"x": x[:b]})[0], cpu.run(None, {"x": x[:b]})[0]
@@ -113,17 +113,17 @@ def test_selective_scan_cuda_ep_matches_cpu(case):
     if qattrs and qattrs.get("h_bits"):
         pytest.skip("TGQ step boundaries amplify last-bit differences; covered by the kernels' own GPU tests")
     rng = np.random.default_rng(L * D)
-    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
-                 Cm=_activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=activations(rng, B, L, S),
+                 Cm=activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
     feeds = {k: v.astype(np.float16 if fp16 else np.float32) for k, v in feeds.items()}
     inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
     attrs = dict(reverse=reverse, delta_softplus=1, **(qattrs or {}))
     if qattrs is not None:
         for op, t in (("delta", feeds["delta"]), ("b", feeds["Bm"]), ("c", feeds["Cm"])):
-            inits[f"{op}_scale"] = _inlier_scale(t.astype(np.float32), 8)
+            inits[f"{op}_scale"] = inlier_scale(t.astype(np.float32), 8)
             inits[f"{op}_theta"] = (np.abs(t.astype(np.float32)).mean(axis=(0, 2)) * 3).astype(np.float32)
         inits["h_scale"], inits["h_zero"] = np.ones(L, np.float32), np.zeros(L, np.float32)
-    model = _scan_model(B, L, D, S, attrs, inits, qattrs is not None, fp16)
+    model = scan_model(B, L, D, S, attrs, inits, qattrs is not None, fp16)
     gpu = _session(model, CUDA, profile=True)
     assert _providers_of(gpu, feeds)["SelectiveScan"] == {"CUDAExecutionProvider"}
     y = gpu.run(None, feeds)[0].astype(np.float32)
@@ -136,8 +136,8 @@ def test_selective_scan_cuda_ep_matches_cpu(case):
 def test_selective_scan_without_gate_cuda_ep_matches_cpu(case):
     """Empty or omitted z (no gate) on the CUDA EP: the kernel's NULL z, equal to the CPU EP."""
     name, B, L, D, S, reverse, quantized, fp16, gate = case
-    feeds, inits, tables, attrs = _no_gate_case(np.random.default_rng(L * D + 1), B, L, D, S, reverse, quantized, fp16)
-    model = _scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
+    feeds, inits, tables, attrs = no_gate_case(np.random.default_rng(L * D + 1), B, L, D, S, reverse, quantized, fp16)
+    model = scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
     gpu = _session(model, CUDA, profile=True)
     assert _providers_of(gpu, feeds)["SelectiveScan"] == {"CUDAExecutionProvider"}
     y = gpu.run(None, feeds)[0].astype(np.float32)
@@ -164,8 +164,8 @@ def test_std_correction_on_the_cuda_ep():
     """std_correction = 1 (Bessel) on both custom nodes: equal to the CPU EP (itself bit-exact with the reference
     ops) when the kernels take it, else a clear refusal."""
     rng = np.random.default_rng(11)
-    x, tables, attrs = _linear_case(rng, 3, 13, 384, 44, 4, 4, 8, 0, 10)
-    model = _linear_model(384, 44, 13, 4, {**attrs, "std_correction": 1}, *tables)
+    x, tables, attrs = linear_case(rng, 3, 13, 384, 44, 4, 4, 8, 0, 10)
+    model = linear_model(384, 44, 13, 4, {**attrs, "std_correction": 1}, *tables)
     _refused_or_equal(lambda: _session(model, CUDA).run(None, {"x": x})[0],
                       lambda: _session(model, ["CPUExecutionProvider"]).run(None, {"x": x})[0],
                       lambda y, ref: np.testing.assert_allclose(y, ref, rtol=Y_FP32_RTOL,
@@ -177,7 +177,7 @@ def test_demo_plugin_graph_on_the_cuda_ep():
     from ouro.exporter.onnx_export import example_input
     from ouro.exporter.quantized import export_quantized
 
-    model, q = _calibrated("demo", "w4a4")
+    model, q = calibrated("demo", "w4a4")
     plugin = export_quantized(q, "plugin").model
     x = {"images": example_input(model, 3).numpy()}
 

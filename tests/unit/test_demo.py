@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ouro.calib.checkpoint import infer_config
-from ouro.calib.data import SPLIT_SIZES, _digits, demo_card, demo_files, evaluate_top1, load_demo_model, load_digits_split
+from ouro.calib.data import SPLIT_SIZES, demo_card, demo_files, evaluate_top1, load_demo_model, load_digits_split, split_indices
 from ouro.calib.models.vim import VimConfig
 
 TARGET_TOP1 = 95.0  # issue 3: FP test top-1 of the demo model
@@ -22,7 +22,7 @@ def test_split_sizes_and_shapes():
 
 
 def test_split_is_fixed_and_disjoint():
-    _, _, idx = _digits()
+    idx = split_indices()
     train, test, calib = (set(idx[k].tolist()) for k in ("train", "test", "calib"))
     assert not train & test
     assert len(train | test) == 1797

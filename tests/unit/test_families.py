@@ -322,7 +322,7 @@ def test_generic_gen_losses_reduce_to_vims_definition(one_thread):
 def test_vmamba_gen_layouts_follow_each_direction():
     """Row directions index the grid row-major, column directions column-major; the column map puts a
     column direction's attention columns back in row-major order."""
-    from ouro.calib.gen.grid import _column_map
+    from ouro.calib.gen.grid import column_map
 
     model = _model(TINY)
     fam = get_family("vmamba")
@@ -332,7 +332,7 @@ def test_vmamba_gen_layouts_follow_each_direction():
     grid_idx = torch.arange(g * g).view(g, g)
     assert torch.equal(lays["row_fwd"].positions, grid_idx.flatten())
     assert torch.equal(lays["col_bwd"].positions, grid_idx.t().flatten())
-    cm = _column_map(lays["row_fwd"], lays["col_fwd"])  # row-major token i sits at column-major position cm[i]
+    cm = column_map(lays["row_fwd"], lays["col_fwd"])  # row-major token i sits at column-major position cm[i]
     assert torch.equal(lays["col_fwd"].positions[cm], torch.arange(g * g))
 
 

@@ -2,7 +2,6 @@
 the optimisation loop on a tiny random-weight Vim, storage and the `gen` CLI entry."""
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pytest
@@ -299,22 +298,24 @@ def test_config_validation_and_toml(tmp_path):
 
 def test_gen_main_writes_folder_resumes_and_refuses_another_run(tmp_path):
     from ouro.calib.gen import GenFolderError
-    from ouro.calib.gen.cli import gen_main
+    import dataclasses
+
+    from ouro.calib.gen.cli import GenRequest, gen_config, gen_main
 
     cfgf = tmp_path / "gen.toml"
     cfgf.write_text("iterations = 1\nbatch_size = 2\nmean = [0.5]\nstd = [0.25]\n")
-    args = argparse.Namespace(num_images=2, output=str(tmp_path / "out"), force=False, config=str(cfgf), seed=0)
+    args = GenRequest(num_images=2, output=tmp_path / "out", config=gen_config(str(cfgf)))
     assert gen_main(_tiny_model(), args) == 0
     with np.load(tmp_path / "out" / "images.npz") as z:
         assert z["images"].shape == (2, 3, 32, 32) and z["targets"].shape == (2,)
     assert gen_main(_tiny_model(), args) == 0  # the same run again: already complete, nothing rewritten
     with pytest.raises(GenFolderError, match="another generation run.*seed"):
-        gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "seed": 1}))
-    assert gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "seed": 1, "force": True})) == 0
+        gen_main(_tiny_model(), dataclasses.replace(args, seed=1))
+    assert gen_main(_tiny_model(), dataclasses.replace(args, seed=1, force=True)) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(GenFolderError, match="not empty"):
-        gen_main(_tiny_model(), argparse.Namespace(**{**vars(args), "output": str(tmp_path / "other")}))
+        gen_main(_tiny_model(), dataclasses.replace(args, output=tmp_path / "other"))
 
 
 def test_checkpointing_is_automatic_by_activation_size():

@@ -6,7 +6,6 @@ previous implementation); per-image seeding; resuming an interrupted `gen` folde
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from ouro.calib.gen import (
 )
 from ouro.calib.gen import features as fe
 from ouro.calib.gen.attention import patch_token_index
-from ouro.calib.gen.storage import atomic_save
+from ouro.calib.files import atomic_write
 from ouro.calib.models.vim import VimConfig, VisionMamba
 from tools.vim_checkpoints import TINY, write_checkpoint
 
@@ -197,13 +196,14 @@ def test_resume_gives_the_uninterrupted_images(tmp_path):
     assert gen_mod is not None
 
 
-def test_atomic_save_leaves_nothing_on_interrupt(tmp_path):
+def test_gen_files_writer_leaves_nothing_on_interrupt(tmp_path):
+    """Gen's folder is written through the one atomic writer (ouro.calib.files.atomic_write)."""
     def writer(tmp):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_save(tmp_path / "x.npz", writer)
+        atomic_write(tmp_path / "x.npz", writer)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -231,8 +231,9 @@ def test_ctrl_c_then_rerun_of_the_gen_command(tmp_path):
         assert (tmp_path / "run" / f"img_{i:05d}.png").read_bytes() == (tmp_path / "ref" / f"img_{i:05d}.png").read_bytes()
 
 
-def test_gen_main_rejects_bad_count(tmp_path):
-    from ouro.calib.gen.cli import GenUsageError, gen_main
+def test_gen_request_rejects_bad_count(tmp_path):
+    from ouro.calib.gen.cli import GenRequest, GenUsageError
 
     with pytest.raises(GenUsageError, match="--num-images"):
-        gen_main(_model(), argparse.Namespace(num_images=0, output=str(tmp_path / "o"), force=False, config=None, seed=0))
+        GenRequest(num_images=0, output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -135,14 +135,14 @@ def _ptr(a: np.ndarray):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _activations(rng, B, L, C, outlier_frac=0.04, outlier_gain=12.0):
+def activations(rng, B, L, C, outlier_frac=0.04, outlier_gain=12.0):
     """Heavy-tailed activations with a few persistent outlier channels (what OuroMamba targets)."""
     x = rng.standard_t(4, size=(B, L, C)).astype(np.float32)
     x[..., rng.random(C) < outlier_frac] *= outlier_gain
     return x
 
 
-def _inlier_scale(x, bits, clip=0.5):
+def inlier_scale(x, bits, clip=0.5):
     """Per-token scales clipping the largest |x| at `clip` of its range, so the dynamic trigger fires."""
     return (np.abs(x).max(axis=(0, 2)) * clip / (2 ** (bits - 1) - 1)).astype(np.float32)
 
@@ -183,8 +183,8 @@ QUANT_CASES = [  # (B, L, C, bits, bits_outlier, n_refresh, policy, k_sigma)
 def test_quantizer_codes_bit_exact(testing_lib, case, std_correction):
     B, L, C, bits, bo, nr, policy, k = case
     rng = np.random.default_rng(C + nr)
-    x = _activations(rng, B, L, C)
-    scale = _inlier_scale(x, bits)
+    x = activations(rng, B, L, C)
+    scale = inlier_scale(x, bits)
     theta = (np.abs(x).mean(axis=(0, 2)) * 3).astype(np.float32)
     codes, ocodes, xhat = (np.zeros((B, L, C), np.float32) for _ in range(3))
     mask = np.zeros((B, L, C), np.uint8)
@@ -238,7 +238,7 @@ def test_fp16_conversion_is_exact(testing_lib):
 
 
 # ------------------------------------------------------------------------------------------ one-node sessions
-def _linear_model(K, N, L, w_bits, attrs, weight, w_scale, s_in, theta, bias, fp16=False) -> onnx.ModelProto:
+def linear_model(K, N, L, w_bits, attrs, weight, w_scale, s_in, theta, bias, fp16=False) -> onnx.ModelProto:
     act = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     node = helper.make_node("OutlierLinear", ["x", "w", "ws", "si", "th", "b"], ["y"], domain="ouro", name="lin",
                             plugin_version="1", plugin_namespace="ouro", **attrs)
@@ -248,13 +248,13 @@ def _linear_model(K, N, L, w_bits, attrs, weight, w_scale, s_in, theta, bias, fp
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ouro", 1)])
 
 
-def _linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, n_refresh, k_sigma=3.0, max_outliers=0, w_codes=None):
-    x = _activations(rng, B, L, K)
+def linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, n_refresh, k_sigma=3.0, max_outliers=0, w_codes=None):
+    x = activations(rng, B, L, K)
     wmax = 7 if w_bits == 4 else 127
     codes = w_codes if w_codes is not None else rng.integers(-wmax - 1, wmax + 1, (N, K)).astype(np.int8)
     weight = pack_int4(torch.from_numpy(codes)).numpy().view(np.int8) if w_bits == 4 else codes
     w_scale = rng.uniform(0.002, 0.05, N).astype(np.float32)
-    s_in = _inlier_scale(x, a_bits)
+    s_in = inlier_scale(x, a_bits)
     theta = (np.abs(x).mean(axis=(0, 2)) * 4).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
     attrs = dict(in_features=K, out_features=N, seq_len=L, w_bits=w_bits, a_bits=a_bits, o_bits=o_bits, n_refresh=n_refresh,
@@ -286,10 +286,10 @@ LINEAR_CASES = [  # (B, L, K, N, w_bits, a_bits, o_bits, policy, n_refresh, fp16
 def test_outlier_linear_bit_exact(native, case, gemm):
     B, L, K, N, w_bits, a_bits, o_bits, policy, nr, fp16 = case
     rng = np.random.default_rng(K * N + B)
-    x, tables, attrs = _linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, nr)
+    x, tables, attrs = linear_case(rng, B, L, K, N, w_bits, a_bits, o_bits, policy, nr)
     if fp16:
         x = x.astype(np.float16)
-    y = _native_session(_linear_model(K, N, L, w_bits, attrs, *tables, fp16=fp16), gemm).run(None, {"x": x})[0]
+    y = _native_session(linear_model(K, N, L, w_bits, attrs, *tables, fp16=fp16), gemm).run(None, {"x": x})[0]
     ref, _, acc_out, mask = outlier_linear_node_ref(x.astype(np.float32), *tables, **attrs)
     assert mask.any() and acc_out.abs().sum() > 0, "the case must have outliers"
     want = ref.half().numpy() if fp16 else ref.numpy()  # the reference ops compute in fp32 and round once (CastLike)
@@ -309,11 +309,11 @@ def test_exact_gemm_at_the_largest_k(native, testing_lib, gemm):
     B, L, N = 1, 8, 16
     for w_bits, a_bits, hi in ((8, 8, 127), (4, 4, 7)):
         w = rng.integers(hi - 2, hi + 1, (N, LARGEST_K)).astype(np.int8) | 1  # odd codes: no free zeros in the sums
-        _, tables, attrs = _linear_case(rng, B, L, LARGEST_K, N, w_bits, a_bits, 8, 0, L, w_codes=w)
+        _, tables, attrs = linear_case(rng, B, L, LARGEST_K, N, w_bits, a_bits, 8, 0, L, w_codes=w)
         x = rng.uniform(hi - 0.4, hi + 0.4, (B, L, LARGEST_K)).astype(np.float32)  # S_I = 1: every code is hi,
         s_in = np.ones(L, np.float32)  # and the threshold (mean + 3 std, std ~ 0.23) leaves no outlier
         tables = (tables[0], tables[1], s_in, tables[3], tables[4])
-        y = _native_session(_linear_model(LARGEST_K, N, L, w_bits, attrs, *tables), gemm).run(None, {"x": x})[0]
+        y = _native_session(linear_model(LARGEST_K, N, L, w_bits, attrs, *tables), gemm).run(None, {"x": x})[0]
         ref, acc_in, _, _ = outlier_linear_node_ref(x, *tables, **attrs)
         if w_bits == 8:
             assert int(acc_in.abs().max()) > 2**24  # beyond exact fp32 integers: a single fp32 GEMM would round
@@ -332,8 +332,8 @@ def test_outlier_capacity_yields_nan_rows(native):
     other row is the reference's, bit for bit."""
     rng = np.random.default_rng(3)
     B, L, K, N, nr = 2, 12, 64, 8, 4
-    x, tables, attrs = _linear_case(rng, B, L, K, N, 8, 4, 8, 0, nr, max_outliers=2)
-    y = _native_session(_linear_model(K, N, L, 8, attrs, *tables)).run(None, {"x": x})[0]
+    x, tables, attrs = linear_case(rng, B, L, K, N, 8, 4, 8, 0, nr, max_outliers=2)
+    y = _native_session(linear_model(K, N, L, 8, attrs, *tables)).run(None, {"x": x})[0]
     ref, _, _, mask = outlier_linear_node_ref(x, *tables, **{**attrs, "max_outliers": 0})
     per_window = mask.reshape(B, L // nr, nr, K).any(2).sum(-1)  # outlier channels of each window
     over = np.repeat((per_window > 2).numpy(), nr, axis=1)  # (B, L)
@@ -342,7 +342,7 @@ def test_outlier_capacity_yields_nan_rows(native):
     np.testing.assert_array_equal(y[~over], ref.numpy()[~over])
 
 
-def _scan_model(B, L, D, S, attrs, inits: dict, quantized: bool, fp16=False, gate="z") -> onnx.ModelProto:
+def scan_model(B, L, D, S, attrs, inits: dict, quantized: bool, fp16=False, gate="z") -> onnx.ModelProto:
     """One SelectiveScan node. gate: "z" a (B, L, D) feed; "empty" an empty [0] FLOAT initializer z (what the
     exporter writes for a scan without a gate, whatever the activations' dtype); "absent" no z (6 inputs, or an
     empty input name in a 15-input node). The last two mean "no gate"."""
@@ -380,8 +380,8 @@ SCAN_CASES = [  # (name, B, L, D, S, reverse, quantized attrs or None, fp16)
 def test_selective_scan_matches_reference(native, case):
     name, B, L, D, S, reverse, qattrs, fp16 = case
     rng = np.random.default_rng(L * D)
-    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
-                 Cm=_activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=activations(rng, B, L, S),
+                 Cm=activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
     feeds = {k: v.astype(np.float16 if fp16 else np.float32) for k, v in feeds.items()}
     inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
     attrs = dict(reverse=reverse, delta_softplus=1, **(qattrs or {}))
@@ -391,12 +391,12 @@ def test_selective_scan_matches_reference(native, case):
         G = -(-L // attrs.get("h_group", 1))
         for op, t, bits in (("delta", f32["delta"], attrs.get("delta_bits", 0)), ("b", f32["Bm"], attrs.get("b_bits", 0)),
                             ("c", f32["Cm"], attrs.get("c_bits", 0))):
-            tables[f"{op}_scale"] = _inlier_scale(t, bits or 8)
+            tables[f"{op}_scale"] = inlier_scale(t, bits or 8)
             tables[f"{op}_theta"] = (np.abs(t).mean(axis=(0, 2)) * 3).astype(np.float32)
         tables["h_scale"] = np.full(G, 0.02, np.float32)
         tables["h_zero"] = np.full(G, 128.0, np.float32)
         inits.update(tables)
-    y = onnxruntime_session(_scan_model(B, L, D, S, attrs, inits, qattrs is not None, fp16), ops="native").run(None, feeds)[0]
+    y = onnxruntime_session(scan_model(B, L, D, S, attrs, inits, qattrs is not None, fp16), ops="native").run(None, feeds)[0]
     ref = selective_scan_node_ref(*(feeds[k].astype(np.float32) for k in ("u", "delta")), inits["A"],
                                   feeds["Bm"].astype(np.float32), feeds["Cm"].astype(np.float32), inits["Dskip"],
                                   feeds["z"].astype(np.float32), *(tables[k] for k in tables), **attrs) if tables else \
@@ -417,9 +417,9 @@ NO_GATE_SCAN_CASES = [  # (name, B, L, D, S, reverse, quantized, fp16, gate)
 ]
 
 
-def _no_gate_case(rng, B, L, D, S, reverse, quantized, fp16):
-    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
-                 Cm=_activations(rng, B, L, S))
+def no_gate_case(rng, B, L, D, S, reverse, quantized, fp16):
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=activations(rng, B, L, S),
+                 Cm=activations(rng, B, L, S))
     feeds = {k: v.astype(np.float16 if fp16 else np.float32) for k, v in feeds.items()}
     inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
     attrs = dict(reverse=reverse, delta_softplus=1)
@@ -429,7 +429,7 @@ def _no_gate_case(rng, B, L, D, S, reverse, quantized, fp16):
                      n_refresh=5, threshold_policy=0, delta_k_sigma=4.0, bc_k_sigma=3.0)
         for op, k in (("delta", "delta"), ("b", "Bm"), ("c", "Cm")):
             t = feeds[k].astype(np.float32)
-            tables[f"{op}_scale"] = _inlier_scale(t, 4)
+            tables[f"{op}_scale"] = inlier_scale(t, 4)
             tables[f"{op}_theta"] = (np.abs(t).mean(axis=(0, 2)) * 3).astype(np.float32)
         tables["h_scale"] = tables["h_zero"] = np.zeros(0, np.float32)
     return feeds, inits, tables, attrs
@@ -442,8 +442,8 @@ def test_selective_scan_without_gate(native, case):
     op with z=None (y = scan + D skip), within the gated cases' tolerances; the gate would change y."""
     name, B, L, D, S, reverse, quantized, fp16, gate = case
     rng = np.random.default_rng(L * D + 1)
-    feeds, inits, tables, attrs = _no_gate_case(rng, B, L, D, S, reverse, quantized, fp16)
-    model = _scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
+    feeds, inits, tables, attrs = no_gate_case(rng, B, L, D, S, reverse, quantized, fp16)
+    model = scan_model(B, L, D, S, attrs, {**inits, **tables}, quantized, fp16, gate=gate)
     y = onnxruntime_session(model, ops="native").run(None, feeds)[0]
     f32 = {k: v.astype(np.float32) for k, v in feeds.items()}
     args = (f32["u"], f32["delta"], inits["A"], f32["Bm"], f32["Cm"], inits["Dskip"])
@@ -466,8 +466,8 @@ def test_selective_scan_bad_z_fails_clearly(native):
     """A z that is neither (B, L, D) in u's dtype nor empty is refused, naming the input."""
     B, L, D, S = 2, 5, 8, 4
     rng = np.random.default_rng(3)
-    feeds, inits, _, attrs = _no_gate_case(rng, B, L, D, S, 0, False, False)
-    model = _scan_model(B, L, D, S, attrs, inits, False, gate="empty")  # z: the last initializer
+    feeds, inits, _, attrs = no_gate_case(rng, B, L, D, S, 0, False, False)
+    model = scan_model(B, L, D, S, attrs, inits, False, gate="empty")  # z: the last initializer
     model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.ones((B, L), np.float32), "z"))
     with pytest.raises(Exception, match=r"SelectiveScan 'scan': input 6 \(z\) has shape \(2, 5\), expected the shape of u"):
         onnxruntime_session(model, ops="native").run(None, feeds)
@@ -484,28 +484,28 @@ def test_std_correction_attribute(native, gemm):
     is really read. A value other than 0 or 1 is refused with the node's name."""
     rng = np.random.default_rng(21)
     B, L, K, N, nr = 3, 13, 16, 24, 13  # few channels: the correction moves the threshold by about 1/(2K) of the std
-    _, tables, attrs = _linear_case(rng, B, L, K, N, 8, 4, 8, 0, nr, k_sigma=2.0)
+    _, tables, attrs = linear_case(rng, B, L, K, N, 8, 4, 8, 0, nr, k_sigma=2.0)
     x = rng.standard_normal((B, L, K)).astype(np.float32)  # no far outlier channel: many |x| near the threshold
-    tables = (tables[0], tables[1], _inlier_scale(x, 4), *tables[3:])
+    tables = (tables[0], tables[1], inlier_scale(x, 4), *tables[3:])
     masks = {}
     for sc in (None, 0, 1):
         a = attrs if sc is None else {**attrs, "std_correction": sc}
-        y = _native_session(_linear_model(K, N, L, 8, a, *tables), gemm).run(None, {"x": x})[0]
+        y = _native_session(linear_model(K, N, L, 8, a, *tables), gemm).run(None, {"x": x})[0]
         ref, _, _, mask = outlier_linear_node_ref(x, *tables, **a)
         np.testing.assert_array_equal(y, ref.numpy())
         masks[sc] = mask
     assert torch.equal(masks[None], masks[0]) and not torch.equal(masks[0], masks[1])
     with pytest.raises(Exception, match=r"OutlierLinear 'lin': attribute 'std_correction' = 2, expected 0 or 1"):
-        _native_session(_linear_model(K, N, L, 8, {**attrs, "std_correction": 2}, *tables), gemm)
+        _native_session(linear_model(K, N, L, 8, {**attrs, "std_correction": 2}, *tables), gemm)
 
     D, S = 24, 8
-    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=_activations(rng, B, L, S),
-                 Cm=_activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
+    feeds = dict(u=rng.standard_normal((B, L, D)), delta=rng.standard_normal((B, L, D)) - 2, Bm=activations(rng, B, L, S),
+                 Cm=activations(rng, B, L, S), z=rng.standard_normal((B, L, D)))
     feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
     inits = dict(A=-np.exp(rng.uniform(0, 2.5, (D, S))).astype(np.float32), Dskip=rng.uniform(0.5, 1.5, D).astype(np.float32))
     tables = {}
     for op, t in (("delta", feeds["delta"]), ("b", feeds["Bm"]), ("c", feeds["Cm"])):
-        tables[f"{op}_scale"] = _inlier_scale(t, 4)
+        tables[f"{op}_scale"] = inlier_scale(t, 4)
         tables[f"{op}_theta"] = np.zeros(L, np.float32)
     tables.update(h_scale=np.ones(1, np.float32), h_zero=np.zeros(1, np.float32))
     qattrs = dict(delta_bits=4, delta_bits_outlier=8, b_bits=4, b_bits_outlier=8, c_bits=4, c_bits_outlier=8, n_refresh=5,
@@ -513,7 +513,7 @@ def test_std_correction_attribute(native, gemm):
     ys = {}
     for sc in (0, 1):
         a = {**qattrs, "std_correction": sc}
-        y = onnxruntime_session(_scan_model(B, L, D, S, a, {**inits, **tables}, True), ops="native").run(None, feeds)[0]
+        y = onnxruntime_session(scan_model(B, L, D, S, a, {**inits, **tables}, True), ops="native").run(None, feeds)[0]
         ref = selective_scan_node_ref(*(feeds[k] for k in ("u", "delta")), inits["A"], feeds["Bm"], feeds["Cm"],
                                       inits["Dskip"], feeds["z"], *tables.values(), **a)
         np.testing.assert_allclose(y, ref.numpy(), rtol=SCAN_RTOL, atol=SCAN_ATOL)
@@ -524,16 +524,16 @@ def test_std_correction_attribute(native, gemm):
 @pytest.mark.native
 def test_bad_attributes_and_shapes_fail_clearly(native):
     rng = np.random.default_rng(0)
-    x, tables, attrs = _linear_case(rng, 1, 5, 16, 4, 8, 8, 8, 0, 1)
+    x, tables, attrs = linear_case(rng, 1, 5, 16, 4, 8, 8, 8, 0, 1)
     with pytest.raises(Exception, match=r"OutlierLinear 'lin': attribute 'a_bits' = 9, expected 2 \.\.\. 8"):
-        _native_session(_linear_model(16, 4, 5, 8, {**attrs, "a_bits": 9}, *tables))
-    sess = _native_session(_linear_model(16, 4, "L", 8, {**attrs, "in_features": 0, "seq_len": 0}, *tables))
+        _native_session(linear_model(16, 4, 5, 8, {**attrs, "a_bits": 9}, *tables))
+    sess = _native_session(linear_model(16, 4, "L", 8, {**attrs, "in_features": 0, "seq_len": 0}, *tables))
     with pytest.raises(Exception, match=r"OutlierLinear 'lin': input 3 \(inlier_scale\) has shape \(5,\), expected 6 values"):
-        sess.run(None, {"x": _activations(rng, 1, 6, 16)})
+        sess.run(None, {"x": activations(rng, 1, 6, 16)})
 
 
 # ------------------------------------------------------------------------------------------ whole graphs
-def _calibrated(which: str, preset: str, depth: int | None = None):
+def calibrated(which: str, preset: str, depth: int | None = None):
     from ouro.calib.models import build_model
     from ouro.calib.quant import calibrate
     from ouro.recipes import get_preset
@@ -584,7 +584,7 @@ def _compare_graphs(model, q):
 @pytest.mark.native
 @pytest.mark.parametrize("preset", ["w4a4", "w8a8"])
 def test_demo_graphs_native_vs_python_ops(native, preset):
-    _compare_graphs(*_calibrated("demo", preset))
+    _compare_graphs(*calibrated("demo", preset))
 
 
 @pytest.mark.native
@@ -592,7 +592,7 @@ def test_demo_graphs_native_vs_python_ops(native, preset):
 def test_vim_tiny_graphs_native_vs_python_ops(native):
     """Vim-T width and tokens, 4 of its 24 blocks (random weights amplify single code flips block after block,
     see test_onnx_quant's Vim-T test)."""
-    _compare_graphs(*_calibrated("vim_tiny", "w4a4", depth=4))
+    _compare_graphs(*calibrated("vim_tiny", "w4a4", depth=4))
 
 
 @pytest.mark.native
@@ -633,7 +633,7 @@ def test_cpp_runner_prints_top1_on_digits(native, tmp_path):
     from ouro.calib import data
     from ouro.exporter.quantized import export_quantized
 
-    model, q = _calibrated("demo", "w4a4")
+    model, q = calibrated("demo", "w4a4")
     path = tmp_path / "demo_w4a4.onnx"
     onnx.save(export_quantized(q, "plugin").model, str(path))
     images, labels = data.load_digits_split("test")
