@@ -44,7 +44,7 @@ def _model_args() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="model checkpoint (.pth) of a known family (Vim, VMamba): the official "
                    "files ({'model': sd}, training dicts), {'state_dict': sd} or a bare state_dict")
     p.add_argument("--demo", nargs="?", const=DEFAULT_DEMO, default=None, metavar="FAMILY",
-                   help="use an embedded demo model trained on scikit-learn digits: the Vim demo, or --demo vmamba")
+                   help="use an embedded demo model trained on scikit-learn digits: FAMILY is vim (the default), vmamba or mambavision")
     p.add_argument("--arch", help="override the architecture inferred from the checkpoint (e.g. vim_small, vmamba_tiny; "
                    "an unknown name lists every known one)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for calibration, generation and sampling (default {DEFAULT_SEED})")

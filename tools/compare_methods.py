@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="use an embedded demo model: the Vim demo, or --demo vmamba|mambavision")
     p.add_argument("--arch", help="override the inferred architecture")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib", default=None, help="real:N (demo calibration split) or synthetic:N; default real:128")
+    p.add_argument("--calib", default=None, help="real:N (demo calibration split) or synthetic:N; default as ouro-export: synthetic:128 (OuroMamba-Gen); the README tables use real:128")
     p.add_argument("--calib-dir", help="calibration image folder")
     p.add_argument("--eval-dir", help="ImageNet-style evaluation folder (class subfolders)")
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help=f"comma-separated (default {','.join(METHOD_ORDER)})")
