@@ -259,6 +259,27 @@ def test_05_output_into_read_only_folder_fails_before_work(files, capsys, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["ro"]
 
 
+@pytest.mark.parametrize("flag", ["--save-calib", "--report"])
+def test_05_output_into_folder_the_os_reports_read_only_fails_before_work(files, capsys, tmp_path, monkeypatch, flag):
+    """The same case where tests run as root (CI): root may write into a 0555 folder, so the operating
+    system's answer for this one folder is replaced by "not writable" (what os.access says to a normal
+    user, or to root on a read-only mount); the run must refuse before any work and write nothing."""
+    _, ckpt, _, calib = files
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() == ro.resolve():
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    rc, _, err = _run([ckpt, "--w8a8", "--calib-dir", calib, "-o", tmp_path / "m.qdq.onnx", flag, ro / "x.out"], capsys)
+    _refused(rc, err, flag, "not writable")
+    assert [p.name for p in tmp_path.iterdir()] == ["ro"] and list(ro.iterdir()) == []
+
+
 def test_06_output_and_save_calib_on_the_same_file_fails_before_work(files, capsys, tmp_path):
     _, ckpt, _, calib = files
     x = tmp_path / "x.safetensors"
