@@ -2,6 +2,8 @@
 
     python tools/gen_cost.py [--models demo,vim_tiny,vim_small] [--batch 8] [--repeats 2] [--threads N]
                              [--device cpu|cuda] [--block 64]
+    python tools/gen_cost.py --models vmamba_tiny,mambavision_t --img-size 64 --batch 2   # other families
+    python tools/gen_cost.py --models vmamba_tiny --fast-only --batch 1                    # 224 px, fast path only
 
 For each model, both implementations (`gen_losses`, `gen_losses_ref`) take the same mini-batch
 (same noise images and targets) through Gen steps (forward and backward of L^C + L^O, each with its
@@ -11,7 +13,11 @@ Reported: CPU seconds (process time, all threads) and wall seconds per image and
 (CPU-s ref / CPU-s fast), and the largest relative difference of L^C and of L^O over the images
 (the issue's bar: 1e-4). The machine's load average is printed with the table: CPU-seconds on a
 loaded machine are inflated for both, roughly alike. Random weights for Vim-T/S (the loop does the
-same work whatever the weights); the embedded demo model for `demo`.
+same work whatever the weights); the embedded demo model for `demo`. Other families' architectures
+(VMamba, MambaVision: any name `--arch` takes) run the generic Gen (`ouro.calib.gen.grid`): fast
+`family_gen_losses` vs its twin `family_gen_losses_ref` (dense neighbourhood mix), optionally at a
+smaller `--img-size` (the twin is O(L^3) in the tokens of a stage: hours a step at 224 px), or
+`--fast-only`.
 """
 from __future__ import annotations
 
@@ -24,16 +30,30 @@ import torch
 
 from ouro.calib.gen import GenConfig, gen_losses, gen_losses_ref
 from ouro.calib.gen.losses import checkpointing, use_checkpoint
+from ouro.calib.gen.grid import family_gen_losses, family_gen_losses_ref
 from ouro.calib.models.vim import ARCHS, build_model
 
+VIM_IMPLS = {"ref": gen_losses_ref, "fast": gen_losses}
+GRID_IMPLS = {"ref": family_gen_losses_ref, "fast": family_gen_losses}
 
-def _model(name: str, device: str):
+
+def _model(name: str, device: str, img_size: int | None):
+    """(model, impls): Vim (demo and ARCHS) through its own Gen, any other family's architecture through grid.py."""
     if name == "demo":
         from ouro.calib.data import load_demo_model
 
-        return load_demo_model(device=device)
+        return load_demo_model(device=device), VIM_IMPLS
     torch.manual_seed(0)
-    return build_model(ARCHS[name]).to(device).eval()
+    if name in ARCHS:
+        return build_model(ARCHS[name]).to(device).eval(), VIM_IMPLS
+    from dataclasses import replace
+
+    from ouro.calib.families import family_for_arch
+
+    fam, cfg = family_for_arch(name)
+    if img_size:
+        cfg = replace(cfg, img_size=img_size)
+    return fam.build(cfg).to(device).eval(), GRID_IMPLS
 
 
 def _step(fn, model, x0, t, cfg, dev) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -48,8 +68,9 @@ def _step(fn, model, x0, t, cfg, dev) -> tuple[float, float, torch.Tensor, torch
     return time.process_time() - c0, time.perf_counter() - w0, lc.detach().cpu(), lo.detach().cpu()
 
 
-def measure(name: str, batch: int, repeats: int, device: str, block: int) -> dict:
-    model = _model(name, device)
+def measure(name: str, batch: int, repeats: int, device: str, block: int, img_size: int | None = None,
+            fast_only: bool = False) -> dict:
+    model, impls = _model(name, device, img_size)
     for p in model.parameters():
         p.requires_grad_(False)
     dev = next(model.parameters()).device
@@ -63,7 +84,8 @@ def measure(name: str, batch: int, repeats: int, device: str, block: int) -> dic
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g, device="cpu").to(dev)
     t = torch.randint(m.num_classes, (batch,), generator=g, device="cpu").to(dev)
-    impls = {"ref": gen_losses_ref, "fast": gen_losses}
+    if fast_only:
+        impls = {"fast": impls["fast"]}
     best = {k: (float("inf"), float("inf")) for k in impls}
     losses = {}
     for k, fn in impls.items():  # warm-up step of each (allocations, first-touch), also the loss values
@@ -73,18 +95,25 @@ def measure(name: str, batch: int, repeats: int, device: str, block: int) -> dic
         for k, fn in impls.items():
             c, w, _, _ = _step(fn, model, x0, t, cfg, dev)
             best[k] = min(best[k], (c, w))
-    rel = {}
-    for i, term in enumerate(("LC", "LO")):
-        ref, fast = losses["ref"][i], losses["fast"][i]
-        rel[term] = float(((fast - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-    ck = checkpointing(model, batch, cfg)
+    nan = float("nan")
+    rel = {"LC": nan, "LO": nan}
+    if "ref" in losses:
+        for i, term in enumerate(("LC", "LO")):
+            ref, fast = losses["ref"][i], losses["fast"][i]
+            rel[term] = float(((fast - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+    if impls["fast"] is gen_losses:
+        ck = checkpointing(model, batch, cfg)
+        ck_text = (f"ref {'on' if use_checkpoint(model, batch, cfg, ref=True) else 'off'}, fast block {'on' if ck.block else 'off'} / "
+                   f"readout {'on' if ck.rows else 'off'}")
+    else:
+        ck_text = "grid: readout recomputed where E is large (auto)"
+    ref_best = best.get("ref", (nan, nan))
+    label = name if img_size is None or impls["fast"] is gen_losses else f"{name} @ {m.img_size} px"
     return {
-        "model": name, "batch": batch,
-        "ref_cpu": best["ref"][0] / batch, "fast_cpu": best["fast"][0] / batch,
-        "ref_wall": best["ref"][1] / batch, "fast_wall": best["fast"][1] / batch,
-        "speedup": best["ref"][0] / best["fast"][0], "rel": rel,
-        "ck": f"ref {'on' if use_checkpoint(model, batch, cfg, ref=True) else 'off'}, fast block {'on' if ck.block else 'off'} / "
-              f"readout {'on' if ck.rows else 'off'}",
+        "model": label, "batch": batch,
+        "ref_cpu": ref_best[0] / batch, "fast_cpu": best["fast"][0] / batch,
+        "ref_wall": ref_best[1] / batch, "fast_wall": best["fast"][1] / batch,
+        "speedup": ref_best[0] / best["fast"][0], "rel": rel, "ck": ck_text,
     }
 
 
@@ -96,10 +125,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--block", type=int, default=GenConfig().attn_block, help="GenConfig.attn_block of the fast path")
+    ap.add_argument("--img-size", type=int, default=None, help="input size of the non-Vim families' models (default: the arch's)")
+    ap.add_argument("--fast-only", action="store_true", help="time the fast path only (no ref column, no speed-up)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = [measure(name.strip(), a.batch, a.repeats, a.device, a.block) for name in a.models.split(",") if name.strip()]
+    rows = [measure(name.strip(), a.batch, a.repeats, a.device, a.block, a.img_size, a.fast_only) for name in a.models.split(",") if name.strip()]
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
     print(f"OuroMamba-Gen step cost, batch {a.batch}, device {a.device}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .attention import patch_token_index
 
-__all__ = ["BLOCK", "DIAG_LIMIT", "block_size", "state_attention", "state_attention_ref", "enhanced_rows", "enhanced_attention"]
+__all__ = ["BLOCK", "DIAG_LIMIT", "block_size", "state_attention", "state_attention_ref", "enhanced_rows", "grid_enhanced_rows",
+           "enhanced_attention"]
 
 BLOCK = 64
 """Largest block of tokens (the blocks are then evened out: L = 197 -> 4 blocks of 50). Bigger blocks
@@ -310,30 +311,42 @@ def state_attention(dt: Tensor, A: Tensor, *, reverse: bool = False, block: int 
 
 
 # ------------------------------------------------------------------------------------- features
-def _band(grid: int, p: int, device: torch.device) -> Tensor:
-    """(grid, grid) 0/1 matrix with ones where |i - j| <= p // 2: one axis of the p x p window."""
-    i = torch.arange(grid, device=device)
+def _band(n: int, p: int, device: torch.device) -> Tensor:
+    """(n, n) 0/1 matrix with ones where |i - j| <= p // 2: one axis of the p x p window."""
+    i = torch.arange(n, device=device)
     return ((i[:, None] - i[None, :]).abs() <= p // 2).float()
 
 
-def enhanced_rows(E: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, grid: int, cls_position: int, p: int) -> Tensor:
-    """feat (B, P, L_s) from E (B, S, L_k, L_s): W[t, k] = w_k on the p x p window of patch t (the CLS
-    token is not a patch, so never a neighbour; w_k = mean_d dt_k), applied as a separable box filter
-    over the patch grid (two small GEMMs with the band matrix, rows then columns), then the readout
-    sum_n C_t[n] B_s[n]. Equals `neighbourhood_weights(dt, grid, cls, p) @ E` read out with C and B."""
+def grid_enhanced_rows(E: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, tok: Tensor, grid: tuple[int, int], p: int) -> Tensor:
+    """feat (B, P, L_s) from E (B, S, L_k, L_s) for patches on an H x W grid (any layout):
+    tok (P,) = the layout position of grid patch g (row-major g = h*W + w). W[g, k] = w_k (mean_d dt_k)
+    on the p x p window of patch g, applied as a separable box filter over the grid (two small GEMMs
+    with band matrices, along the rows then the columns), then the readout sum_n C_g[n] B_s[n].
+    Equals `implicit_attention(dt, A, Bm, Cm, mix=W, rows=tok)` with W the layout's neighbourhood
+    weights (`grid.layout_neighbourhood_weights`), without forming the dense (P, L) mix."""
     Bsz, S, L, _ = E.shape
+    H, Wd = grid
+    if tok.numel() != H * Wd:
+        raise ValueError(f"{tok.numel()} patch positions for a {H}x{Wd} grid")
+    if p < 1 or p % 2 == 0:
+        raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
+    w = dt.float().mean(-1)[:, tok]  # (B, P), grid order
+    Ew = E[:, :, tok] * (w.view(Bsz, 1, -1, 1) * Bm.float().transpose(1, 2).unsqueeze(2))  # (B, S, P_k, L_s) * w_k B_s[n]
+    G = torch.matmul(_band(H, p, E.device), Ew.reshape(Bsz, S, H, Wd * L))  # window along the grid rows
+    G = torch.matmul(_band(Wd, p, E.device), G.view(Bsz, S, H, Wd, L).transpose(2, 3).reshape(Bsz, S, Wd, H * L))  # and columns
+    G = G.view(Bsz, S, Wd, H, L).transpose(2, 3).reshape(Bsz, S, H * Wd, L)  # (B, S, P_t, L_s)
+    return (G * Cm.float()[:, tok].transpose(1, 2).unsqueeze(-1)).sum(1)  # sum_n C_t[n] ...
+
+
+def enhanced_rows(E: Tensor, dt: Tensor, Bm: Tensor, Cm: Tensor, grid: int, cls_position: int, p: int) -> Tensor:
+    """feat (B, P, L_s) from E (B, S, L_k, L_s) for Vim's layout (a grid x grid of patches and one CLS
+    token, which is not a patch, so never a neighbour): `grid_enhanced_rows` on that layout.
+    Equals `neighbourhood_weights(dt, grid, cls, p) @ E` read out with C and B."""
+    L = E.shape[2]
     tok = patch_token_index(grid, cls_position, E.device)
     if L != grid * grid + 1:
         raise ValueError(f"sequence length {L} does not match a {grid}x{grid} patch grid plus one CLS token")
-    if p < 1 or p % 2 == 0:
-        raise ValueError(f"neighbourhood size must be odd and >= 1, got {p}")
-    w = dt.float().mean(-1)[:, tok]  # (B, P)
-    Ew = E[:, :, tok] * (w.view(Bsz, 1, -1, 1) * Bm.float().transpose(1, 2).unsqueeze(2))  # (B, S, P_k, L_s) * w_k B_s[n]
-    band = _band(grid, p, E.device)
-    G = torch.matmul(band, Ew.reshape(Bsz, S, grid, grid * L))  # window along the grid rows
-    G = torch.matmul(band, G.view(Bsz, S, grid, grid, L).transpose(2, 3).reshape(Bsz, S, grid, grid * L))  # and columns
-    G = G.view(Bsz, S, grid, grid, L).transpose(2, 3).reshape(Bsz, S, grid * grid, L)  # (B, S, P_t, L_s)
-    return (G * Cm.float()[:, tok].transpose(1, 2).unsqueeze(-1)).sum(1)  # sum_n C_t[n] ...
+    return grid_enhanced_rows(E, dt, Bm, Cm, tok, (grid, grid), p)
 
 
 def enhanced_attention(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, *, reverse: bool, grid: int, cls_position: int,

@@ -37,15 +37,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..families.base import GenLayout, HookPoint, ScanSite, family_of, override_ops
 from ..scan import ScanInputs, selective_scan_chunked
 from .attention import contrastive_loss, effective_topk, implicit_attention
 from .config import GenConfig
+from .features import grid_enhanced_rows, state_attention
 from .instrument import ScanRecord
 
 __all__ = ["grid_neighbourhood_mask", "layout_neighbourhood_weights", "point_contrastive_loss", "attention_contrastive_loss",
-           "family_gen_losses", "min_patches", "column_map"]
+           "family_gen_losses", "family_gen_losses_ref", "point_contrastive_loss_ref", "min_patches", "column_map",
+           "READOUT_CHECKPOINT_BYTES"]
 
 
 def grid_neighbourhood_mask(grid: tuple[int, int], p: int) -> Tensor:
@@ -89,8 +92,50 @@ def column_map(ref: GenLayout, lay: GenLayout) -> Tensor:
     return out
 
 
+READOUT_CHECKPOINT_BYTES = 1 << 26
+"""With `GenConfig.checkpoint` None (auto), a scan's enhanced-attention readout is recomputed in the
+backward pass instead of kept once its state attention E (B, S, L, L) exceeds this many bytes (VMamba's
+first stage at 224 px: L = 3136, 39 MB an image): then only E is kept, not the readout's copies of it."""
+
+
+def _direction_rows(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, tok: Tensor, grid: tuple[int, int], p: int,
+                    reverse: bool, block: int, keep_readout: bool) -> Tensor:
+    E = state_attention(dt, A, reverse=reverse, block=block)
+    if keep_readout:
+        return grid_enhanced_rows(E, dt, Bm, Cm, tok, grid, p)
+    return checkpoint(grid_enhanced_rows, E, dt, Bm, Cm, tok, grid, p, use_reentrant=False)
+
+
 def point_contrastive_loss(records: list[ScanRecord], scans: list[ScanSite], layouts: list[GenLayout], cfg: GenConfig) -> Tensor:
-    """L^C (B,) of one hook point from its scans' records (module docstring)."""
+    """L^C (B,) of one hook point from its scans' records (module docstring), fast: each direction's
+    channel-mean state attention E by the blocked factorisation (`features.state_attention`, O(L^2 D S)
+    as GEMMs) and the p x p neighbourhood as a separable box filter over the grid
+    (`features.grid_enhanced_rows`), never the dense (P, L) mix. `point_contrastive_loss_ref` is the twin.
+    Checkpointing: cfg.checkpoint True recomputes each direction (E and readout) in the backward pass;
+    None recomputes only the readout of directions whose E exceeds READOUT_CHECKPOINT_BYTES."""
+    feats = None
+    ref = layouts[0]
+    for r, sc, lay in zip(records, scans, layouts):
+        tok = lay.patch_positions.to(r.dt.device)
+        if lay.positions.numel() != r.dt.shape[1]:
+            raise ValueError(f"layout has {lay.positions.numel()} positions, the scan {r.dt.shape[1]} tokens")
+        Bsz, L, _ = r.dt.shape
+        big = 4 * Bsz * r.A.shape[1] * L * L > READOUT_CHECKPOINT_BYTES
+        args = (r.dt, r.A.detach(), r.Bm, r.Cm, tok, lay.grid, cfg.neighbourhood, sc.reverse, cfg.attn_block)
+        if cfg.checkpoint:
+            a = checkpoint(_direction_rows, *args, True, use_reentrant=False)
+        else:
+            a = _direction_rows(*args, not (cfg.checkpoint is None and big))
+        a = a[..., column_map(ref, lay).to(a.device)]
+        feats = a if feats is None else feats + a
+    P = feats.shape[1]
+    return contrastive_loss(feats / len(records), effective_topk(cfg.topk, P), cfg.tau)
+
+
+def point_contrastive_loss_ref(records: list[ScanRecord], scans: list[ScanSite], layouts: list[GenLayout],
+                               cfg: GenConfig) -> Tensor:
+    """The twin of `point_contrastive_loss`: each direction's enhanced rows by `attention.implicit_attention`
+    with the dense neighbourhood mix (B, P, L) of `layout_neighbourhood_weights`."""
     feats = None
     ref = layouts[0]
     for r, sc, lay in zip(records, scans, layouts):
@@ -155,10 +200,11 @@ def min_patches(model: nn.Module) -> int:
                for s in (*p.scans, *(m for m in p.matmuls if m.attention)))
 
 
-def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> tuple[Tensor, Tensor, Tensor]:
+def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig, *,
+                      point_loss=point_contrastive_loss) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image (L^C, L^O) (each (B,)) and the logits, for a model of any family (module docstring).
     The model's forward is the family's `gen_forward`; L^C of each hook point is computed right after
-    that point has run, from what its scans recorded."""
+    that point has run, from what its scans recorded (`point_loss`: the fast form by default)."""
     fam = family_of(model)
     want_c = cfg.w_contrastive > 0
     points = fam.hook_points(model)
@@ -175,7 +221,7 @@ def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConf
         if point.scans:
             by_dir = {r.direction: r for r in recs}
             ordered = [by_dir[s.direction] for s in point.scans]
-            lcs.append(_per_image(point_contrastive_loss(ordered, list(point.scans), layouts[point.index], cfg), batch))
+            lcs.append(_per_image(point_loss(ordered, list(point.scans), layouts[point.index], cfg), batch))
         for probs, lay in zip(att_sinks[point.index], att_layouts[point.index]):
             lcs.append(_per_image(attention_contrastive_loss(probs, lay, cfg), batch))
         recs.clear()
@@ -196,3 +242,8 @@ def family_gen_losses(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConf
         lc = logits.new_zeros(x.shape[0])
     lo = F.cross_entropy(logits, targets, reduction="none")
     return lc, lo, logits
+
+
+def family_gen_losses_ref(model: nn.Module, x: Tensor, targets: Tensor, cfg: GenConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """`family_gen_losses` with the `_ref` twin of each hook point's L^C (tests, tools/gen_cost.py)."""
+    return family_gen_losses(model, x, targets, cfg, point_loss=point_contrastive_loss_ref)

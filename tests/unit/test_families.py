@@ -319,6 +319,34 @@ def test_generic_gen_losses_reduce_to_vims_definition(one_thread):
         torch.testing.assert_close(a, b, rtol=GEN_RTOL, atol=GEN_RTOL)
 
 
+GRID_FAST_RTOL = 1e-4
+"""The fast grid L^C (blocked state attention + box-filter neighbourhood) vs its `_ref` twin (dense
+neighbourhood mix over `implicit_attention`): the same sums in another order, fp32."""
+
+
+@pytest.mark.parametrize("checkpoint", [False, True, None])
+def test_grid_gen_losses_fast_equal_ref_with_gradients(one_thread, checkpoint):
+    """On a VMamba (four directions, two of them column-major, one stage of 2x2 after 4x4) the fast
+    `family_gen_losses` gives the `_ref` twin's L^C, L^O, logits and input gradient, with and without
+    checkpointing (None: the readout recomputed above READOUT_CHECKPOINT_BYTES, forced here)."""
+    from ouro.calib.gen import GenConfig, grid
+
+    model = _model(TINY)
+    x0, t = _images(TINY, 2), torch.tensor([1, 3])
+    cfg = GenConfig(mean=(0.5,) * 3, std=(0.25,) * 3, checkpoint=checkpoint, neighbourhood=3)
+    out = {}
+    for name, fn in (("fast", grid.family_gen_losses), ("ref", grid.family_gen_losses_ref)):
+        x = x0.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(grid, "READOUT_CHECKPOINT_BYTES", 0)
+            lc, lo, logits = fn(model, x, t, cfg)
+            (lc + lo).sum().backward()
+        out[name] = (lc.detach(), lo.detach(), logits.detach(), x.grad)
+    assert float(out["ref"][0].abs().min()) > 0
+    for a, b in zip(out["fast"], out["ref"]):
+        torch.testing.assert_close(a, b, rtol=GRID_FAST_RTOL, atol=GRID_FAST_RTOL * float(b.abs().max()))
+
+
 def test_vmamba_gen_layouts_follow_each_direction():
     """Row directions index the grid row-major, column directions column-major; the column map puts a
     column direction's attention columns back in row-major order."""
