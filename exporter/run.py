@@ -132,7 +132,8 @@ def run_export(cfg: RunConfig) -> int:
         if data is None:  # --check scores the first evaluation images when there is an evaluation set
             data = load_evaluation(cfg.eval.source(model.cfg.img_size), ctx.dist)
         try:
-            run_check(cfg.outputs.outputs, model, qmodel, check_images(data, model, cfg.seed), fp16=cfg.export.fp16, ctx=ctx)
+            images = check_images(data, model, cfg.seed, calib_dir=cfg.calib.calib_dir if cfg.calib is not None else None)
+            run_check(cfg.outputs.outputs, model, qmodel, images, fp16=cfg.export.fp16, ctx=ctx)
         except CheckFailed:
             if cfg.outputs.report is not None:
                 write_report(ctx, cfg.outputs.report, force=cfg.outputs.force)
