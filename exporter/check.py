@@ -170,15 +170,15 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
                        logits_vs_fp(ort_out, twin_out))
 
 
-def check_images(data: EvalData | None, model: nn.Module, seed: int, calib_dir=None) -> torch.Tensor:
+def check_images(data: EvalData | None, model: nn.Module, seed: int, calib_dir=None) -> tuple[torch.Tensor, str]:
     """CHECK_IMAGES inputs for --check: the first evaluation images, else the calibration folder's
     images (`--calib-dir`), else seeded noise of the model's input shape (out of distribution: even a
-    trained quantized model cascades on it, see PLUGIN_TOL)."""
+    trained quantized model cascades on it, see PLUGIN_TOL). Returns (images, where they come from)."""
     from .pipeline import evaluation_set
 
     first = evaluation_set(data, CHECK_IMAGES)
     if first is not None:
-        return first[0][:CHECK_IMAGES].float()
+        return first[0][:CHECK_IMAGES].float(), "evaluation set"
     if calib_dir is not None:
         from pathlib import Path
 
@@ -188,12 +188,12 @@ def check_images(data: EvalData | None, model: nn.Module, seed: int, calib_dir=N
         if (d / "images.npz").is_file():  # a folder written by `ouro-export gen`
             from ouro.calib.gen import load_synthetic_dir
 
-            return load_synthetic_dir(d)[:CHECK_IMAGES].float()
+            return load_synthetic_dir(d)[:CHECK_IMAGES].float(), "--calib-dir"
         first_files = list(range(min(CHECK_IMAGES, count_image_files(d, labels=False))))
-        return load_image_folder(d, select=first_files, img_size=model.cfg.img_size, labels=False)[0].float()
+        return load_image_folder(d, select=first_files, img_size=model.cfg.img_size, labels=False)[0].float(), "--calib-dir"
     cfg = model.cfg
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(CHECK_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, device="cpu")
+    return torch.randn(CHECK_IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g, device="cpu"), "noise"
 
 
 def _node_level(path, stage: Stage, qmodel) -> bool:
@@ -208,8 +208,9 @@ def _node_level(path, stage: Stage, qmodel) -> bool:
 
 
 def run_check(outputs: Sequence[Output], model: nn.Module, qmodel: QuantizedModel | None, images: torch.Tensor, *,
-              fp16: bool, ctx: RunContext) -> dict:
-    """--check: compare every ONNX graph written this run (fp16: the FP graph is float16); print and
+              fp16: bool, ctx: RunContext, images_source: str = "given") -> dict:
+    """--check: compare every ONNX graph written this run (fp16: the FP graph is float16) on `images`
+    (`images_source` says where they come from: check_images); print and
     record the results in ctx.report["check"]. Raises CheckFailed when a check fails: the end-to-end
     comparison for FP and QDQ graphs, the node-level check for a quantized plugin graph."""
     from .node_check import NODE_IMAGES, check_nodes
@@ -225,7 +226,7 @@ def run_check(outputs: Sequence[Output], model: nn.Module, qmodel: QuantizedMode
         with ctx.stage(f"check_{stage.value}"):
             res = compare_graph(str(out.onnx_path), stage, model, qmodel, images, tol=tol, fp16=fp16 and stage is Stage.FP)
             nodes = check_nodes(str(out.onnx_path), qmodel, images[:NODE_IMAGES]) if by_node else None
-        entry = {"stage": stage.value, "images": int(len(images)), **res.to_dict()}
+        entry = {"stage": stage.value, "images": int(len(images)), "images_source": images_source, **res.to_dict()}
         m = res.metrics_vs_fp
         t = res.metrics_vs_twin
         e2e = (f"Polygraphy {'PASSED' if res.passed else 'FAILED'} ({res.error_stat} error, rtol {tol[0]:g}, atol {tol[1]:g}; "
@@ -241,7 +242,8 @@ def run_check(outputs: Sequence[Output], model: nn.Module, qmodel: QuantizedMode
             w = nodes.worst
             verdict = (f"node check PASSED ({len(nodes.nodes)} custom nodes on {nodes.images} images, worst {w.node}: "
                        f"max |err| {w.max_rel:.3g} of max |y|)") if passed else f"node check FAILED at {nodes.first_failure.describe()}"
-            print(f"check {out.onnx_path} ({stage.value}): {verdict}; end to end (reported, not the verdict): {e2e}; {vs_fp}")
+            print(f"check {out.onnx_path} ({stage.value}): {verdict}; end to end on {len(images)} images ({images_source}; "
+                  f"reported, not the verdict): {e2e}; {vs_fp}")
         entry["passed"] = bool(passed)
         entry["verdict"] = "node" if nodes is not None else "end_to_end"
         report[str(out.onnx_path)] = entry
