@@ -93,7 +93,8 @@ class NodeCheckResult:
                 "max_rel_fp16": max((n.max_rel for n in self.nodes if n.fp16), default=None),
                 "max_rel_fp32": max((n.max_rel for n in self.nodes if not n.fp16), default=None),
                 "elements_beyond": sum(n.beyond for n in self.nodes),
-                "failed_node": None if bad is None else bad.describe()}
+                "failed_node": None if bad is None else bad.describe(),
+                "per_node_max_rel": {n.node: n.max_rel for n in self.nodes}}
 
 
 def custom_nodes(onnx_model) -> list:
