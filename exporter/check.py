@@ -146,10 +146,14 @@ def _twin(stage: Stage, fp_model, qmodel, onnx_model_or_path=None):
 
 
 def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: torch.Tensor, *,
-                  tol: tuple[float, float], fp16: bool = False, error_stat: str | None = None) -> CheckResult:
-    """Polygraphy Comparator: onnxruntime (ouro ops) vs the PyTorch twin; then metrics vs FP."""
+                  tol: tuple[float, float], fp16: bool = False, error_stat: str | None = None,
+                  informational: bool = False) -> CheckResult:
+    """Polygraphy Comparator: onnxruntime (ouro ops) vs the PyTorch twin; then metrics vs FP.
+    informational: the comparison does not decide (a plugin graph judged node by node), so Polygraphy's
+    own failure lines are silenced; the caller prints the numbers."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
 
     from .polygraphy_ext import SessionFromOuroOnnx, TorchRunner
 
@@ -161,7 +165,8 @@ def compare_graph(onnx_model_or_path, stage: Stage, fp_model, qmodel, images: to
         results = Comparator.run([ort_runner, TorchRunner(twin, name="torch-twin")], data_loader=feeds)
     error_stat = error_stat or ("max" if stage is Stage.FP else "mean")
     cmp = SimpleCompareFunc(rtol=tol[0], atol=tol[1], check_error_stat=error_stat)
-    passed = bool(Comparator.compare_accuracy(results, compare_func=cmp))
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL) if informational else nullcontext():
+        passed = bool(Comparator.compare_accuracy(results, compare_func=cmp))
     ort_out = np.concatenate([it["logits"] for it in results[ort_runner.name]]).astype(np.float32)
     twin_out = np.concatenate([it["logits"] for it in results["torch-twin"]])
     fp_out = logits(fp_model, images, BATCH).numpy()
@@ -224,7 +229,8 @@ def run_check(outputs: Sequence[Output], model: nn.Module, qmodel: QuantizedMode
         tol = (FP16_TOL if fp16 else FP_TOL) if stage is Stage.FP else PLUGIN_TOL
         by_node = _node_level(out.onnx_path, stage, qmodel)
         with ctx.stage(f"check_{stage.value}"):
-            res = compare_graph(str(out.onnx_path), stage, model, qmodel, images, tol=tol, fp16=fp16 and stage is Stage.FP)
+            res = compare_graph(str(out.onnx_path), stage, model, qmodel, images, tol=tol, fp16=fp16 and stage is Stage.FP,
+                                informational=by_node)
             nodes = check_nodes(str(out.onnx_path), qmodel, images[:NODE_IMAGES]) if by_node else None
         entry = {"stage": stage.value, "images": int(len(images)), "images_source": images_source, **res.to_dict()}
         m = res.metrics_vs_fp
