@@ -14,6 +14,12 @@ taken node by node, on the graph's own values:
 
 A node passes when at most NODE_FLIP_FRACTION of its output elements differ by more than
 rtol * max|y_graph| (rtol NODE_FP16_RTOL for a node with fp16 I/O, NODE_FP32_RTOL for fp32 I/O).
+
+The standard ops between the custom nodes are checked the same way, without a cascade either: each
+custom op of the twin passes the graph's output onward, so the twin's standard ops compute every
+node's activation inputs, and finally the logits, from the graph's own values; those are compared
+with the graph's (entries "<node> input <field>" and LOGITS, same tolerances: a custom node's fp16
+input is the graph's cast, so it gets the fp16 tolerance). A wrong norm, conv or head weight fails here.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["NODE_FP16_RTOL", "NODE_FP32_RTOL", "NODE_FLIP_FRACTION", "NODE_IMAGES", "NodeError", "NodeCheckResult",
+__all__ = ["NODE_FP16_RTOL", "NODE_FP32_RTOL", "NODE_FLIP_FRACTION", "NODE_IMAGES", "LOGITS", "NodeError", "NodeCheckResult",
            "custom_nodes", "check_nodes"]
 
 NODE_FP16_RTOL = 2e-3
@@ -38,6 +44,8 @@ decision boundary (an outlier threshold, a rounding tie) may be decided differen
 implementations' last bits; the flip moves one token's row (1/(B*L) of the elements, 2.5e-3 at batch
 2 of 197 tokens). A wrong scale, table or packed weight moves most of the elements (> 0.5). A defect
 confined to a single output channel of a wide node can hide in this budget."""
+LOGITS = "logits (standard ops after the last custom node)"
+"""Name of the check entry of the graph's output computed by the twin from the last nodes' graph values."""
 NODE_IMAGES = 2
 """Images per node check (the exposed graph keeps every intermediate of the custom nodes)."""
 
@@ -87,7 +95,8 @@ class NodeCheckResult:
     def to_dict(self) -> dict:
         w = self.worst
         bad = self.first_failure
-        return {"passed": self.passed, "nodes": len(self.nodes), "images": self.images,
+        return {"passed": self.passed, "nodes": sum(n.op != "standard ops" for n in self.nodes),
+                "standard_op_checks": sum(n.op == "standard ops" for n in self.nodes), "images": self.images,
                 "fp16_rtol": NODE_FP16_RTOL, "fp32_rtol": NODE_FP32_RTOL, "flip_fraction": NODE_FLIP_FRACTION,
                 "worst_node": w.node, "worst_max_rel": w.max_rel,
                 "max_rel_fp16": max((n.max_rel for n in self.nodes if n.fp16), default=None),
@@ -174,6 +183,10 @@ def check_nodes(onnx_model, qmodel, images: torch.Tensor) -> NodeCheckResult:
     result = NodeCheckResult(images=int(len(images)))
     seen: set[str] = set()
 
+    def check_input(key: str, field: str, twin_value: torch.Tensor) -> None:
+        """The twin's standard ops' value of a node's activation input (from upstream graph values) vs the graph's."""
+        result.nodes.append(_error(f"{key} input {field}", "standard ops", key in fp16_nodes, twin_value, val[(key, field)]))
+
     def record(key: str, y: torch.Tensor) -> torch.Tensor:
         seen.add(key)
         result.nodes.append(_error(key, ops[key], key in fp16_nodes, y, val[(key, "y")]))
@@ -187,6 +200,7 @@ def check_nodes(onnx_model, qmodel, images: torch.Tensor) -> NodeCheckResult:
             key = f"{prefix}.{name}"
             if key not in ops:
                 return run(name, module, x)
+            check_input(key, "x", x)
             return record(key, run(name, module, _as(val[(key, "x")], x, f"{key} input x")))
 
         def scan(direction, inputs):
@@ -195,12 +209,15 @@ def check_nodes(onnx_model, qmodel, images: torch.Tensor) -> NodeCheckResult:
                 return inner_scan(direction, inputs)
             fed = {f: _as(val[(key, f)], getattr(inputs, f), f"{key} input {f}")
                    for f, _ in _FIELDS["SelectiveScan"] if (key, f) in val and getattr(inputs, f) is not None}
+            for f in fed:
+                check_input(key, f, getattr(inputs, f))
             return record(key, inner_scan(direction, inputs._replace(**fed)))
 
         return {"linear": linear, "scan": scan}
 
     with torch.no_grad(), (_fp16_io(qmodel, fp16_nodes) if fp16_nodes else nullcontext()), override_ops(qmodel.module, make):
-        qmodel.module(images.to(next(qmodel.module.parameters()).device))
+        logits = qmodel.module(images.to(next(qmodel.module.parameters()).device))
+    result.nodes.append(_error(LOGITS, "standard ops", False, logits, graph[names[0]]))
     missing = [k for k in ops if k not in seen]
     if missing:
         raise NotImplementedError(f"--check: the PyTorch twin has no op for custom node(s) {', '.join(missing[:3])}")
