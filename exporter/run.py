@@ -129,10 +129,11 @@ def run_export(cfg: RunConfig) -> int:
     if cfg.check:
         from .check import CheckFailed, check_images, run_check
 
-        if data is None:  # --check scores the first evaluation images when there is an evaluation set
+        if data is None:  # --check scores the first evaluation images, else --calib-dir's, else noise
             data = load_evaluation(cfg.eval.source(model.cfg.img_size), ctx.dist)
         try:
-            run_check(cfg.outputs.outputs, model, qmodel, check_images(data, model, cfg.seed), fp16=cfg.export.fp16, ctx=ctx)
+            images, source = check_images(data, model, cfg.seed, calib_dir=cfg.calib.calib_dir if cfg.calib is not None else None)
+            run_check(cfg.outputs.outputs, model, qmodel, images, fp16=cfg.export.fp16, ctx=ctx, images_source=source)
         except CheckFailed:
             if cfg.outputs.report is not None:
                 write_report(ctx, cfg.outputs.report, force=cfg.outputs.force)

@@ -107,7 +107,10 @@ def test_w4a4_plugin_and_qdq(files, capsys, tmp_path):
     assert rc == 0, err
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("OutlierLinear") == 6 * SMALL.depth and ops.count("SelectiveScan") == 2 * SMALL.depth
-    assert json.loads(rep.read_text())["check"][str(out)]["polygraphy_passed"]
+    r = json.loads(rep.read_text())["check"][str(out)]
+    assert r["passed"] and r["verdict"] == "node" and r["node_check"]["nodes"] == 8 * SMALL.depth
+    assert r["images_source"] == "--calib-dir" and "polygraphy_passed" in r  # end to end: reported, not the verdict
+    assert "(plugin): node check PASSED" in stdout
     # resume from the QuantState: the QDQ graph
     qdq = tmp_path / "m.qdq.onnx"
     rc, stdout, err = _run([ckpt, "--load-calib", state, "-o", qdq, "--check"], capsys)
@@ -174,7 +177,7 @@ def test_demo_w4a4_check(capsys, tmp_path):
     out = tmp_path / "demo.onnx"
     rc, stdout, err = _run(["--demo", "--w4a4", "-o", out, "--check"], capsys)
     assert rc == 0, err
-    assert "Polygraphy PASSED" in stdout
+    assert "(plugin): node check PASSED" in stdout and "Polygraphy PASSED" in stdout  # the demo also passes end to end
 
 
 def test_polygraphy_run_extension(files, capsys, tmp_path):
@@ -218,7 +221,7 @@ def test_vmamba_demo_w4a4_plugin_check(capsys, tmp_path):
     """Issue 14's acceptance: the plugin graph of the VMamba demo passes --check."""
     rc, stdout, err = _run(["--demo", "vmamba", "--w4a4", "-o", tmp_path / "vmamba_demo.onnx", "--check"], capsys)
     assert rc == 0, err
-    assert "vmamba_demo.onnx (plugin): Polygraphy PASSED" in stdout  # the path is printed in full
+    assert "vmamba_demo.onnx (plugin): node check PASSED" in stdout  # the path is printed in full
 
 
 # ------------------------------------------------------------------------------ MambaVision (issue 15)
@@ -260,4 +263,4 @@ def test_mambavision_demo_w4a4_plugin_check(capsys, tmp_path):
     rc, stdout, err = _run(["--demo", "mambavision", "--w4a4", "--calib", "real:64", "-o", tmp_path / "mv_demo.onnx",
                             "--check"], capsys)
     assert rc == 0, err
-    assert "mv_demo.onnx (plugin): Polygraphy PASSED" in stdout
+    assert "mv_demo.onnx (plugin): node check PASSED" in stdout

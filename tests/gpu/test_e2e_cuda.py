@@ -44,7 +44,7 @@ def test_demo_gen_calibrate_export_check_on_cuda(gen_toml, capsys, tmp_path):
     assert rc == 0, err
     assert stdout.startswith("plan: ") and "device cuda:0" in stdout and "OuroMamba-Gen, 8 synthetic images" in stdout
     r = json.loads(rep.read_text())
-    assert r["check"][str(out)]["polygraphy_passed"]
+    assert r["check"][str(out)]["passed"] and r["check"][str(out)]["node_check"]["passed"]
     assert r["quant_top1"] > 90  # FP 98.99; the CPU run of this command measured 99.20
 
 
@@ -54,7 +54,8 @@ def test_vim_tiny_gen_calibrate_export_check_on_cuda(gen_toml, capsys, tmp_path)
     rc, stdout, err = _run([ckpt, "--w4a4", "--calib", "synthetic:4", "--gen-config", gen_toml, "--device", "cuda",
                             "-o", out, "--check"], capsys)
     assert rc == 0, err
-    assert "Polygraphy PASSED" in stdout and out.is_file()
+    # random weights, 24 blocks: judged node by node (the end-to-end logits cascade, exporter/check.py PLUGIN_TOL)
+    assert "(plugin): node check PASSED" in stdout and out.is_file()
 
 
 def test_gen_losses_and_forward_agree_with_the_cpu():

@@ -56,7 +56,7 @@ def test_whole_path_with_meta_default_device(files, meta_default, capsys, tmp_pa
         assert rc == 0, err
         assert stdout.startswith("plan: ") and "OuroMamba-Gen, 2 synthetic images" in stdout
         r = json.loads(rep.read_text())
-        assert r["check"][str(out)]["polygraphy_passed"] and r["calibration"]["source"] == "synthetic"
+        assert r["check"][str(out)]["passed"] and r["calibration"]["source"] == "synthetic"
         assert r["eval_images"] == 6 and 0 <= r["quant_top1"] <= 100
     # Gen alone into a folder, then every method at both presets on those images, evaluated on the folder
     rc, _, err = _run(["gen", ckpt, "-n", "2", "-o", tmp_path / "synth", "--config", d / "gen.toml", "--device", "cpu"], capsys)

@@ -668,7 +668,7 @@ def test_demo_w4a4_check_runs_on_the_native_library(native, monkeypatch, capsys,
     assert rc == 0, out.err
     assert f"onnxruntime custom ops: native library {native / ort_native.LIB_NAME}" in out.err
     assert "Python reference ops" not in out.err
-    assert "Polygraphy PASSED" in out.out
+    assert "(plugin): node check PASSED" in out.out
 
 
 @pytest.mark.native
@@ -688,7 +688,7 @@ def test_vmamba_demo_w4a4_check_runs_on_the_native_library(native, monkeypatch, 
     assert rc == 0, out.err
     assert f"onnxruntime custom ops: native library {native / ort_native.LIB_NAME}" in out.err
     assert "Python reference ops" not in out.err
-    assert "Polygraphy PASSED" in out.out
+    assert "(plugin): node check PASSED" in out.out
 
 
 # ------------------------------------------------------------------------------------------ session selection
