@@ -28,7 +28,6 @@ linear inputs cast to the fp16 weights, the residual stream and RMSNorms kept in
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import re
 from collections.abc import Mapping

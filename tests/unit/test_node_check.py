@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ouro.calib.quant import calibrate
-from ouro.exporter.check import PLUGIN_TOL, CheckFailed, compare_graph, run_check
+from ouro.exporter.check import PLUGIN_TOL, CheckFailed, run_check
 from ouro.exporter.context import RunContext
 from ouro.exporter.node_check import LOGITS, NODE_FP16_RTOL, check_nodes
 from ouro.exporter.outputs import Stage
