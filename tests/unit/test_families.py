@@ -24,6 +24,7 @@ from ouro.exporter.onnx_export import DOMAIN, SCAN_OP, example_input, export_fp
 from ouro.exporter.passes import FP32_IO_PASSES
 from ouro.exporter.quantized import export_quantized, qdq_twin
 from ouro.recipes import Target, get_preset
+from tools.scripts import repo_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = VMambaConfig(depths=(1, 1), dims=(32, 64), img_size=16, patch_size=4, num_classes=5, d_state=1, ssm_ratio=1.0,
@@ -134,16 +135,8 @@ def test_checkpoint_dispatch_by_family(tmp_path):
 def test_vmamba_training_dict_through_load_checkpoint(tmp_path):
     """The full dict VMamba's main.py saves (tools/make_official_ckpt.py writes one) pickles a yacs CfgNode:
     load_checkpoint reads it weights-only and takes the input size from its DATA.IMG_SIZE."""
-    import importlib.util
-    import sys
-
-    if "make_official_ckpt" not in sys.modules:  # its dataclasses need the module registered
-        spec = importlib.util.spec_from_file_location("make_official_ckpt", REPO / "tools" / "make_official_ckpt.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["make_official_ckpt"] = mod
-        spec.loader.exec_module(mod)
     cfg = VMambaConfig(**{**TINY.to_dict(), "img_size": 24})  # not what the shapes alone would say
-    torch.save(sys.modules["make_official_ckpt"].vmamba_checkpoint(cfg, "full"), tmp_path / "full.pth")
+    torch.save(repo_tool("make_official_ckpt").vmamba_checkpoint(cfg, "full"), tmp_path / "full.pth")
     model = load_checkpoint(tmp_path / "full.pth")
     assert isinstance(model, VSSM) and model.cfg.img_size == 24 and model.cfg.dims == TINY.dims
 
@@ -381,15 +374,7 @@ def test_gen_on_vmamba(one_thread):
 
 def test_kernel_benchmark_has_vmamba_shapes():
     """tools/bench_gemm.py's shape table: VMamba-T/S/B linears per stage, from the released configs."""
-    import importlib.util
-    import sys
-
-    if "bench_gemm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_gemm", REPO / "tools" / "bench_gemm.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["bench_gemm"] = mod
-        spec.loader.exec_module(mod)
-    shapes = sys.modules["bench_gemm"].SHAPES
+    shapes = repo_tool("bench_gemm").SHAPES
     assert shapes["vmamba_t"][:3] == [("s1.in_proj", 3136, 96, 96), ("s1.out_proj", 3136, 96, 96), ("s1.fc1", 3136, 96, 384)]
     assert shapes["vmamba_b"][-4:-2] == [("s4.in_proj", 49, 1024, 2048), ("s4.out_proj", 49, 2048, 1024)]  # ssm_ratio 2
     assert {L for _, L, _, _ in shapes["vmamba_s"]} == {3136, 784, 196, 49}

@@ -6,9 +6,6 @@ around the attention MatMuls) vs the fake-quant model; OuroMamba-Gen with implic
 the kernel benchmark's shape table."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,17 +25,11 @@ from ouro.exporter.onnx_export import DOMAIN, SCAN_OP, example_input, export_fp
 from ouro.exporter.passes import FP32_IO_PASSES
 from ouro.exporter.quantized import export_quantized, qdq_twin
 from ouro.recipes import Target, get_preset
+from tools.scripts import repo_tool
 
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _tool(name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+_tool = repo_tool
 
 
 SMALL = MambaVisionConfig(dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), window_size=(8, 8, 2, 2),

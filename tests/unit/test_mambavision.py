@@ -6,9 +6,7 @@ the mixer with padding='same' convs and mamba's selective_scan_ref with delta_bi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,18 +31,12 @@ from ouro.calib.models.mambavision import (
     to_windows,
 )
 from ouro.calib.scan import selective_scan_ref
+from tools.scripts import repo_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name: str):
-    """A script under tools/ as a module (registered in sys.modules: dataclasses need that)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+_load_tool = repo_tool
 
 
 mk = _load_tool("make_official_ckpt")

@@ -522,17 +522,10 @@ def test_input_shape_error():
 
 # ------------------------------------------------------------------------- tools/make_official_ckpt.py
 def _load_tool(name: str):
-    """A script under tools/ as a module (registered in sys.modules: its dataclasses need that)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """A script under tools/ as a module (tests/tools/scripts.py)."""
+    from tools.scripts import repo_tool
 
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return repo_tool(name)
 
 
 def _tool():
